@@ -1,0 +1,175 @@
+"""The one configuration object: read once from the environment, validated, passed down.
+
+A bad value stops start-up with a `ConfigError` naming the variable. The state directory records
+the settings its data depends on, and refuses to start with others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the variable and what it accepts."""
+
+
+def _number(kind: Callable[[str], Any], lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> Callable[[str, str], Any]:
+    def parse(name: str, raw: str) -> Any:
+        try:
+            value = kind(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={raw!r}: expected a finite number")
+        if lo is not None and (value <= lo if lo_open else value < lo):
+            raise ConfigError(f"{name}={raw!r}: must be {'>' if lo_open else '>='} {lo:g}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{name}={raw!r}: must be <= {hi:g}")
+        return value
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(options)}")
+        return value
+    return parse
+
+
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected 0 or 1")
+
+
+def _text(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{name} is empty")
+    return raw.strip()
+
+
+def _path(name: str, raw: str) -> Path:
+    return Path(_text(name, raw))
+
+
+def _setting(env: str, default: str, parse: Callable[[str, str], Any], doc: str,
+             state: bool = False) -> Any:
+    """A dataclass field read from `env`; `state=True` if data in the state directory depends on it."""
+    return field(default=None, metadata={"env": env, "default": default, "parse": parse,
+                                         "doc": doc, "state": state})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of freshrec; `Config.from_env()` reads and validates them all."""
+
+    source: str = _setting("FRESHREC_SOURCE", "files", _choice("files", "kafka"),
+                           "`files` or `kafka`: where the flow reads and writes streams")
+    data_dir: Path = _setting("FRESHREC_DATA_DIR", "./data", _path, "root of the file streams")
+    state_dir: Path = _setting("FRESHREC_STATE_DIR", "./state", _path,
+                               "LMDB join state, parameter checkpoints, serving store")
+    brokers: str = _setting("FRESHREC_BROKERS", "localhost:9092", _text, "Kafka bootstrap servers")
+    follow: bool = _setting("FRESHREC_FOLLOW", "0", _flag,
+                            "`1`: the sources keep reading as input grows and never end")
+    join_window_s: float = _setting("FRESHREC_JOIN_WINDOW_S", "3600", _number(float, 0, lo_open=True),
+                                    "how long (event time) an impression waits for a positive action")
+    lateness_s: float = _setting("FRESHREC_LATENESS_S", "5", _number(float, 0),
+                                 "how far the watermark stays behind the inputs (event time)")
+    neg_sample_rate: float = _setting("FRESHREC_NEG_SAMPLE_RATE", "1.0", _number(float, 0, 1, lo_open=True),
+                                      "fraction of expired negatives kept (kept ones carry weight 1/rate)")
+    max_future_s: float = _setting("FRESHREC_MAX_FUTURE_S", "86400", _number(float, 0, lo_open=True),
+                                   "an event whose ts is this far ahead of its arrival is dead-lettered")
+    idle_s: float = _setting("FRESHREC_IDLE_S", "5", _number(float, 0, lo_open=True),
+                             "wall seconds without new input after which a partition stops holding the watermark")
+    buckets: int = _setting("FRESHREC_BUCKETS", "8", _number(int, 1, 4096),
+                            "join state buckets (hash of the join key modulo this)", state=True)
+    file_partitions: int = _setting("FRESHREC_FILE_PARTITIONS", "2", _number(int, 1, 256),
+                                    "partitions per stream of the files source", state=True)
+    source_batch_bytes: int = _setting("FRESHREC_SOURCE_BATCH_BYTES", "1048576", _number(int, 1024),
+                                       "at most this many bytes read per source batch")
+    rotate_bytes: int = _setting("FRESHREC_ROTATE_BYTES", "67108864", _number(int, 1024),
+                                 "a file sink starts a new file past this size")
+    kafka_config: str = _setting("FRESHREC_KAFKA_CONFIG", "{}", _text,
+                                 "JSON object of extra librdkafka settings (SASL, TLS), passed through")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Read every setting from `env` (default `os.environ`); `overrides` are raw strings by field."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            raw = overrides.get(f.name, env.get(meta["env"], meta["default"]))
+            values[f.name] = meta["parse"](meta["env"], str(raw))
+        config = cls(**values)
+        config.kafka_settings()  # validate now, not when the first consumer starts
+        return config
+
+    def kafka_settings(self) -> dict[str, str]:
+        """Extra librdkafka settings from FRESHREC_KAFKA_CONFIG."""
+        try:
+            extra = json.loads(self.kafka_config)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"FRESHREC_KAFKA_CONFIG: not a JSON object ({e})") from None
+        if not isinstance(extra, dict) or not all(isinstance(v, (str, int, float, bool)) for v in extra.values()):
+            raise ConfigError("FRESHREC_KAFKA_CONFIG: expected a JSON object of settings to values")
+        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in extra.items()}
+
+    def stream_dir(self, stream: str) -> Path:
+        return self.data_dir / stream
+
+    def state_settings(self) -> dict[str, Any]:
+        return {f.metadata["env"]: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["state"]}
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, meaning) for the README and `--help`."""
+        return [(f.metadata["env"], f.metadata["default"], f.metadata["doc"]) for f in dataclasses.fields(cls)]
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def ensure_state_dir(config: Config) -> Path:
+    """Create the state directory, or check that its data was made with today's settings."""
+    state = config.state_dir
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"FRESHREC_STATE_DIR={str(state)!r}: cannot create it ({e.strerror})") from None
+    path = state / SETTINGS_FILE
+    wanted = config.state_settings()
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"FRESHREC_STATE_DIR={str(state)!r}: unreadable {SETTINGS_FILE} ({e})") from None
+        changed = [k for k in wanted if k in recorded and recorded[k] != wanted[k]]
+        if changed:
+            was = ", ".join(f"{k}={recorded[k]}" for k in changed)
+            now = ", ".join(f"{k}={wanted[k]}" for k in changed)
+            raise ConfigError(
+                f"FRESHREC_STATE_DIR={str(state)!r} holds data made with {was}, not {now}. "
+                f"Start with the settings it was made with, or reset it: remove {state} "
+                "(and the Bytewax recovery directory, if you use -r) and start again."
+            )
+        if all(k in recorded for k in wanted):
+            return state
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(wanted, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return state

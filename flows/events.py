@@ -1,0 +1,217 @@
+"""The contract's events as typed structs, and the one place that parses and validates them.
+
+Raw bytes in, an event or a `DeadLetter` with a precise reason out; nothing raises. Imports no
+Bytewax: the model server and the simulator use it too.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Literal, Optional, Union
+
+import msgspec
+
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_TS = 4102444800.0  # 2100-01-01: anything later is a unit mistake (milliseconds)
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# msgspec rejects NaN/Infinity tokens and numbers that overflow a float, so every decoded float is
+# finite; the bounds on `ts` are checked by the decoder in the same pass.
+Ts = Annotated[float, msgspec.Meta(gt=0, le=MAX_TS)]
+Sparse = dict[str, Union[str, list[str]]]
+Dense = dict[str, float]
+
+Action = Literal[
+    "click", "like", "share", "comment", "follow", "finish", "purchase", "watch", "skip", "dislike"
+]
+POSITIVE_ACTIONS = frozenset({"click", "like", "share", "comment", "follow", "finish", "purchase"})
+NEGATIVE_ACTIONS = frozenset({"skip", "dislike"})
+
+
+class FeatureEvent(msgspec.Struct, omit_defaults=True, gc=False):
+    """One item that the model server showed in one request."""
+
+    request_id: Id
+    user_id: Id
+    item_id: Id
+    ts: Ts
+    position: Optional[Annotated[int, msgspec.Meta(ge=0)]] = None
+    sparse: Sparse = {}
+    dense: Dense = {}
+    model_version: Optional[str] = None
+    score: Optional[float] = None
+    event_id: Optional[str] = None
+    received_at: Optional[float] = None
+
+
+class ActionEvent(msgspec.Struct, omit_defaults=True, gc=False):
+    """What a user did with an item shown to them."""
+
+    request_id: Id
+    user_id: Id
+    item_id: Id
+    ts: Ts
+    action: Action
+    value: Optional[float] = None
+    event_id: Optional[str] = None
+    received_at: Optional[float] = None
+
+
+class ItemEvent(msgspec.Struct, omit_defaults=True, gc=False):
+    """An item entering the catalog or changing its features; the latest per item_id wins."""
+
+    item_id: Id
+    ts: Ts
+    sparse: Sparse = {}
+    dense: Dense = {}
+    received_at: Optional[float] = None
+
+
+Event = Union[FeatureEvent, ActionEvent, ItemEvent]
+
+
+class DeadLetter(msgspec.Struct, omit_defaults=False, gc=False):
+    """An input that could not be accepted, kept with the reason (CONTRACT.md, Dead letter)."""
+
+    stream: str
+    reason: str
+    raw: Optional[str]
+    raw_b64: Optional[str]
+    truncated: bool
+    received_at: float
+
+
+STREAMS: dict[str, type] = {
+    "features": FeatureEvent,
+    "actions": ActionEvent,
+    "items": ItemEvent,
+}
+
+_DECODERS = {name: msgspec.json.Decoder(cls) for name, cls in STREAMS.items()}
+_ENCODER = msgspec.json.Encoder()
+
+DEFAULT_MAX_FUTURE_S = 86400.0
+
+
+def dead_letter(stream: str, raw: bytes, reason: str, received_at: float) -> DeadLetter:
+    """Wrap rejected input: as text when it is UTF-8, else base64; at most 64 KiB of it."""
+    truncated = len(raw) > MAX_MESSAGE_BYTES
+    kept = raw[:MAX_MESSAGE_BYTES]
+    text: Optional[str] = None
+    try:
+        text = kept.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # The cut at 64 KiB may split the last character of otherwise valid text.
+        if truncated and e.reason == "unexpected end of data":
+            text = kept[: e.start].decode("utf-8")
+    b64 = None if text is not None else base64.b64encode(kept).decode("ascii")
+    return DeadLetter(stream, reason, text, b64, truncated, received_at)
+
+
+def _reason(raw: bytes, err: Exception) -> str:
+    """Turn a decoder error into a reason that names the field and what was wrong."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8: invalid byte at offset {err.start}"
+    if isinstance(err, RecursionError):
+        return "not accepted: JSON nested too deeply"
+    msg = str(err)
+    if isinstance(err, msgspec.ValidationError):
+        if msg.startswith("Object missing required field"):
+            return "missing field " + msg.split("`")[1]
+        if msg == "Expected `object`, got `array`" or msg.startswith("Expected `object`, got"):
+            return "not an object: " + msg.split("got ", 1)[1].strip("`")
+        if " - at `$." in msg:
+            what, where = msg.rsplit(" - at `$.", 1)
+            field = where.rstrip("`")
+            if what == "Number out of range" and field == "ts":
+                return f"ts out of range: must be in (0, {MAX_TS:.0f}] seconds since the epoch"
+            return f"invalid field {field}: {what}"
+        return msg
+    # A decode error may hide bad UTF-8 that the JSON scanner tripped over first.
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8: invalid byte at offset {e.start}"
+    return "not JSON: " + msg.removeprefix("JSON is malformed: ")
+
+
+def _check(
+    stream: str, raw: bytes, event: Event, arrival: float, max_future_s: float
+) -> Union[Event, DeadLetter]:
+    """The rules a schema cannot say: arrival time, and no `ts` from the future."""
+    if event.received_at is None:
+        event.received_at = arrival
+    elif not event.received_at > 0:
+        return dead_letter(stream, raw, "invalid field received_at: must be > 0", arrival)
+    if event.ts > event.received_at + max_future_s:
+        ahead = event.ts - event.received_at
+        return dead_letter(stream, raw, f"ts from the future: {ahead:.0f} s ahead of its arrival", arrival)
+    return event
+
+
+def parse(
+    stream: str,
+    raw: bytes,
+    arrival: float,
+    max_future_s: float = DEFAULT_MAX_FUTURE_S,
+) -> Union[Event, DeadLetter]:
+    """Decode and validate one message of `stream`; never raises.
+
+    `arrival` is when it reached freshrec (CONTRACT.md, Streams); an event's own `received_at`,
+    set by freshrec's writers, wins over it. An event whose `ts` is more than `max_future_s`
+    ahead of its arrival is dead-lettered, so no bogus timestamp drags the watermark forward.
+
+    >>> e = parse("actions", b'{"request_id":"r","user_id":"u","item_id":"i","ts":5,"action":"like"}', 9.0)
+    >>> (e.action, e.received_at)
+    ('like', 9.0)
+    >>> parse("actions", b'{"request_id":"r","ts":5}', 9.0).reason
+    'missing field user_id'
+    """
+    if len(raw) > MAX_MESSAGE_BYTES:
+        return dead_letter(stream, raw, f"message larger than {MAX_MESSAGE_BYTES} bytes", arrival)
+    try:
+        event = _DECODERS[stream].decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
+        return dead_letter(stream, raw, _reason(raw, err), arrival)
+    return _check(stream, raw, event, arrival, max_future_s)
+
+
+def parse_many(
+    stream: str,
+    lines: list[bytes],
+    arrivals: Union[float, list[float]],
+    max_future_s: float = DEFAULT_MAX_FUTURE_S,
+) -> tuple[list[Event], list[DeadLetter]]:
+    """Parse a batch (one arrival time for all, or one per line) into events and dead letters."""
+    decode = _DECODERS[stream].decode
+    events: list[Event] = []
+    dead: list[DeadLetter] = []
+    one_arrival = not isinstance(arrivals, list)
+    for i, raw in enumerate(lines):
+        arrival = arrivals if one_arrival else arrivals[i]  # type: ignore[index]
+        if len(raw) > MAX_MESSAGE_BYTES:
+            dead.append(dead_letter(stream, raw, f"message larger than {MAX_MESSAGE_BYTES} bytes", arrival))
+            continue
+        try:
+            event = decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
+            dead.append(dead_letter(stream, raw, _reason(raw, err), arrival))
+            continue
+        # Inlined common case of `_check`: no received_at of its own, ts not from the future.
+        if event.received_at is None and event.ts <= arrival + max_future_s:
+            event.received_at = arrival
+            events.append(event)
+            continue
+        checked = _check(stream, raw, event, arrival, max_future_s)
+        (dead if type(checked) is DeadLetter else events).append(checked)
+    return events, dead
+
+
+def encode(obj: Union[Event, DeadLetter, dict]) -> bytes:
+    """One JSON object, no newline."""
+    return _ENCODER.encode(obj)
+
+
+def encode_lines(objs: list) -> bytes:
+    """JSON Lines for a batch of objects, each line ending in a newline."""
+    return _ENCODER.encode_lines(objs)

@@ -1,0 +1,304 @@
+"""The flow's sources: JSON Lines files (the embedded default) and Kafka, as Bytewax sources.
+
+Both emit `SourceBatch`es: parsed events, dead letters, and the partition's clock (progress, idle,
+ended) in band. A partition is fixed when the flow is built, so the clock knows the full set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Optional
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+
+from flows.clock import ENDED, PartitionClock, SourceBatch
+from flows.config import Config
+from flows.events import parse_many
+from flows.streams import SUFFIX, split_lines
+
+POLL_S = 0.05  # how often an idle file partition looks for new bytes and new files
+Clock = Callable[[], float]
+
+
+def _at(t: float) -> datetime:
+    return datetime.fromtimestamp(t, tz=UTC)
+
+
+def file_partitions(stream: str, count: int) -> list[str]:
+    return [f"{stream}-{i}" for i in range(count)]
+
+
+def owner_of(file_name: str, count: int) -> int:
+    """The partition that owns a file: a stable hash of its name, so files created later have one."""
+    return zlib.crc32(file_name.encode()) % count
+
+
+class _FilePartition(StatefulSourcePartition[SourceBatch, dict]):
+    """Reads the files of one stream that hash to this partition, as bytes, from saved offsets."""
+
+    def __init__(self, stream: str, directory: Path, index: int, count: int, follow: bool,
+                 batch_bytes: int, idle_s: float, max_future_s: float,
+                 offsets: dict[str, int] | None, now: Clock):
+        self.stream = stream
+        self.name = f"{stream}-{index}"
+        self.directory = directory
+        self.index, self.count = index, count
+        self.follow = follow
+        self.batch_bytes = batch_bytes
+        self.max_future_s = max_future_s
+        self.now = now
+        self.offsets: dict[str, int] = dict(offsets or {})
+        self.clock = PartitionClock(idle_s, now())
+        self._files: dict[str, object] = {}
+        # Without follow, the input is what exists now: each file up to its size at start.
+        self._ends: dict[str, int] | None = None if follow else self._sizes()
+        self._last_scan = 0.0
+        self._wake: float | None = None
+        self._done = False
+
+    def _owned(self) -> list[str]:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(SUFFIX) and owner_of(n, self.count) == self.index)
+
+    def _sizes(self) -> dict[str, int]:
+        sizes = {}
+        for n in self._owned():
+            try:
+                sizes[n] = os.path.getsize(self.directory / n)
+            except FileNotFoundError:
+                continue
+        return sizes
+
+    def _read_some(self) -> list[bytes]:
+        """Up to `batch_bytes` of whole lines from the first file that has new bytes."""
+        if self._ends is not None:
+            names = list(self._ends)
+        else:
+            now = self.now()
+            if now - self._last_scan >= POLL_S or not self.offsets:
+                self._last_scan = now
+                for n in self._owned():
+                    self.offsets.setdefault(n, 0)
+            names = list(self.offsets)
+        for n in names:
+            offset = self.offsets.get(n, 0)
+            end = self._ends[n] if self._ends is not None else None
+            if end is not None and offset >= end:
+                continue
+            f = self._files.get(n)
+            if f is None:
+                try:
+                    f = self._files[n] = open(self.directory / n, "rb")
+                except FileNotFoundError:
+                    self.offsets.pop(n, None)
+                    continue
+            want = self.batch_bytes if end is None else min(self.batch_bytes, end - offset)
+            f.seek(offset)
+            chunk = f.read(want)
+            if not chunk:
+                continue
+            final = end is not None and offset + len(chunk) >= end
+            lines, used = split_lines(chunk, final=final)
+            if used == 0 and len(chunk) == want and not final:
+                # One line longer than a batch: read on to its end; the parser rejects it for size.
+                more = f.readline()
+                if more.endswith(b"\n") or (end is not None and offset + len(chunk) + len(more) >= end):
+                    lines, used = [chunk + more.rstrip(b"\n")], len(chunk) + len(more)
+            if used:
+                self.offsets[n] = offset + used
+            if lines:
+                return lines
+            if end is not None and self.offsets.get(n, 0) >= end:
+                f.close()
+                del self._files[n]
+        return []
+
+    def next_batch(self) -> list[SourceBatch]:
+        if self._done:
+            raise StopIteration()
+        lines = self._read_some()
+        now = self.now()
+        if lines:
+            events, dead = parse_many(self.stream, lines, now, self.max_future_s)
+            self.clock.observe(events, now)
+            self._wake = None
+            return [SourceBatch(self.stream, self.name, events, dead, self.clock.progress,
+                                self.clock.status, now)]
+        if self._ends is not None:
+            # Everything that existed at start is read: say so in band, then stop.
+            self._done = True
+            self.clock.end()
+            return [SourceBatch(self.stream, self.name, [], [], self.clock.progress, ENDED, now)]
+        changed = self.clock.observe((), now)
+        self._wake = now + POLL_S
+        if changed:
+            return [SourceBatch(self.stream, self.name, [], [], self.clock.progress,
+                                self.clock.status, now)]
+        return []
+
+    def next_awake(self) -> Optional[datetime]:
+        return None if self._wake is None else _at(self._wake)
+
+    def snapshot(self) -> dict:
+        return {"offsets": dict(self.offsets), "progress": self.clock.progress}
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()  # type: ignore[attr-defined]
+        self._files.clear()
+
+
+class FileStreamSource(FixedPartitionedSource[SourceBatch, dict]):
+    """A stream's folder of JSON Lines files as `count` partitions; state is `{file: offset}`."""
+
+    def __init__(self, stream: str, config: Config, now: Clock = time.time):
+        self.stream = stream
+        self.directory = config.stream_dir(stream)
+        self.count = config.file_partitions
+        self.config = config
+        self.now = now
+
+    def list_parts(self) -> list[str]:
+        return file_partitions(self.stream, self.count)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: dict | None) -> _FilePartition:
+        index = int(for_part.rsplit("-", 1)[1])
+        c = self.config
+        part = _FilePartition(self.stream, self.directory, index, self.count, c.follow,
+                              c.source_batch_bytes, c.idle_s, c.max_future_s,
+                              (resume_state or {}).get("offsets"), self.now)
+        if resume_state:
+            part.clock.progress = resume_state.get("progress", part.clock.progress)
+        return part
+
+
+class _KafkaPartition(StatefulSourcePartition[SourceBatch, Optional[int]]):
+    """Bytewax's Kafka partition, wrapped: parse values, stamp arrival times and the clock.
+
+    Without follow mode it ends at the offset that was the end when it started.
+    """
+
+    def __init__(self, stream: str, name: str, inner: StatefulSourcePartition,
+                 bounds: Optional[tuple[int, int]], idle_s: float, max_future_s: float, now: Clock):
+        self.stream = stream
+        self.name = name
+        self.inner = inner
+        # (low, high) watermark offsets at start; None in follow mode.
+        self.low, self.end = bounds if bounds is not None else (0, None)
+        self.max_future_s = max_future_s
+        self.now = now
+        self.clock = PartitionClock(idle_s, now())
+        self._done = False
+        self._wake: float | None = None
+
+    def _finish(self, now: float) -> list[SourceBatch]:
+        self._done = True
+        self.clock.end()
+        return [SourceBatch(self.stream, self.name, [], [], self.clock.progress, ENDED, now)]
+
+    def next_batch(self) -> list[SourceBatch]:
+        from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
+
+        if self._done:
+            raise StopIteration()
+        now = self.now()
+        position = self.inner.snapshot()
+        if position is None or position < 0:  # OFFSET_BEGINNING: not read yet
+            position = self.low
+        if self.end is not None and position >= self.end:
+            return self._finish(now)
+        try:
+            msgs = self.inner.next_batch()
+        except StopIteration:
+            return self._finish(now)
+        lines: list[bytes] = []
+        arrivals: list[float] = []
+        for m in msgs:
+            if self.end is not None and m.offset is not None and m.offset >= self.end:
+                continue  # written after start: not this run's input
+            lines.append(m.value if m.value is not None else b"")
+            ts_type, ts_ms = m.timestamp or (0, 0)
+            arrivals.append(ts_ms / 1000.0 if ts_type == TIMESTAMP_LOG_APPEND_TIME else now)
+        if lines:
+            events, dead = parse_many(self.stream, lines, arrivals, self.max_future_s)
+            self.clock.observe(events, now)
+            self._wake = None
+            return [SourceBatch(self.stream, self.name, events, dead, self.clock.progress,
+                                self.clock.status, now)]
+        self._wake = now + POLL_S
+        if self.clock.observe((), now):
+            return [SourceBatch(self.stream, self.name, [], [], self.clock.progress,
+                                self.clock.status, now)]
+        return []
+
+    def next_awake(self) -> Optional[datetime]:
+        return None if self._wake is None else _at(self._wake)
+
+    def snapshot(self) -> Optional[int]:
+        return self.inner.snapshot()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class KafkaStreamSource(FixedPartitionedSource[SourceBatch, Optional[int]]):
+    """A topic through Bytewax's `KafkaSource`; offsets live in Bytewax's recovery state."""
+
+    def __init__(self, stream: str, config: Config, topic: str | None = None, now: Clock = time.time):
+        from bytewax.connectors.kafka import KafkaSource
+
+        self.stream = stream
+        self.topic = topic or stream
+        self.config = config
+        self.now = now
+        self.settings = config.kafka_settings()
+        # Tail always: the end is decided here (the offsets at start), not by librdkafka's EOF,
+        # which moves while producers write.
+        self.inner = KafkaSource([config.brokers], [self.topic], tail=True,
+                                 add_config=dict(self.settings), raise_on_errors=True)
+        self._parts: list[str] | None = None
+
+    def list_parts(self) -> list[str]:
+        if self._parts is None:
+            self._parts = self.inner.list_parts()
+        return self._parts
+
+    def bounds(self, part_idx: int) -> tuple[int, int]:
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer({"bootstrap.servers": self.config.brokers, "group.id": "freshrec-offsets",
+                             "enable.auto.commit": "false", **self.settings})
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, part_idx), timeout=30)
+        finally:
+            consumer.close()
+        return low, high
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]) -> _KafkaPartition:
+        part_idx = int(for_part.split("-", 1)[0])
+        inner = self.inner.build_part(step_id, for_part, resume_state)
+        bounds = None if self.config.follow else self.bounds(part_idx)
+        c = self.config
+        return _KafkaPartition(self.stream, f"{self.stream}-{part_idx}", inner, bounds, c.idle_s,
+                               c.max_future_s, self.now)
+
+
+def make_source(stream: str, config: Config) -> FixedPartitionedSource:
+    if config.source == "kafka":
+        return KafkaStreamSource(stream, config)
+    return FileStreamSource(stream, config)
+
+
+def partition_names(stream: str, config: Config, source: FixedPartitionedSource) -> list[str]:
+    """The names this stream's partitions carry in their batches (the clock's partition set)."""
+    if isinstance(source, KafkaStreamSource):
+        return [f"{stream}-{p.split('-', 1)[0]}" for p in source.list_parts()]
+    return file_partitions(stream, config.file_partitions)
