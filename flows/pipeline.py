@@ -19,7 +19,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
 from flows.clock import BucketBatch, BucketClock, SourceBatch, route
-from flows.config import Config, ensure_state_dir
+from flows.config import Config, ConfigError, ensure_state_dir
 from flows.events import Event
 from flows.sinks import make_sink
 from flows.sources import make_source, partition_names
@@ -111,7 +111,10 @@ def build_flow(config: Config, *, tap: Sink | None = None,
 
 def main_flow() -> Dataflow:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return build_flow(Config.from_env())
+    try:
+        return build_flow(Config.from_env())
+    except ConfigError as e:
+        raise SystemExit(f"freshrec: configuration error: {e}") from None
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,165 @@
+"""The `freshrec` command: one entry point for the flow, the local broker and the tools.
+
+Every setting of `Config` is an environment variable and a flag of the commands that use it; a
+flag wins over the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from flows.config import Config, ConfigError, ensure_state_dir
+
+
+def _config_flags() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("settings (each overrides its environment variable)")
+    for f in dataclasses.fields(Config):
+        env, default, doc = f.metadata["env"], f.metadata["default"], f.metadata["doc"]
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", metavar="V",
+                           help=f"{doc} [{env}, default {default}]")
+    return parent
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    return Config.from_env(**overrides)
+
+
+def _export(args: argparse.Namespace) -> dict[str, str]:
+    """The environment for a child process, with this command's flags applied."""
+    env = dict(os.environ)
+    for f in dataclasses.fields(Config):
+        value = getattr(args, f"cfg_{f.name}", None)
+        if value is not None:
+            env[f.metadata["env"]] = str(value)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the streaming job with Bytewax's own flags (-w, -i/-a, -r/-s/-b)."""
+    config = _config(args)
+    ensure_state_dir(config)
+    cmd = [sys.executable, "-m", "bytewax.run", "flows.pipeline:flow", *args.bytewax_args]
+    return subprocess.call(cmd, env=_export(args))
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from flows.sample import write_sample
+
+    config = _config(args)
+    counts = write_sample(config.data_dir, requests=args.requests, seed=args.seed)
+    print(f"wrote {counts.items} items, {counts.features} feature events, {counts.actions} action "
+          f"events and {counts.malformed} malformed lines under {config.data_dir}")
+    return 0
+
+
+def _count_lines(directory: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in directory.glob("*.jsonl")) if directory.is_dir() else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The flow over a generated sample on the embedded default (files and LMDB, no Kafka)."""
+    import json
+
+    config = _config(args)
+    if config.source != "files":
+        raise ConfigError("FRESHREC_SOURCE: the demo runs on the embedded default, `files`")
+    fresh = not (config.stream_dir("features").is_dir() or config.stream_dir("actions").is_dir())
+    if fresh:
+        rc = cmd_sample(argparse.Namespace(**{**vars(args), "requests": args.requests, "seed": 7}))
+        if rc:
+            return rc
+    else:
+        print(f"using the events already under {config.data_dir}")
+    dead_before = _count_lines(config.stream_dir("dead-letter"))
+    print("running the flow: python -m bytewax.run flows.pipeline:flow ...")
+    t0 = time.time()
+    rc = cmd_run(argparse.Namespace(**{**vars(args), "bytewax_args": ["-w", str(args.workers)]}))
+    if rc:
+        return rc
+    print(f"the flow ended by itself at the end of its input in {time.time() - t0:.1f} s")
+    reasons: Counter[str] = Counter()
+    dead_dir = config.stream_dir("dead-letter")
+    for path in sorted(dead_dir.glob("*.jsonl")):
+        for line in path.read_bytes().splitlines():
+            reasons[json.loads(line)["reason"]] += 1
+    print(f"dead letters: {_count_lines(dead_dir) - dead_before} new, by reason:")
+    for reason, n in reasons.most_common():
+        print(f"  {n:6d}  {reason}")
+    examples = config.stream_dir("examples")
+    if examples.is_dir():
+        print(f"training examples: {_count_lines(examples)} in {examples}")
+    return 0
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from flows.kafka_local import main as kafka_main
+
+    return kafka_main(args.kafka_args)
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    config = _config(args)
+    for f in dataclasses.fields(Config):
+        print(f"{f.metadata['env']}={getattr(config, f.name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="freshrec",
+        description="freshrec: a real-time recommendation loop (streaming join, online training, "
+                    "sub-second parameter sync).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    flags = _config_flags()
+
+    p = sub.add_parser("demo", parents=[flags], help="run the flow over a generated sample of events (no Kafka)")
+    p.add_argument("--requests", type=int, default=2000, help="recommendation requests in the sample")
+    p.add_argument("--workers", type=int, default=1, help="Bytewax workers (-w)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", parents=[flags], help="run the streaming job (python -m bytewax.run flows.pipeline:flow)")
+    p.add_argument("bytewax_args", nargs=argparse.REMAINDER,
+                   help="Bytewax's own flags, after --: -w N, -i/-a, -r DIR -s S -b B")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sample", parents=[flags], help="write a sample of item, feature and action events")
+    p.add_argument("--requests", type=int, default=2000, help="recommendation requests in the sample")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("kafka", help="a local Kafka broker (KRaft, 127.0.0.1) for machines without Docker",
+                       add_help=False)
+    p.add_argument("kafka_args", nargs=argparse.REMAINDER, help="start|stop|status [options]; --help for more")
+    p.set_defaults(func=cmd_kafka)
+
+    p = sub.add_parser("settings", parents=[flags], help="print the settings in force, validated")
+    p.set_defaults(func=cmd_settings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "bytewax_args", None) and args.bytewax_args[0] == "--":
+        args.bytewax_args = args.bytewax_args[1:]
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"freshrec: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Shared fixtures: a real Kafka broker (tests/kafka_support.py) and a clean settings environment."""
+
+import os
+
+import pytest
+
+from tests.kafka_support import *  # noqa: F401,F403  (the kafka_bootstrap fixture)
+
+
+@pytest.fixture(autouse=True)
+def _no_freshrec_env(monkeypatch):
+    """Tests build their own Config; settings exported in the shell must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("FRESHREC_"):
+            monkeypatch.delenv(name)

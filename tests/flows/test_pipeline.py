@@ -1,0 +1,130 @@
+"""The whole flow on files: dead letters, end of input, and the in-band clock under skewed reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from bytewax.testing import TestingSink, cluster_main, run_main
+
+from flows.events import encode
+from flows.pipeline import build_flow
+from flows.sources import FileStreamSource
+from tests.helpers import action, config_for, feature
+
+T0 = 1764288000.0
+
+BAD_LINES = {
+    b"\xff\xfe\xfd": "not UTF-8",
+    b"{not json": "not JSON",
+    b"[1, 2]": "not an object",
+    b'{"user_id": "u", "item_id": "i", "ts": 1764288000}': "missing field request_id",
+    b'{"request_id": 5, "user_id": "u", "item_id": "i", "ts": 1764288000}': "invalid field request_id",
+    b'{"request_id": "r", "user_id": "u", "item_id": "i", "ts": true}': "invalid field ts",
+    b'{"request_id": "r", "user_id": "u", "item_id": "i", "ts": 1e999}': "invalid field ts",
+    b'{"request_id": "r", "user_id": "u", "item_id": "i", "ts": 1764288000000}': "invalid field ts",
+    b'{"request_id": "' + b"x" * 129 + b'", "user_id": "u", "item_id": "i", "ts": 1764288000}': "invalid field request_id",
+    b'{"request_id": "r", "user_id": "u", "item_id": "i", "ts": 1764288000, "pad": "' + b"z" * 70000 + b'"}': "message larger than",
+    b'{"request_id": "r", "user_id": "u", "item_id": "i", "ts": 4000000000}': "ts from the future",
+}
+BAD_ACTION = b'{"request_id": "r", "user_id": "u", "item_id": "i", "ts": 1764288000, "action": "poke"}'
+
+
+def write(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(x + b"\n" for x in lines))
+
+
+def read_dead(config):
+    out = []
+    for p in sorted(config.stream_dir("dead-letter").glob("*.jsonl")):
+        out += [json.loads(x) for x in p.read_bytes().splitlines()]
+    return out
+
+
+def test_every_kind_of_bad_input_is_dead_lettered_and_the_flow_keeps_going(tmp_path):
+    config = config_for(tmp_path, buckets=4)
+    good = [encode(feature(i, T0 + i)) for i in range(50)]
+    lines = []
+    for i, bad in enumerate(BAD_LINES):
+        lines += [good[i], bad]
+    lines += good[len(BAD_LINES):]
+    write(config.stream_dir("features") / "f.jsonl", lines)
+    write(config.stream_dir("actions") / "a.jsonl", [encode(action(1, T0 + 3)), BAD_ACTION])
+    write(config.stream_dir("items") / "i.jsonl", [b'{"item_id": "v1", "ts": 1764288000}', b"[]"])
+    out = []
+    run_main(build_flow(config, tap=TestingSink(out)))
+    got = sorted(e.request_id for t in out for e in t.events)
+    assert got == sorted([f"r{i}" for i in range(50)] + ["r1"])
+    dead = read_dead(config)
+    by_stream = {}
+    for d in dead:
+        by_stream.setdefault(d["stream"], []).append(d)
+    reasons = [d["reason"] for d in by_stream["features"]]
+    assert len(reasons) == len(BAD_LINES)
+    for want, reason in zip(BAD_LINES.values(), reasons):
+        assert reason.startswith(want), (want, reason)
+    assert [d["reason"] for d in by_stream["actions"]] == ["invalid field action: Invalid enum value 'poke'"]
+    assert by_stream["items"][0]["reason"].startswith("not an object")
+    assert by_stream["features"][0]["raw_b64"] == "//79" and by_stream["features"][0]["raw"] is None
+    assert out[-1].watermark == math.inf
+
+
+class SlowFileSource(FileStreamSource):
+    """Reads one small batch every few milliseconds, however much input waits."""
+
+    def build_part(self, step_id, for_part, resume_state):
+        part = super().build_part(step_id, for_part, resume_state)
+        part.batch_bytes = 2048
+        part.next_awake = lambda: datetime.now(UTC) + timedelta(milliseconds=3)
+        return part
+
+
+def skewed_flow(tmp_path, n=3000):
+    config = config_for(tmp_path, buckets=4, lateness_s=0)
+    # Event time runs alike in both streams; features are read in 1 MiB batches, actions in 2 KiB
+    # batches every 3 ms, so the features partition runs far ahead in event time.
+    write(config.stream_dir("features") / "f.jsonl", [encode(feature(i, T0 + i)) for i in range(n)])
+    write(config.stream_dir("actions") / "a.jsonl", [encode(action(i, T0 + i + 0.5)) for i in range(n)])
+    out = []
+    flow = build_flow(config, tap=TestingSink(out),
+                      sources={"actions": SlowFileSource("actions", config)})
+    return flow, out, n
+
+
+def check_no_event_behind_its_buckets_watermark(out, n):
+    assert out, "the flow emitted nothing"
+    assert sum(t.late for t in out) == 0
+    for t in out:
+        for e in t.events:
+            assert e.ts >= t.watermark_before, (t.bucket, e.ts, t.watermark_before)
+    seen = sorted((type(e).__name__, e.request_id) for t in out for e in t.events)
+    assert len(seen) == 2 * n and len(set(seen)) == 2 * n
+    last = {}
+    for t in out:
+        assert t.watermark >= last.get(t.bucket, -math.inf)
+        last[t.bucket] = t.watermark
+    assert set(last.values()) == {math.inf}
+
+
+def test_clock_in_band_one_worker_fast_and_slow_partitions(tmp_path):
+    flow, out, n = skewed_flow(tmp_path)
+    run_main(flow)
+    check_no_event_behind_its_buckets_watermark(out, n)
+
+
+def test_clock_in_band_two_workers_fast_and_slow_partitions(tmp_path):
+    flow, out, n = skewed_flow(tmp_path)
+    cluster_main(flow, [], 0, worker_count_per_proc=2)
+    check_no_event_behind_its_buckets_watermark(out, n)
+
+
+def test_the_flow_ends_by_itself_at_the_end_of_its_input(tmp_path):
+    config = config_for(tmp_path)
+    write(config.stream_dir("features") / "f.jsonl", [encode(feature(1, T0))])
+    t0 = time.monotonic()
+    run_main(build_flow(config))
+    assert time.monotonic() - t0 < 60
