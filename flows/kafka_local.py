@@ -1,7 +1,6 @@
-"""A real single-node Apache Kafka broker (KRaft, bound to 127.0.0.1) for machines without Docker.
-
-Runs Kafka's own jars, fetched once from Maven Central by docker/kafka-local/pom.xml, and creates
-the contract's topics. Drive it with `freshrec kafka start|stop|status` or `LocalKafka` in tests.
+"""A real single-node Apache Kafka broker (KRaft, bound to 127.0.0.1) for machines without Docker:
+Kafka's own jars, fetched once from Maven Central by docker/kafka-local/pom.xml, plus the contract's
+topics. Driven by `freshrec kafka start|stop|status`, `python -m flows.kafka_local`, or `LocalKafka`.
 """
 
 from __future__ import annotations
@@ -73,7 +72,11 @@ class KafkaStatus:
 def kafka_version() -> str:
     """The Kafka release pinned in docker/kafka-local/pom.xml (the one source of that number)."""
     ns = {"m": "http://maven.apache.org/POM/4.0.0"}
-    version = ET.parse(POM).getroot().findtext("m:properties/m:kafka.version", namespaces=ns)
+    try:
+        root = ET.parse(POM).getroot()
+    except (OSError, ET.ParseError) as exc:
+        raise KafkaLocalError(f"cannot read {POM} (the local broker runs from a source checkout): {exc}") from exc
+    version = root.findtext("m:properties/m:kafka.version", namespaces=ns)
     if not version:
         raise KafkaLocalError(f"{POM} has no <kafka.version> property")
     return version.strip()
@@ -93,9 +96,7 @@ def default_port() -> int:
     try:
         return _check_port(int(env))
     except ValueError:
-        raise KafkaLocalError(
-            f"FRESHREC_KAFKA_PORT={env!r} is not a port number (1-65534)"
-        ) from None
+        raise KafkaLocalError(f"FRESHREC_KAFKA_PORT={env!r} is not a port number (1-65534)") from None
 
 
 def _check_port(port: int) -> int:
@@ -126,21 +127,17 @@ def create_topics(
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    compacted = set(compacted)
+    compact = set(compacted)
     new_topics = []
     for name, partitions in partitions_by_topic.items():
         config = {"message.timestamp.type": "LogAppendTime"}
-        if name in compacted:
+        if name in compact:
             config["cleanup.policy"] = "compact"
-        new_topics.append(
-            NewTopic(name, num_partitions=partitions, replication_factor=1, config=config)
-        )
+        new_topics.append(NewTopic(name, num_partitions=partitions, replication_factor=1, config=config))
     if not new_topics:
         return []
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics(
-        new_topics, operation_timeout=timeout, request_timeout=timeout
-    )
+    futures = admin.create_topics(new_topics, operation_timeout=timeout, request_timeout=timeout)
     created = []
     for name, future in futures.items():
         try:
@@ -150,7 +147,23 @@ def create_topics(
             err = exc.args[0]
             if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise KafkaLocalError(f"cannot create topic {name!r}: {err.str()}") from exc
-    return created
+    # The controller acknowledges a topic before the broker's metadata has it: wait until every
+    # partition has a leader, or a describe or produce right after would get UNKNOWN_TOPIC.
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        pending = [
+            name
+            for name in partitions_by_topic
+            if name not in topics
+            or not topics[name].partitions
+            or any(p.leader < 0 for p in topics[name].partitions.values())
+        ]
+        if not pending:
+            return created
+        if time.monotonic() > deadline:
+            raise KafkaLocalError(f"topics {pending} have no leader after {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def free_port_pair() -> int:
@@ -186,12 +199,12 @@ def _port_answers(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def _tail(path: Path, lines: int = 20, width: int = 400) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    return "\n".join(line[:width] for line in text.splitlines()[-lines:])
 
 
 def _java() -> str:
@@ -199,12 +212,8 @@ def _java() -> str:
     candidate = Path(java_home) / "bin" / "java" if java_home else None
     java = str(candidate) if candidate and candidate.is_file() else shutil.which("java")
     if not java:
-        raise KafkaLocalError(
-            "java not found: the local Kafka broker needs Java 17 or newer on PATH (or JAVA_HOME)"
-        )
-    out = subprocess.run(
-        [java, "-version"], capture_output=True, text=True, timeout=60, check=False
-    )
+        raise KafkaLocalError("java not found: the local Kafka broker needs Java 17 or newer on PATH (or JAVA_HOME)")
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60, check=False)
     match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
     if match:
         major = int(match.group(1))
@@ -212,8 +221,7 @@ def _java() -> str:
             major = int(match.group(2))
         if major < 17:
             raise KafkaLocalError(
-                f"{java} is Java {major}; Kafka {kafka_version()} needs Java 17 or newer "
-                "(set JAVA_HOME to one)"
+                f"{java} is Java {major}; Kafka {kafka_version()} needs Java 17 or newer (set JAVA_HOME to one)"
             )
     return java
 
@@ -277,33 +285,38 @@ class LocalKafka:
     def ensure_jars(self) -> Path:
         """Fetches Kafka's jars into `libs_dir` unless they are there already; returns it."""
         done = self.libs_dir / ".complete"
-        if done.exists():
+        version = kafka_version()
+
+        def cached() -> bool:
+            # The marker holds the version: a $FRESHREC_KAFKA_HOME kept across a version bump refetches.
+            return done.exists() and done.read_text().strip() == version
+
+        if cached():
             return self.libs_dir
         self.home.mkdir(parents=True, exist_ok=True)
         with _locked(self.home / ".fetch.lock"):
-            if done.exists():  # another process fetched them while we waited
+            if cached():  # another process fetched them while we waited
                 return self.libs_dir
             mvn = shutil.which("mvn")
             if not mvn:
                 raise KafkaLocalError(
-                    f"mvn not found: Maven is needed once to fetch Kafka {kafka_version()}'s jars "
+                    f"mvn not found: Maven is needed once to fetch Kafka {version}'s jars "
                     f"from Maven Central into {self.libs_dir}"
                 )
             # Fetched beside, then renamed: an interrupted download never passes for a cache.
             partial = self.home / "libs.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            print(f"fetching Kafka {kafka_version()} jars into {self.libs_dir} ...", file=sys.stderr)
+            print(f"fetching Kafka {version} jars into {self.libs_dir} ...", file=sys.stderr)
             proc = subprocess.run(
-                [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-                 f"-DoutputDirectory={partial}"],
-                capture_output=True, text=True, check=False,
+                [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={partial}"],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if proc.returncode != 0 or not any(partial.glob("kafka_2.13-*.jar")):
                 output = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-                raise KafkaLocalError(
-                    f"mvn could not fetch Kafka's jars (exit {proc.returncode}):\n{output}"
-                )
-            (partial / ".complete").write_text(kafka_version() + "\n")
+                raise KafkaLocalError(f"mvn could not fetch Kafka's jars (exit {proc.returncode}):\n{output}")
+            (partial / ".complete").write_text(version + "\n")
             shutil.rmtree(self.libs_dir, ignore_errors=True)
             partial.rename(self.libs_dir)
         return self.libs_dir
@@ -346,28 +359,40 @@ class LocalKafka:
         pid = self._read_pid()
         return pid if pid is not None and self._alive(pid) else None
 
+    def _configured_port(self) -> int | None:
+        """The port in the data dir's server.properties: the running broker's, if one runs."""
+        try:
+            text = self._properties.read_text()
+        except OSError:
+            return None
+        match = re.search(r"^advertised\.listeners=PLAINTEXT://[^:]+:(\d+)", text, re.MULTILINE)
+        return int(match.group(1)) if match else None
+
     def status(self) -> KafkaStatus:
         pid = self._running_pid()
-        return KafkaStatus(pid is not None, pid, self.bootstrap, self.data_dir)
+        port = (self._configured_port() if pid is not None else None) or self.port
+        return KafkaStatus(pid is not None, pid, f"{HOST}:{port}", self.data_dir)
 
     def is_running(self) -> bool:
         return self._running_pid() is not None
 
-    def start(
-        self, *, fresh: bool = False, topics: bool = True, timeout: float = START_TIMEOUT_S
-    ) -> str:
+    def start(self, *, fresh: bool = False, topics: bool = True, timeout: float = START_TIMEOUT_S) -> str:
         """Starts the broker (a no-op if it runs), creates the contract's topics; returns bootstrap."""
         if fresh:
             self.stop()
             shutil.rmtree(self.data_dir, ignore_errors=True)
         if self.is_running():
+            running_port = self._configured_port()
+            if running_port != self.port:
+                raise KafkaLocalError(
+                    f"the broker of {self.data_dir} already runs on port {running_port}, "
+                    f"not {self.port}: stop it first, or use another --data-dir"
+                )
             self._wait_ready(None, timeout)
         else:
             self._launch(timeout)
         if topics:
-            create_topics(
-                self.bootstrap, contract_topics(self.topic_partitions), compacted=COMPACTED_TOPICS
-            )
+            create_topics(self.bootstrap, contract_topics(self.topic_partitions), compacted=COMPACTED_TOPICS)
         return self.bootstrap
 
     def _launch(self, timeout: float) -> None:
@@ -387,12 +412,24 @@ class LocalKafka:
             f"-Dkafka.logs.dir={self._server_log.parent}",
         ]
         self._format(java, classpath, logging)
-        cmd = [java, "-Xmx512m", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-               *logging, *classpath, "kafka.Kafka", str(self._properties)]
+        cmd = [
+            java,
+            "-Xmx512m",
+            "-Xms128m",
+            "-Djava.awt.headless=true",
+            *logging,
+            *classpath,
+            "kafka.Kafka",
+            str(self._properties),
+        ]
         with open(self._out_file, "wb") as out:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=self.data_dir, start_new_session=True,  # outlives the shell and Ctrl-C
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                start_new_session=True,  # outlives the shell and Ctrl-C
             )
         _CHILDREN[proc.pid] = proc
         self._pid_file.write_text(f"{proc.pid}\n")
@@ -474,14 +511,24 @@ class LocalKafka:
             json.dumps({"cluster_id": cluster_id, "controller_port": self.controller_port}) + "\n"
         )
         proc = subprocess.run(
-            [java, *logging, *classpath, "kafka.tools.StorageTool", "format", "--standalone",
-             f"--cluster-id={cluster_id}", f"--config={self._properties}"],
-            capture_output=True, text=True, timeout=300, check=False,
+            [
+                java,
+                *logging,
+                *classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                f"--cluster-id={cluster_id}",
+                f"--config={self._properties}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         if proc.returncode != 0:
             raise KafkaLocalError(
-                f"formatting {self._log_dirs} failed (exit {proc.returncode}):\n"
-                f"{proc.stdout}{proc.stderr}"
+                f"formatting {self._log_dirs} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
             )
 
     def _wait_ready(self, pid: int | None, timeout: float) -> None:
@@ -556,15 +603,36 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _port_arg(text: str) -> int:
+    try:
+        return _check_port(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65534)") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--port", type=int, default=None,
+        "--port",
+        type=_port_arg,
+        default=None,
         help=f"broker port on {HOST} (default: $FRESHREC_KAFKA_PORT or {DEFAULT_PORT}); "
         "the controller listens on port + 1",
     )
     common.add_argument(
-        "--data-dir", type=Path, default=None,
+        "--data-dir",
+        type=Path,
+        default=None,
         help="broker data, logs and pid file (default: <cache>/data-<port>; cache is "
         "$FRESHREC_KAFKA_HOME or ~/.cache/freshrec/kafka-<version>)",
     )
@@ -574,38 +642,36 @@ def _parser() -> argparse.ArgumentParser:
         "run from Kafka's own jars without Docker.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{start,stop,status}")
-    start = commands.add_parser(
-        "start", parents=[common], help="start the broker and create the contract's topics"
-    )
+    start = commands.add_parser("start", parents=[common], help="start the broker and create the contract's topics")
     start.add_argument("--fresh", action="store_true", help="wipe the data dir first")
     start.add_argument(
-        "--partitions", type=int, default=DEFAULT_TOPIC_PARTITIONS,
+        "--partitions",
+        type=_positive_int,
+        default=DEFAULT_TOPIC_PARTITIONS,
         help="partitions of features, actions, items and examples (default: %(default)s; "
         "param-deltas and dead-letter get 1)",
     )
     start.add_argument(
-        "--num-partitions", type=int, default=1,
+        "--num-partitions",
+        type=_positive_int,
+        default=1,
         help="the broker's num.partitions for other topics (default: %(default)s)",
     )
     start.add_argument(
-        "--timeout", type=float, default=START_TIMEOUT_S,
+        "--timeout",
+        type=float,
+        default=START_TIMEOUT_S,
         help="seconds to wait for the broker to answer (default: %(default)s)",
     )
     commands.add_parser("stop", parents=[common], help="stop the broker")
-    commands.add_parser(
-        "status", parents=[common], help="say whether it runs (exit 0) or not (exit 3)"
-    )
+    commands.add_parser("status", parents=[common], help="say whether it runs (exit 0) or not (exit 3)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """`freshrec kafka start|stop|status`: 0 on success (status: running), 3 if stopped, 1 on error."""
+    args = _parser().parse_args(argv)
     try:
-        if args.port is not None:
-            _check_port(args.port)
-        if args.command == "start" and (args.partitions < 1 or args.num_partitions < 1):
-            parser.error("--partitions and --num-partitions must be at least 1")
         kafka = LocalKafka(
             args.port,
             data_dir=args.data_dir,
@@ -629,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"stopped bootstrap={status.bootstrap} data={status.data_dir}")
         return EXIT_NOT_RUNNING
-    except (KafkaLocalError, ValueError) as exc:
+    except KafkaLocalError as exc:
         print(f"freshrec kafka: error: {exc}", file=sys.stderr)
         return 1
 

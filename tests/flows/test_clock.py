@@ -6,8 +6,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flows.clock import (ACTIVE, ENDED, IDLE, NO_TS, BucketClock, PartitionClock, SourceBatch,
-                         bucket_of, route)
+from flows.clock import ACTIVE, ENDED, IDLE, NO_TS, BucketClock, PartitionClock, SourceBatch, bucket_of, route
 from tests.helpers import feature
 
 

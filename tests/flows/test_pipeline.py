@@ -7,7 +7,6 @@ import math
 import time
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from bytewax.testing import TestingSink, cluster_main, run_main
 
 from flows.events import encode
@@ -65,7 +64,7 @@ def test_every_kind_of_bad_input_is_dead_lettered_and_the_flow_keeps_going(tmp_p
         by_stream.setdefault(d["stream"], []).append(d)
     reasons = [d["reason"] for d in by_stream["features"]]
     assert len(reasons) == len(BAD_LINES)
-    for want, reason in zip(BAD_LINES.values(), reasons):
+    for want, reason in zip(BAD_LINES.values(), reasons, strict=True):
         assert reason.startswith(want), (want, reason)
     assert [d["reason"] for d in by_stream["actions"]] == ["invalid field action: Invalid enum value 'poke'"]
     assert by_stream["items"][0]["reason"].startswith("not an object")

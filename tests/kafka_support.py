@@ -1,0 +1,98 @@
+"""A Kafka broker for the tests: `$KAFKA_BOOTSTRAP`, else a container where Docker runs, else a
+real local broker from Kafka's jars (flows.kafka_local). Without any, tests skip (fail under CI).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from flows import kafka_local
+
+__all__ = ["kafka_bootstrap", "kafka_topics", "kafka_unavailable"]
+
+
+def kafka_unavailable(reason: str) -> NoReturn:
+    """Skips the test for want of Kafka; under CI (CI=true) fails it: CI must never skip Kafka."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"Kafka is required under CI: {reason}", pytrace=False)
+    pytest.skip(f"no Kafka broker: {reason}")
+
+
+def _docker_answers() -> bool:
+    # Docker's Python client leaks a socket when nothing listens, so it is asked only where an
+    # engine may be; the CLI (which knows contexts such as rootless ones) gets a second say.
+    if os.environ.get("DOCKER_HOST") or Path("/var/run/docker.sock").exists():
+        try:
+            import docker
+
+            client = docker.from_env(timeout=5)
+            try:
+                if client.ping():
+                    return True
+            finally:
+                client.close()
+        except Exception:  # any failure means "no usable engine" to this client
+            pass
+    if shutil.which("docker") is None:
+        return False
+    try:
+        probe = subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers of a broker that lives for the whole test session."""
+    env = os.environ.get("KAFKA_BOOTSTRAP")
+    if env:
+        yield env
+        return
+    if _docker_answers():
+        from testcontainers.community.kafka import KafkaContainer
+
+        image = os.environ.get("FRESHREC_KAFKA_IMAGE", "confluentinc/cp-kafka:7.6.0")
+        with KafkaContainer(image).with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+    broker = kafka_local.LocalKafka(kafka_local.free_port_pair(), data_dir=tmp_path_factory.mktemp("kafka"))
+    try:
+        bootstrap = broker.start()
+    except kafka_local.KafkaLocalError as exc:
+        broker.stop()
+        kafka_unavailable(f"no Docker engine, and the local broker did not start: {exc}")
+    try:
+        yield bootstrap
+    finally:
+        broker.stop()
+
+
+def kafka_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int = 1,
+    *,
+    compacted: Iterable[str] = (),
+) -> dict[str, str]:
+    """Creates a fresh, uniquely named topic for each name (LogAppendTime timestamps, as the
+    contract's are); returns {name: actual topic name}. Names in `compacted` get
+    cleanup.policy=compact.
+    """
+    suffix = uuid.uuid4().hex[:10]
+    names = list(names)
+    actual = {name: f"{name}-{suffix}" for name in names}
+    kafka_local.create_topics(
+        bootstrap,
+        {topic: partitions for topic in actual.values()},
+        compacted=[actual[name] for name in compacted],
+    )
+    return actual
