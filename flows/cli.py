@@ -102,12 +102,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_kafka(args: argparse.Namespace) -> int:
-    from flows.kafka_local import main as kafka_main
-
-    return kafka_main(args.kafka_args)
-
-
 def cmd_settings(args: argparse.Namespace) -> int:
     config = _config(args)
     for f in dataclasses.fields(Config):
@@ -128,20 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="Bytewax workers (-w)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", parents=[flags], help="run the streaming job (python -m bytewax.run flows.pipeline:flow)")
-    p.add_argument("bytewax_args", nargs=argparse.REMAINDER,
-                   help="Bytewax's own flags, after --: -w N, -i/-a, -r DIR -s S -b B")
-    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("run", parents=[flags], help="run the streaming job (python -m bytewax.run flows.pipeline:flow)",
+                       epilog="Bytewax's own flags pass through: -w N, -i I -a ADDRS, -r DIR -s S -b B.")
+    p.set_defaults(func=cmd_run, passes_unknown=True, bytewax_args=[])
 
     p = sub.add_parser("sample", parents=[flags], help="write a sample of item, feature and action events")
     p.add_argument("--requests", type=int, default=2000, help="recommendation requests in the sample")
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("kafka", help="a local Kafka broker (KRaft, 127.0.0.1) for machines without Docker",
-                       add_help=False)
-    p.add_argument("kafka_args", nargs=argparse.REMAINDER, help="start|stop|status [options]; --help for more")
-    p.set_defaults(func=cmd_kafka)
+    sub.add_parser("kafka", help="start|stop|status a local Kafka broker (KRaft, 127.0.0.1) for machines "
+                   "without Docker; see freshrec kafka --help")
 
     p = sub.add_parser("settings", parents=[flags], help="print the settings in force, validated")
     p.set_defaults(func=cmd_settings)
@@ -149,9 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "bytewax_args", None) and args.bytewax_args[0] == "--":
-        args.bytewax_args = args.bytewax_args[1:]
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["kafka"]:
+        # The broker manager has its own parser (and --help).
+        from flows.kafka_local import main as kafka_main
+
+        return kafka_main(argv[1:])
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not getattr(args, "passes_unknown", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.bytewax_args = [a for a in unknown if a != "--"]
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

@@ -61,6 +61,13 @@ def _text(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _topic_prefix(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value and not all(c.isalnum() or c in "._-" for c in value):
+        raise ConfigError(f"{name}={raw!r}: topic names take only letters, digits, '.', '_' and '-'")
+    return value
+
+
 def _path(name: str, raw: str) -> Path:
     return Path(_text(name, raw))
 
@@ -102,6 +109,8 @@ class Config:
                                        "at most this many bytes read per source batch")
     rotate_bytes: int = _setting("FRESHREC_ROTATE_BYTES", "67108864", _number(int, 1024),
                                  "a file sink starts a new file past this size")
+    topic_prefix: str = _setting("FRESHREC_TOPIC_PREFIX", "", _topic_prefix,
+                                 "prefix of every Kafka topic name (several deployments on one cluster)")
     kafka_config: str = _setting("FRESHREC_KAFKA_CONFIG", "{}", _text,
                                  "JSON object of extra librdkafka settings (SASL, TLS), passed through")
 
@@ -127,6 +136,9 @@ class Config:
         if not isinstance(extra, dict) or not all(isinstance(v, (str, int, float, bool)) for v in extra.values()):
             raise ConfigError("FRESHREC_KAFKA_CONFIG: expected a JSON object of settings to values")
         return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in extra.items()}
+
+    def topic(self, stream: str) -> str:
+        return self.topic_prefix + stream
 
     def stream_dir(self, stream: str) -> Path:
         return self.data_dir / stream

@@ -17,10 +17,6 @@ from flows.streams import StreamWriter
 
 KeyOf = Callable[[Any], Optional[str]]
 
-TOPICS = {"examples": "examples", "dead-letter": "dead-letter", "features": "features",
-          "actions": "actions", "items": "items", "param-deltas": "param-deltas"}
-
-
 class _FilePartition(StatelessSinkPartition[Any]):
     def __init__(self, writer: StreamWriter):
         self.writer = writer
@@ -73,7 +69,7 @@ class KafkaStreamSink(DynamicSink[Any]):
     """Produces each item as one JSON message, keyed by `key_of(item)`."""
 
     def __init__(self, stream: str, config: Config, key_of: KeyOf = lambda item: None):
-        self.topic = TOPICS[stream]
+        self.topic = config.topic(stream)
         self.config = config
         self.key_of = key_of
 

@@ -256,7 +256,7 @@ class KafkaStreamSource(FixedPartitionedSource[SourceBatch, Optional[int]]):
         from bytewax.connectors.kafka import KafkaSource
 
         self.stream = stream
-        self.topic = topic or stream
+        self.topic = topic or config.topic(stream)
         self.config = config
         self.now = now
         self.settings = config.kafka_settings()
