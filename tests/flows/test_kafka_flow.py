@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import pytest
@@ -64,6 +65,11 @@ def consume_all(bootstrap, topic):
     return out
 
 
+def same(reason: str) -> str:
+    """A reason without the figures that depend on when it was read."""
+    return re.sub(r"\d+ s ahead", "N s ahead", reason)
+
+
 def summary(ticks):
     return sorted((type(e).__name__, e.request_id, e.item_id, e.ts) for t in ticks for e in t.events)
 
@@ -76,7 +82,7 @@ def test_the_flow_reads_the_same_events_from_kafka_as_from_files(tmp_path, kafka
         write(fconfig.stream_dir(stream) / "x.jsonl", lines)
     from_files = []
     run_main(build_flow(fconfig, tap=TestingSink(from_files)))
-    file_dead = sorted((d["stream"], d["reason"]) for d in read_dead(fconfig))
+    file_dead = sorted((d["stream"], same(d["reason"])) for d in read_dead(fconfig))
 
     # Kafka: the same lines on topics of their own.
     prefix = f"t{uuid.uuid4().hex[:8]}."
@@ -91,7 +97,7 @@ def test_the_flow_reads_the_same_events_from_kafka_as_from_files(tmp_path, kafka
     assert summary(from_kafka) == summary(from_files)
     assert len(summary(from_files)) == 200 + len(range(0, 200, 3))
     msgs = consume_all(kafka_bootstrap, prefix + "dead-letter")
-    kafka_dead = sorted((json.loads(m.value())["stream"], json.loads(m.value())["reason"]) for m in msgs)
+    kafka_dead = sorted((json.loads(m.value())["stream"], same(json.loads(m.value())["reason"])) for m in msgs)
     assert kafka_dead == file_dead
     assert len(kafka_dead) == len(BAD_LINES) + 1 + 2
     # Arrival times on Kafka are the broker's log-append times.
