@@ -96,9 +96,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"dead letters: {_count_lines(dead_dir) - dead_before} new, by reason:")
     for reason, n in reasons.most_common():
         print(f"  {n:6d}  {reason}")
+    labels: Counter[str] = Counter()
     examples = config.stream_dir("examples")
-    if examples.is_dir():
-        print(f"training examples: {_count_lines(examples)} in {examples}")
+    for path in sorted(examples.glob("*.jsonl")):
+        for line in path.read_bytes().splitlines():
+            e = json.loads(line)
+            labels["positive" if e["label"] else "explicit negative" if e["actions"] else "expired negative"] += 1
+    print(f"training examples in {examples}: {sum(labels.values())} "
+          f"({', '.join(f'{n} {kind}' for kind, n in labels.most_common())})")
     return 0
 
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 class ConfigError(ValueError):
@@ -68,6 +68,12 @@ def _topic_prefix(name: str, raw: str) -> str:
     return value
 
 
+def _optional_number(name: str, raw: str) -> Optional[float]:
+    if raw.strip().lower() in ("", "off", "none"):
+        return None
+    return _number(float, 0)(name, raw)
+
+
 def _path(name: str, raw: str) -> Path:
     return Path(_text(name, raw))
 
@@ -97,6 +103,17 @@ class Config:
                                  "how far the watermark stays behind the inputs (event time)")
     neg_sample_rate: float = _setting("FRESHREC_NEG_SAMPLE_RATE", "1.0", _number(float, 0, 1, lo_open=True),
                                       "fraction of expired negatives kept (kept ones carry weight 1/rate)")
+    orphan_hold_s: float = _setting("FRESHREC_ORPHAN_HOLD_S", "60", _number(float, 0),
+                                    "an action whose impression has not come when the watermark passes its ts "
+                                    "plus this is dead-lettered as an orphan")
+    watch_positive_s: Optional[float] = _setting("FRESHREC_WATCH_POSITIVE_S", "off", _optional_number,
+                                                 "`off` (watch is neutral) or seconds: a watch of at least this "
+                                                 "value is positive")
+    join_cache: int = _setting("FRESHREC_JOIN_CACHE", "50000", _number(int, 1),
+                               "join keys held in memory per bucket; the rest wait in LMDB")
+    undo_keep: int = _setting("FRESHREC_UNDO_KEEP", "12", _number(int, 3),
+                              "flushes of undo records kept per bucket; at least ceil(-b / -s) + 2 "
+                              "of Bytewax's recovery intervals")
     max_future_s: float = _setting("FRESHREC_MAX_FUTURE_S", "86400", _number(float, 0, lo_open=True),
                                    "an event whose ts is this far ahead of its arrival is dead-lettered")
     idle_s: float = _setting("FRESHREC_IDLE_S", "5", _number(float, 0, lo_open=True),

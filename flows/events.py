@@ -71,6 +71,37 @@ class ItemEvent(msgspec.Struct, omit_defaults=True, gc=False):
 Event = Union[FeatureEvent, ActionEvent, ItemEvent]
 
 
+class ExampleAction(msgspec.Struct, omit_defaults=False, gc=False):
+    """One action behind a training example."""
+
+    action: str
+    ts: float
+    value: Optional[float] = None
+
+
+class Example(msgspec.Struct, omit_defaults=False, gc=False):
+    """A training example: an impression with its label (CONTRACT.md, Training example).
+
+    `label_received_at` (an addition to the contract's fields) is the arrival time of the action
+    that decided a positive or explicit negative label, so freshness can be measured downstream.
+    """
+
+    request_id: str
+    user_id: str
+    item_id: str
+    ts: float
+    label_ts: float
+    label: int
+    actions: list[ExampleAction]
+    weight: float
+    position: Optional[int]
+    score: Optional[float]
+    model_version: Optional[str]
+    sparse: Sparse
+    dense: Dense
+    label_received_at: Optional[float] = None
+
+
 class DeadLetter(msgspec.Struct, omit_defaults=False, gc=False):
     """An input that could not be accepted, kept with the reason (CONTRACT.md, Dead letter)."""
 

@@ -1,70 +1,109 @@
 """The streaming job: `python -m bytewax.run flows.pipeline:flow`.
 
-Reads the three input streams, validates them (dead letters to their stream), routes feature and
-action events to join buckets with the clock's markers in band, and keeps each bucket's watermark.
+Reads the three input streams and validates them (dead letters to their stream), routes feature
+and action events to join buckets with the clock's markers in band, and joins them in each bucket
+into training examples (to the examples stream, and on to the steps after the join).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any, Optional
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
 from flows.clock import BucketBatch, BucketClock, SourceBatch, route
 from flows.config import Config, ConfigError, ensure_state_dir
-from flows.events import Event
+from flows.events import Example
+from flows.joiner import JoinBucket, JoinSettings
+from flows.metrics import EVENTS_BEHIND, WAITING, WATERMARK_LAG, JoinPublisher
 from flows.sinks import make_sink
 from flows.sources import make_source, partition_names
+from flows.spill import LmdbSpillStore
 
 log = logging.getLogger("freshrec.flow")
 
 JOIN_STREAMS = ("features", "actions")
 FREE_RUN_TICK_S = 1.0  # how often a bucket wakes itself while its watermark follows the wall clock
+EVICT_TO = 0.8  # after a flush under memory pressure, keep this fraction of the cache
 
 
-@dataclass(slots=True)
-class BucketTick:
-    """What a bucket passes on: the events it got, and its watermark before and after them."""
+@dataclass(frozen=True)
+class JoinStepConfig:
+    """What a bucket needs to build itself: picklable, closed over by the step's builder."""
 
-    bucket: str
-    events: list[Event]
-    watermark_before: float
-    watermark: float
-    late: int  # events whose ts was already behind the bucket's watermark
+    partitions: tuple[str, ...]
+    lateness_s: float
+    state_dir: Path
+    undo_keep: int
+    settings: JoinSettings
 
 
-class BucketClockLogic(StatefulBatchLogic[BucketBatch, BucketTick, dict]):
-    """One join bucket's clock; the joiner takes its place and keeps the same clock."""
+class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
+    """One join bucket in the dataflow: its clock, its `JoinBucket`, its LMDB store.
 
-    def __init__(self, partitions: tuple[str, ...], lateness_s: float, state: Optional[dict]):
-        # Bytewax tells a builder no key: the bucket learns it from its first batch.
-        self.bucket = (state or {}).get("bucket", "")
-        self.clock = BucketClock.resume(partitions, lateness_s, (state or {}).get("clock"))
+    Bytewax's snapshot of a bucket is a manifest (`seq`, the clock); each `snapshot()` flushes the
+    bucket's changes to LMDB tagged `seq`, and a resume rolls LMDB back to the manifest's `seq`.
+    """
 
-    def on_batch(self, values: list[BucketBatch]) -> tuple[list[BucketTick], bool]:
+    def __init__(self, cfg: JoinStepConfig, state: Optional[dict]):
+        self.cfg = cfg
+        self.state = state
+        self.bucket_key: Optional[str] = None
+        self.bucket: Optional[JoinBucket] = None
+        self.clock = BucketClock.resume(cfg.partitions, cfg.lateness_s, (state or {}).get("clock"))
+        self.seq = (state or {}).get("seq", 0)
+        self.publisher = JoinPublisher(threading.current_thread().name)
+
+    def _open(self, key: str) -> JoinBucket:
+        # Bytewax tells a builder no key: the bucket opens its store when its first batch comes.
+        self.bucket_key = key
+        store = LmdbSpillStore(self.cfg.state_dir / "join" / key, undo_keep=self.cfg.undo_keep)
+        bucket = JoinBucket(self.cfg.settings, store)
+        bucket.resume(self.seq)  # 0: a fresh start, so nothing of an earlier run is kept
+        bucket.advance(self.clock.watermark)
+        return bucket
+
+    def on_batch(self, values: list[BucketBatch]) -> tuple[list[Any], bool]:
+        bucket = self.bucket or self._open(values[0].bucket)
+        self.bucket = bucket
         now = time.time()
-        out = []
+        out: list[Any] = []
+        behind = 0
         for b in values:
-            self.bucket = b.bucket
-            before = self.clock.watermark
-            late = sum(1 for e in b.events if e.ts < before)
-            after = self.clock.observe(b.partition, b.progress, b.status, now)
-            if b.events or after != before:
-                out.append(BucketTick(self.bucket, b.events, before, after, late))
+            if b.events:
+                wm = self.clock.watermark
+                behind += sum(1 for e in b.events if e.ts < wm)
+                if b.partition.startswith("features"):
+                    out += bucket.on_features(b.events)
+                else:
+                    out += bucket.on_actions(b.events)
+            self.clock.observe(b.partition, b.progress, b.status, now)
+            examples, dead = bucket.advance(self.clock.watermark)
+            out += examples
+            out += dead
+        if bucket.over_capacity():
+            bucket.flush(self.seq + 1)
+            bucket.evict(int(self.cfg.settings.cache_size * EVICT_TO))
+        if behind:
+            EVENTS_BEHIND.labels(self.publisher.worker).inc(behind)
+        self.publisher.publish(bucket.counts)
         return out, False
 
-    def on_notify(self) -> tuple[list[BucketTick], bool]:
-        before = self.clock.watermark
-        after = self.clock.advance(time.time())
-        return ([BucketTick(self.bucket, [], before, after, 0)] if after != before else []), False
+    def on_notify(self) -> tuple[list[Any], bool]:
+        if self.bucket is None:
+            return [], False
+        examples, dead = self.bucket.advance(self.clock.advance(time.time()))
+        return examples + dead, False
 
     def notify_at(self) -> Optional[datetime]:
         if self.clock.free_running():
@@ -72,7 +111,16 @@ class BucketClockLogic(StatefulBatchLogic[BucketBatch, BucketTick, dict]):
         return None
 
     def snapshot(self) -> dict:
-        return {"bucket": self.bucket, "clock": self.clock.state()}
+        if self.bucket is not None:
+            self.seq += 1
+            self.bucket.flush(self.seq)
+            memory, disk = self.bucket.waiting()
+            w = self.publisher.worker
+            WAITING.labels(w, self.bucket_key, "memory").set(memory)
+            WAITING.labels(w, self.bucket_key, "disk").set(disk)
+            WATERMARK_LAG.labels(w, self.bucket_key).set(max(0.0, time.time() - self.clock.watermark)
+                                                         if self.clock.watermark > 0 else 0.0)
+        return {"seq": self.seq, "clock": self.clock.state()}
 
 
 def _dead_letters(batch: SourceBatch) -> list:
@@ -83,27 +131,45 @@ def _events(batch: SourceBatch) -> list:
     return batch.events
 
 
+def _is_example(x: Any) -> bool:
+    return type(x) is Example
+
+
+def _request_id(x: Example) -> str:
+    return x.request_id
+
+
+def join_settings(config: Config) -> JoinSettings:
+    return JoinSettings(window_s=config.join_window_s, orphan_hold_s=config.orphan_hold_s,
+                        neg_sample_rate=config.neg_sample_rate, watch_positive_s=config.watch_positive_s,
+                        cache_size=config.join_cache)
+
+
 def build_flow(config: Config, *, tap: Sink | None = None,
                sources: dict[str, Any] | None = None) -> Dataflow:
-    """The dataflow for `config`; `tap` receives each bucket's `BucketTick`s (tests, tools)."""
+    """The dataflow for `config`; `tap` also receives every example (tests, tools)."""
     ensure_state_dir(config)
     flow = Dataflow("freshrec")
     made = {s: (sources or {}).get(s) or make_source(s, config) for s in ("features", "actions", "items")}
     batches = {s: op.input(f"in_{s}", flow, src) for s, src in made.items()}
 
     everything = op.merge("all_batches", *batches.values())
-    dead = op.flat_map("dead_letters", everything, _dead_letters)
-    op.output("out_dead_letter", dead, make_sink("dead-letter", config))
+    dead_in = op.flat_map("dead_letters", everything, _dead_letters)
 
     partitions = tuple(p for s in JOIN_STREAMS for p in partition_names(s, config, made[s]))
     join_in = op.merge("join_in", *(batches[s] for s in JOIN_STREAMS))
     keyed = op.flat_map("route", join_in, partial(route, buckets=config.buckets))
-    ticks = op.stateful_batch(
-        "buckets", keyed,
-        lambda state: BucketClockLogic(partitions, config.lateness_s, state),
-    )
+    step = JoinStepConfig(partitions, config.lateness_s, config.state_dir, config.undo_keep,
+                          join_settings(config))
+    joined = op.stateful_batch("join", keyed, lambda state: JoinLogic(step, state))
+    outcomes = op.map("outcome", joined, lambda kv: kv[1])
+    split = op.branch("split", outcomes, _is_example)
+    examples: Stream[Example] = split.trues
+    op.output("out_examples", examples, make_sink("examples", config, key_of=_request_id))
+    dead = op.merge("all_dead", dead_in, split.falses)
+    op.output("out_dead_letter", dead, make_sink("dead-letter", config))
     if tap is not None:
-        op.output("tap", op.map("tick", ticks, lambda kv: kv[1]), tap)
+        op.output("tap", examples, tap)
     # Catalog updates go to the serving store in [serving]; until then they are validated only.
     op.flat_map("items", batches["items"], _events)
     return flow
@@ -122,3 +188,5 @@ def __getattr__(name: str) -> Any:
     if name == "flow":
         return main_flow()
     raise AttributeError(name)
+
+

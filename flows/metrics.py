@@ -1,0 +1,54 @@
+"""The flow's Prometheus metrics, under the contract's names (`freshrec_<part>_<what>[_<unit>]`).
+
+Steps keep plain counts and publish them here once per batch, never per event.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+from flows.joiner import JoinCounts
+
+_JOIN_COUNTERS = {
+    "impressions": ("freshrec_join_impressions", "feature events accepted as impressions"),
+    "positives": ("freshrec_join_matched", "impressions matched by a positive action"),
+    "explicit_negatives": ("freshrec_join_explicit_negatives", "impressions resolved by skip or dislike"),
+    "expired_kept": ("freshrec_join_expired_kept", "expired impressions kept as weighted negatives"),
+    "sampled_out": ("freshrec_join_sampled_out", "expired impressions sampled out (no example)"),
+    "after_example": ("freshrec_join_after_example_actions", "actions for a key already resolved"),
+    "late": ("freshrec_join_late_actions", "actions whose key's state was already gone"),
+    "duplicates": ("freshrec_join_duplicate_actions", "repeated actions (same event_id or identical)"),
+    "duplicate_features": ("freshrec_join_duplicate_features", "feature events for a key already seen"),
+    "orphans": ("freshrec_join_orphan_actions", "actions dead-lettered with no feature event"),
+    "cache_hits": ("freshrec_join_cache_hits", "join key lookups answered by the cache"),
+    "cache_misses": ("freshrec_join_cache_misses", "join key lookups not in the cache"),
+    "spill_writes": ("freshrec_join_spill_writes", "join entries written to or deleted from LMDB"),
+    "spill_reads": ("freshrec_join_spill_reads", "join entries looked up in LMDB"),
+    "flushes": ("freshrec_join_flushes", "write transactions of join state"),
+}
+
+JOIN = {name: Counter(metric, doc, ["worker"]) for name, (metric, doc) in _JOIN_COUNTERS.items()}
+WAITING = Gauge("freshrec_join_waiting_impressions", "join keys waiting, by where they are",
+                ["worker", "bucket", "where"])
+WATERMARK_LAG = Gauge("freshrec_join_watermark_lag_seconds", "wall time minus a bucket's watermark",
+                      ["worker", "bucket"])
+EVENTS_BEHIND = Counter("freshrec_join_events_behind_watermark",
+                        "events that reached a bucket with a ts already behind its watermark", ["worker"])
+DEAD_LETTERS = Counter("freshrec_source_dead_letters", "inputs dead-lettered, by stream", ["stream"])
+EVENTS_READ = Counter("freshrec_source_events", "valid events read, by stream", ["stream"])
+
+
+class JoinPublisher:
+    """Publishes the growth of a bucket's counts since the last call."""
+
+    def __init__(self, worker: str):
+        self.worker = worker
+        self.last = JoinCounts().as_dict()
+
+    def publish(self, counts: JoinCounts) -> None:
+        now = counts.as_dict()
+        for name, counter in JOIN.items():
+            delta = now[name] - self.last[name]
+            if delta > 0:
+                counter.labels(self.worker).inc(delta)
+        self.last = now

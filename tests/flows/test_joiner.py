@@ -1,0 +1,259 @@
+"""The join decision: one outcome per impression, every action in exactly one case, and the same
+examples whatever the cache size, flushes and evictions (state going through LMDB)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flows.events import ActionEvent, FeatureEvent
+from flows.joiner import JoinBucket, JoinSettings, keep_fraction
+from flows.spill import LmdbSpillStore
+
+T0 = 1764288000.0
+WINDOW, HOLD = 100.0, 10.0
+
+
+def feat(k: int, ts: float) -> FeatureEvent:
+    return FeatureEvent(request_id=f"r{k}", user_id="u", item_id=f"v{k % 3}", ts=ts)
+
+
+def act(k: int, ts: float, action: str, eid: str | None = None) -> ActionEvent:
+    return ActionEvent(request_id=f"r{k}", user_id="u", item_id=f"v{k % 3}", ts=ts, action=action,
+                       event_id=eid, received_at=ts + 0.1)
+
+
+def key(e) -> str:
+    return f"{e.request_id}\x00{e.item_id}"
+
+
+class Reference:
+    """The contract's Joining rules, written as plainly as possible, with no cache and no store."""
+
+    POS = {"click", "like", "share", "comment", "follow", "finish", "purchase"}
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.waiting: dict = {}
+        self.pending: dict = {}
+        self.resolved: dict = {}
+        self.examples: list = []
+        self.cases: Counter = Counter()
+        self.wm = -math.inf
+
+    @staticmethod
+    def aid(a):
+        return a.event_id if a.event_id is not None else (a.action, a.ts, a.value)
+
+    def feature_with_pending(self, f):
+        k = key(f)
+        if k in self.resolved or k in self.waiting:
+            self.cases["duplicate_feature"] += 1
+            return
+        self.waiting[k] = (f, [])
+        pend = self.pending.pop(k, [])
+        for i, a in enumerate(pend):
+            if self.apply(k, a):
+                self.cases["after_example"] += len(pend) - i - 1
+                break
+        self.advance(self.wm)  # an impression whose window has closed already expires at once
+
+    def action(self, a):
+        k = key(a)
+        if k in self.waiting:
+            if self.aid(a) in [self.aid(b) for b in self.waiting[k][1]]:
+                self.cases["duplicate"] += 1
+            else:
+                self.apply(k, a)
+        elif k in self.pending:
+            if self.aid(a) in [self.aid(b) for b in self.pending[k]]:
+                self.cases["duplicate"] += 1
+            else:
+                self.pending[k].append(a)
+        elif k in self.resolved:
+            self.cases["duplicate" if self.aid(a) in self.resolved[k] else "after_example"] += 1
+        elif a.ts + HOLD <= self.wm:
+            self.cases["late"] += 1
+        else:
+            self.pending[k] = [a]
+
+    def apply(self, k, a) -> bool:
+        f, acts = self.waiting[k]
+        acts.append(a)
+        self.cases["joined"] += 1
+        label = 1 if a.action in self.POS else 0 if a.action in ("skip", "dislike") else None
+        if label is None:
+            return False
+        self.resolve(k, label, a.ts, 1.0)
+        return True
+
+    def resolve(self, k, label, label_ts, weight, keep=True):
+        f, acts = self.waiting.pop(k)
+        self.resolved[k] = {self.aid(b) for b in acts}
+        if keep:
+            self.examples.append((k, label, label_ts, weight))
+
+    def advance(self, wm):
+        self.wm = max(self.wm, wm)
+        for k, (f, _) in list(self.waiting.items()):
+            if f.ts + WINDOW <= self.wm:
+                kept = self.rate >= 1 or keep_fraction(k) < self.rate
+                self.cases["kept" if kept else "sampled_out"] += 1
+                self.resolve(k, 0, f.ts + WINDOW, 1 / self.rate, keep=kept)
+        for k, acts in list(self.pending.items()):
+            if acts[0].ts + HOLD <= self.wm:
+                self.cases["orphan"] += len(acts)
+                del self.pending[k]
+
+
+ACTIONS = ["like", "click", "skip", "dislike", "watch", "finish"]
+
+
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(1, 25))
+    steps = []
+    for k in range(n):
+        ts = T0 + draw(st.floats(0, 300))
+        steps.append(("f", feat(k, ts)))
+        if draw(st.booleans()):
+            steps.append(("f", feat(k, ts)))  # a retry of the same impression
+        for j in range(draw(st.integers(0, 3))):
+            delay = draw(st.sampled_from([-5.0, 0.5, 3.0, 50.0, 150.0]))
+            a = act(k, ts + delay, draw(st.sampled_from(ACTIONS)), draw(st.sampled_from([None, f"e{k}-{j}"])))
+            steps.append(("a", a))
+            if draw(st.integers(0, 4)) == 0:
+                steps.append(("a", a))  # delivered twice
+    steps = draw(st.permutations(steps))
+    # The watermark moves now and then, never back, and passes everything at the end.
+    out, wm = [], T0 - 50
+    for s in steps:
+        out.append(s)
+        if draw(st.integers(0, 3)) == 0:
+            wm += draw(st.floats(0, 80))
+            out.append(("w", wm))
+    out.append(("w", math.inf))
+    return out
+
+
+def run_bucket(steps, cache_size: int, rate: float, flush_every: int, path: str):
+    store = LmdbSpillStore(path, undo_keep=1000)
+    b = JoinBucket(JoinSettings(window_s=WINDOW, orphan_hold_s=HOLD, neg_sample_rate=rate,
+                                cache_size=cache_size, resolved_size=10**6), store)
+    examples, dead, tag = [], [], 0
+    for i, (kind, x) in enumerate(steps):
+        if kind == "f":
+            examples += b.on_features([x])
+        elif kind == "a":
+            examples += b.on_actions([x])
+        else:
+            ex, d = b.advance(x)
+            examples += ex
+            dead += d
+        if flush_every and i % flush_every == 0:
+            tag += 1
+            b.flush(tag)
+        if b.over_capacity():
+            tag += 1
+            b.flush(tag)
+            b.evict(cache_size // 2)
+    b.flush(tag + 1)
+    store.close()
+    return b, examples, dead
+
+
+def outcome(examples):
+    return sorted((f"{e.request_id}\x00{e.item_id}", e.label, e.label_ts, e.weight) for e in examples)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.sampled_from([1, 2, 5, 1000]), st.sampled_from([1.0, 0.5]),
+       st.sampled_from([0, 1, 3, 7]))
+def test_the_bucket_follows_the_contract_whatever_its_cache_and_flushes(steps, cache_size, rate, flush_every):
+    ref = Reference(rate)
+    for kind, x in steps:
+        {"f": ref.feature_with_pending, "a": ref.action, "w": ref.advance}[kind](x)
+    with tempfile.TemporaryDirectory() as d:
+        b, examples, dead = run_bucket(steps, cache_size, rate, flush_every, d)
+    assert outcome(examples) == sorted(ref.examples), set(outcome(examples)) ^ set(ref.examples)
+    # One outcome per impression, never two.
+    keys = [k for k, *_ in outcome(examples)]
+    assert len(keys) == len(set(keys))
+    c = b.counts
+    impressions = {key(x) for kind, x in steps if kind == "f"}
+    assert c.impressions == len(impressions)
+    assert c.positives + c.explicit_negatives + c.expired_kept + c.sampled_out == len(impressions)
+    # Every action in exactly one of the contract's cases.
+    n_actions = sum(1 for kind, _ in steps if kind == "a")
+    assert (c.actions_joined + c.duplicates + c.after_example + c.late + c.orphans) == n_actions
+    assert c.actions_pending == 0
+    assert (c.duplicates, c.after_example, c.late, c.orphans, c.sampled_out) == (
+        ref.cases["duplicate"], ref.cases["after_example"], ref.cases["late"], ref.cases["orphan"],
+        ref.cases["sampled_out"])
+    assert len(dead) == c.orphans and all(d.reason.startswith("orphan") for d in dead)
+    assert b.waiting() == (0, 0)
+
+
+def test_a_positive_action_makes_a_positive_example_at_once(tmp_path):
+    b = JoinBucket(JoinSettings(window_s=WINDOW), LmdbSpillStore(tmp_path))
+    assert b.on_features([feat(1, T0)]) == []
+    assert b.on_actions([act(1, T0 + 2, "watch")]) == []
+    [ex] = b.on_actions([act(1, T0 + 3, "like")])
+    assert (ex.label, ex.label_ts, ex.weight, [a.action for a in ex.actions]) == (1, T0 + 3, 1.0, ["watch", "like"])
+    assert ex.label_received_at == T0 + 3.1
+    assert b.on_actions([act(1, T0 + 4, "share")]) == [] and b.counts.after_example == 1
+
+
+def test_expiry_keeps_a_stable_fraction_weighted_by_one_over_the_rate(tmp_path):
+    b = JoinBucket(JoinSettings(window_s=WINDOW, neg_sample_rate=0.25), LmdbSpillStore(tmp_path))
+    b.on_features([feat(k, T0) for k in range(2000)])
+    examples, _ = b.advance(T0 + WINDOW)
+    assert 0.2 < len(examples) / 2000 < 0.3
+    assert {e.weight for e in examples} == {4.0} and {e.label for e in examples} == {0}
+    kept = {e.request_id for e in examples}
+    assert kept == {f"r{k}" for k in range(2000) if keep_fraction(f"r{k}\x00v{k % 3}") < 0.25}
+
+
+def test_watch_is_positive_above_a_configured_threshold(tmp_path):
+    b = JoinBucket(JoinSettings(window_s=WINDOW, watch_positive_s=10), LmdbSpillStore(tmp_path))
+    b.on_features([feat(1, T0), feat(2, T0)])
+    assert b.on_actions([ActionEvent(request_id="r1", user_id="u", item_id="v1", ts=T0 + 1, action="watch",
+                                     value=3.0)]) == []
+    [ex] = b.on_actions([ActionEvent(request_id="r2", user_id="u", item_id="v2", ts=T0 + 1, action="watch",
+                                     value=12.0)])
+    assert ex.label == 1
+
+
+def test_a_small_cache_really_goes_through_lmdb_and_changes_nothing(tmp_path):
+    steps = [("f", feat(k, T0 + k * 0.01)) for k in range(3000)]
+    steps += [("a", act(k, T0 + 1 + k * 0.01, "like")) for k in range(0, 3000, 2)]
+    steps += [("w", math.inf)]
+    small, ex_small, _ = run_bucket(steps, 100, 1.0, 0, str(tmp_path / "small"))
+    big, ex_big, _ = run_bucket(steps, 10**6, 1.0, 0, str(tmp_path / "big"))
+    assert outcome(ex_small) == outcome(ex_big) and len(ex_small) == 3000
+    assert small.counts.spill_writes > 3000 and small.counts.spill_reads >= 1500
+    assert big.counts.spill_writes == 0
+
+
+def test_resume_rolls_the_store_back_to_the_flush_of_the_snapshot(tmp_path):
+    b = JoinBucket(JoinSettings(window_s=WINDOW), LmdbSpillStore(tmp_path))
+    b.on_features([feat(k, T0) for k in range(10)])
+    b.flush(1)
+    b.on_actions([act(k, T0 + 1, "like") for k in range(5)])
+    b.on_features([feat(k, T0) for k in range(10, 20)])
+    b.flush(2)  # a crash after this flush, before Bytewax committed snapshot 2
+    b.resume(1)
+    assert b.waiting() == (0, 10)
+    again = b.on_actions([act(k, T0 + 1, "like") for k in range(5)])
+    assert sorted(e.request_id for e in again) == [f"r{k}" for k in range(5)]
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_keep_fraction_is_uniform_enough(rate):
+    xs = [keep_fraction(f"r{i}\x00v") for i in range(20000)]
+    assert 0.48 < sum(x < 0.5 for x in xs) / len(xs) < 0.52

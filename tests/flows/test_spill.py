@@ -1,0 +1,333 @@
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import lmdb
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from flows.spill import LmdbSpillStore, SpillStore, SpillStoreError, SpillStoreFull
+
+INF = math.inf
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = LmdbSpillStore(tmp_path / "bucket-0")
+    yield s
+    s.close()
+
+
+def everything_due(s: LmdbSpillStore) -> list[tuple[float, bytes]]:
+    return s.due(INF, limit=1 << 30)
+
+
+def undo_tags(s: LmdbSpillStore) -> set[int]:
+    """White box: the tags that still have undo records."""
+    with s._env.begin(db=s._undo) as txn:
+        return {int.from_bytes(k[:8], "big") for k, _ in txn.cursor()}
+
+
+def test_a_new_store_is_empty(store):
+    as_protocol: SpillStore = store  # checked by type checkers; the asserts check the behaviour
+    assert as_protocol.last_tag() == 0 and len(store) == 0
+    assert store.get(b"nothing") is None and store.due(INF) == []
+
+
+def test_round_trip(store):
+    store.flush(1, {b"a": (10.5, b"payload-a"), b"b": (3.0, b""), b"\x00\xff": (-2.0, bytes(range(256)))})
+    assert store.get(b"a") == (10.5, b"payload-a")
+    assert store.get(b"b") == (3.0, b"")
+    assert store.get_many([b"\x00\xff", b"missing", b"a", b"a"]) == [
+        (-2.0, bytes(range(256))),
+        None,
+        (10.5, b"payload-a"),
+        (10.5, b"payload-a"),
+    ]
+    assert store.get_many([]) == []
+    assert len(store) == 3 and store.last_tag() == 1
+
+
+def test_due_walks_in_due_then_key_order(store):
+    store.flush(
+        1,
+        {
+            b"late": (100.0, b""),
+            b"b": (5.0, b""),
+            b"a": (5.0, b""),
+            b"neg": (-1.0, b""),
+            b"never": (-INF, b""),
+            b"inf": (INF, b""),
+            b"zero": (-0.0, b""),
+        },
+    )
+    assert everything_due(store) == [
+        (-INF, b"never"),
+        (-1.0, b"neg"),
+        (0.0, b"zero"),
+        (5.0, b"a"),
+        (5.0, b"b"),
+        (100.0, b"late"),
+        (INF, b"inf"),
+    ]
+    assert store.due(5.0) == [(-INF, b"never"), (-1.0, b"neg"), (0.0, b"zero"), (5.0, b"a"), (5.0, b"b")]
+    assert store.due(4.999) == [(-INF, b"never"), (-1.0, b"neg"), (0.0, b"zero")]
+    # `start` is exclusive, whether or not it names a stored entry
+    assert store.due(100.0, start=(5.0, b"a")) == [(5.0, b"b"), (100.0, b"late")]
+    assert store.due(100.0, start=(5.0, b"aa")) == [(5.0, b"b"), (100.0, b"late")]
+    assert store.due(100.0, start=(100.0, b"late")) == []
+    assert store.due(INF, start=(200.0, b"")) == [(INF, b"inf")]
+    # paging with `limit` and the last result as `start` visits everything once
+    pages, start = [], None
+    while page := store.due(INF, start, limit=2):
+        pages.append(page)
+        start = page[-1]
+    assert [x for page in pages for x in page] == everything_due(store) and len(pages) == 4
+    assert store.due(math.nan) == [] and store.due(INF, limit=0) == []
+
+
+def test_due_change_moves_the_index_and_delete_drops_it(store):
+    store.flush(1, {b"a": (1.0, b"x"), b"b": (2.0, b"y"), b"c": (3.0, b"z")})
+    store.flush(2, {b"a": (9.0, b"x2"), b"b": (2.0, b"y2"), b"c": None, b"absent": None})
+    assert everything_due(store) == [(2.0, b"b"), (9.0, b"a")]
+    assert store.get_many([b"a", b"b", b"c", b"absent"]) == [(9.0, b"x2"), (2.0, b"y2"), None, None]
+    assert len(store) == 2
+    store.flush(3, {b"a": None, b"b": None})
+    assert everything_due(store) == [] and len(store) == 0
+
+
+def test_nan_due_is_refused_and_writes_nothing(store):
+    store.flush(1, {b"a": (1.0, b"x")})
+    with pytest.raises(ValueError, match="NaN"):
+        store.flush(2, {b"b": (2.0, b""), b"c": (math.nan, b"")})
+    assert store.last_tag() == 1 and len(store) == 1 and everything_due(store) == [(1.0, b"a")]
+
+
+def test_flush_with_a_lower_tag_raises(store):
+    store.flush(5, {b"a": (1.0, b"x")})
+    store.flush(5, {b"a": (2.0, b"y")})  # the same tag again is fine: an early flush under memory pressure
+    with pytest.raises(ValueError, match="tags only grow"):
+        store.flush(4, {b"a": (3.0, b"z")})
+    assert store.get(b"a") == (2.0, b"y") and store.last_tag() == 5
+
+
+def test_undo_keeps_the_value_from_before_the_tag(store):
+    store.flush(1, {b"a": (1.0, b"one")})
+    store.flush(2, {b"a": (2.0, b"two"), b"new": (5.0, b"")})
+    store.flush(2, {b"a": (3.0, b"three"), b"new": None})
+    store.flush(3, {b"a": None, b"b": (4.0, b"b")})
+    assert store.rollback(3) == 0 and store.rollback(7) == 0 and store.last_tag() == 3  # no-ops
+    assert store.rollback(2) == 2
+    assert store.get_many([b"a", b"b", b"new"]) == [(3.0, b"three"), None, None]
+    assert store.rollback(1) == 2
+    assert store.get_many([b"a", b"b", b"new"]) == [(1.0, b"one"), None, None]
+    assert everything_due(store) == [(1.0, b"a")] and store.last_tag() == 1
+    assert undo_tags(store) == {1}
+    store.flush(2, {b"a": (8.0, b"again")})  # after a rollback the tags go on from there
+    assert store.rollback(0) == 1 and len(store) == 0 and everything_due(store) == [] and undo_tags(store) == set()
+
+
+def test_old_undo_records_are_dropped_and_rollback_past_them_is_refused(tmp_path):
+    s = LmdbSpillStore(tmp_path / "b", undo_keep=2)
+    for tag in range(1, 6):
+        s.flush(tag, {b"k": (float(tag), b"v%d" % tag)})
+    assert undo_tags(s) == {4, 5}  # tags <= 5 - 2 dropped
+    with pytest.raises(SpillStoreError, match="impossible") as err:
+        s.rollback(2)
+    assert str(tmp_path / "b") in str(err.value) and "remove the state directory" in str(err.value)
+    assert s.get(b"k") == (5.0, b"v5") and s.last_tag() == 5  # the refusal changed nothing
+    s.close()
+    s = LmdbSpillStore(tmp_path / "b", undo_keep=2)  # and it is remembered across a reopen
+    with pytest.raises(SpillStoreError):
+        s.rollback(2)
+    assert s.rollback(3) == 1 and s.get(b"k") == (3.0, b"v3")
+    s.close()
+
+
+def test_rollback_past_empty_or_sparse_tags_is_exact(tmp_path):
+    s = LmdbSpillStore(tmp_path / "b", undo_keep=2)
+    s.flush(1, {b"k": (1.0, b"1")})
+    s.flush(2, {})
+    s.flush(10, {b"k": (10.0, b"10")})  # drops tag <= 8: only tag 1 had records, so 1 is still reachable
+    assert s.rollback(1) == 1 and s.get(b"k") == (1.0, b"1")
+    with pytest.raises(SpillStoreError):
+        s.rollback(0)
+    s.close()
+
+
+def test_reopen_keeps_data_and_last_tag(tmp_path):
+    s = LmdbSpillStore(tmp_path / "b")
+    s.flush(3, {b"a": (1.0, b"x"), b"b": (2.0, b"y")})
+    s.flush(4, {b"b": (0.5, b"z")})
+    s.close()
+    with LmdbSpillStore(tmp_path / "b") as s:
+        assert s.last_tag() == 4 and len(s) == 2
+        assert everything_due(s) == [(0.5, b"b"), (1.0, b"a")]
+        assert s.rollback(3) == 1 and s.get(b"b") == (2.0, b"y")
+    with LmdbSpillStore(tmp_path / "b") as s:
+        assert s.last_tag() == 3 and everything_due(s) == [(1.0, b"a"), (2.0, b"b")]
+
+
+def test_clear_empties_everything(store):
+    store.flush(7, {b"a": (1.0, b"x"), b"b": (2.0, b"y")})
+    store.clear()
+    assert len(store) == 0 and store.last_tag() == 0 and everything_due(store) == [] and undo_tags(store) == set()
+    store.flush(1, {b"c": (3.0, b"z")})
+    assert store.get_many([b"a", b"c"]) == [None, (3.0, b"z")]
+
+
+def test_a_store_of_another_format_is_refused(tmp_path):
+    LmdbSpillStore(tmp_path / "b").close()
+    env = lmdb.open(str(tmp_path / "b"), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(b"format", b"0", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(SpillStoreError, match="format"):
+        LmdbSpillStore(tmp_path / "b")
+
+
+def big_writes(n: int, start: int = 0, size: int = 1000) -> dict[bytes, tuple[float, bytes]]:
+    return {b"key-%08d" % i: (float(i % 97), bytes([i % 251]) * size) for i in range(start, start + n)}
+
+
+def test_map_grows_from_64_kib(tmp_path):
+    s = LmdbSpillStore(tmp_path / "b", map_size=64 << 10)
+    for tag in range(1, 4):
+        s.flush(tag, big_writes(1500, start=(tag - 1) * 1500))  # ~1.5 MB each, ~4.5 MB in all
+    assert s._env.info()["map_size"] >= 4 << 20 and s.disk_bytes() >= 4 << 20
+    keys = [b"key-%08d" % i for i in range(4500)]
+    assert all(got == (float(i % 97), bytes([i % 251]) * 1000) for i, got in enumerate(s.get_many(keys)))
+    assert len(everything_due(s)) == 4500 == len(s)
+    s.close()
+
+
+def test_full_store_raises_and_keeps_its_state(tmp_path):
+    s = LmdbSpillStore(tmp_path / "b", map_size=64 << 10, max_map_size=256 << 10)
+    s.flush(1, big_writes(20))
+    before = (s.get_many(list(big_writes(40))), everything_due(s), len(s), s.last_tag(), undo_tags(s))
+    with pytest.raises(SpillStoreFull, match="max_map_size=262144") as err:
+        s.flush(2, big_writes(3000, start=10))
+    assert str(tmp_path / "b") in str(err.value)
+    assert (s.get_many(list(big_writes(40))), everything_due(s), len(s), s.last_tag(), undo_tags(s)) == before
+    s.flush(2, {b"key-00000000": (0.5, b"small"), b"key-00000001": None})  # still usable
+    assert s.get_many([b"key-00000000", b"key-00000001"]) == [(0.5, b"small"), None]
+    assert s.rollback(1) == 2 and s.get_many(list(big_writes(40))) == before[0]
+    s.close()
+    with pytest.raises(ValueError):
+        LmdbSpillStore(tmp_path / "c", map_size=1 << 20, max_map_size=64 << 10)
+
+
+def test_a_hundred_thousand_entries_flush_in_one_call(store):
+    writes = {b"r%07d:i%03d" % (i, i % 50): (1.7e9 + i % 600, b"x" * 24) for i in range(100_000)}
+    store.flush(1, writes)
+    assert len(store) == 100_000 and store.last_tag() == 1
+    keys = list(writes)[::997]
+    assert store.get_many(keys) == [writes[k] for k in keys]
+    assert len(store.due(1.7e9 + 10)) == sum(1 for i in range(100_000) if i % 600 <= 10)
+    store.flush(2, dict.fromkeys(writes))  # and leave in one call too
+    assert len(store) == 0 and everything_due(store) == []
+
+
+def test_module_does_not_import_bytewax():
+    code = "import sys, flows.spill; print('bytewax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -- the undo property: any flushes, any rollback, the store equals a model -------------------
+
+KEYS = [b"a", b"b", b"c", b"d", b"e", b"ab"]
+DUES = st.sampled_from([-INF, -1.5, -0.0, 0.0, 1.0, 2.5, 1e12, INF]) | st.floats(allow_nan=False)
+ENTRIES = st.none() | st.tuples(DUES, st.binary(max_size=6))
+UNDO_KEEP = 3
+
+
+class SpillModel(RuleBasedStateMachine):
+    """A dict per tag is the model; the store must match it after every step, rollbacks included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="spill-")
+        self.store = LmdbSpillStore(self.dir, undo_keep=UNDO_KEEP, map_size=256 << 10)
+        self.reset_model()
+
+    def reset_model(self) -> None:
+        self.state: dict[bytes, tuple[float, bytes]] = {}
+        self.last = 0
+        self.at_end_of: dict[int, dict] = {0: {}}  # the state after the last flush of each tag
+        self.kept: set[int] = set()  # tags whose undo records the store must still hold
+        self.written: dict[int, set[bytes]] = {}  # the keys each tag wrote (what a rollback restores)
+        self.dropped = 0
+
+    @rule(step=st.sampled_from([0, 0, 1, 1, 2, 5]), writes=st.dictionaries(st.sampled_from(KEYS), ENTRIES, max_size=6))
+    def flush(self, step: int, writes: dict) -> None:
+        tag = self.last + step
+        self.store.flush(tag, writes)
+        for key, entry in writes.items():
+            if entry is None:
+                self.state.pop(key, None)
+            else:
+                self.state[key] = entry
+        self.last = tag
+        self.at_end_of[tag] = dict(self.state)
+        self.written.setdefault(tag, set()).update(writes)
+        if writes:
+            self.kept.add(tag)
+        for old in [t for t in self.kept if t <= tag - UNDO_KEEP]:
+            self.kept.discard(old)
+            self.dropped = max(self.dropped, old)
+
+    @rule(data=st.data())
+    def rollback(self, data: st.DataObject) -> None:
+        to_tag = data.draw(st.integers(0, self.last + 1), label="to_tag")
+        if to_tag < self.last and to_tag < self.dropped:
+            with pytest.raises(SpillStoreError):
+                self.store.rollback(to_tag)
+            return
+        restored = self.store.rollback(to_tag)
+        if to_tag >= self.last:
+            assert restored == 0
+            return
+        assert restored == len(set().union(*(keys for t, keys in self.written.items() if t > to_tag)))
+        base = max(t for t in self.at_end_of if t <= to_tag)
+        self.written = {t: keys for t, keys in self.written.items() if t <= to_tag}
+        self.state = dict(self.at_end_of[base])
+        self.at_end_of = {t: s for t, s in self.at_end_of.items() if t <= to_tag}
+        self.kept = {t for t in self.kept if t <= to_tag}
+        self.last = to_tag
+
+    @rule()
+    def reopen(self) -> None:
+        self.store.close()
+        self.store = LmdbSpillStore(self.dir, undo_keep=UNDO_KEEP, map_size=64 << 10)
+
+    @precondition(lambda self: self.last > 6)
+    @rule()
+    def clear(self) -> None:
+        self.store.clear()
+        self.reset_model()
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        s = self.store
+        assert s.last_tag() == self.last
+        assert len(s) == len(self.state)
+        assert s.get_many(KEYS) == [self.state.get(k) for k in KEYS]
+        expected_index = sorted((due + 0.0, key) for key, (due, _) in self.state.items())
+        assert everything_due(s) == expected_index
+        assert s.due(1.0) == [x for x in expected_index if x[0] <= 1.0]
+        assert undo_tags(s) == self.kept
+
+    def teardown(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+SpillModel.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_undo_matches_a_model = SpillModel.TestCase
