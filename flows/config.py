@@ -198,7 +198,7 @@ def ensure_state_dir(config: Config) -> Path:
             )
         if all(k in recorded for k in wanted):
             return state
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes of one cluster may race here
     tmp.write_text(json.dumps(wanted, indent=1, sort_keys=True))
     os.replace(tmp, path)
     return state
