@@ -49,8 +49,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the streaming job with Bytewax's own flags (-w, -i/-a, -r/-s/-b)."""
     config = _config(args)
     ensure_state_dir(config)
+    recovery = _recovery_dir(args.bytewax_args)
+    if recovery is not None and not recovery.exists():
+        # Bytewax wants its recovery partitions made first; one is enough on one machine.
+        recovery.mkdir(parents=True)
+        subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
+        print(f"made the Bytewax recovery directory {recovery}", file=sys.stderr)
     cmd = [sys.executable, "-m", "bytewax.run", "flows.pipeline:flow", *args.bytewax_args]
     return subprocess.call(cmd, env=_export(args))
+
+
+def _recovery_dir(bytewax_args: list[str]) -> Path | None:
+    for i, a in enumerate(bytewax_args):
+        if a in ("-r", "--recovery-directory") and i + 1 < len(bytewax_args):
+            return Path(bytewax_args[i + 1])
+        if a.startswith("--recovery-directory="):
+            return Path(a.split("=", 1)[1])
+    return None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
