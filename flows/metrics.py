@@ -34,6 +34,8 @@ WATERMARK_LAG = Gauge("freshrec_join_watermark_lag_seconds", "wall time minus a 
                       ["worker", "bucket"])
 EVENTS_BEHIND = Counter("freshrec_join_events_behind_watermark",
                         "events that reached a bucket with a ts already behind its watermark", ["worker"])
+CACHE_HIT_RATIO = Gauge("freshrec_join_cache_hit_ratio", "join key lookups answered by the cache, of all",
+                        ["worker"])
 DEAD_LETTERS = Counter("freshrec_source_dead_letters", "inputs dead-lettered, by stream", ["stream"])
 EVENTS_READ = Counter("freshrec_source_events", "valid events read, by stream", ["stream"])
 
@@ -52,3 +54,6 @@ class JoinPublisher:
             if delta > 0:
                 counter.labels(self.worker).inc(delta)
         self.last = now
+        looked = now["cache_hits"] + now["cache_misses"]
+        if looked:
+            CACHE_HIT_RATIO.labels(self.worker).set(now["cache_hits"] / looked)

@@ -25,7 +25,7 @@ from flows.clock import BucketBatch, BucketClock, SourceBatch, route
 from flows.config import Config, ConfigError, ensure_state_dir
 from flows.events import Example
 from flows.joiner import JoinBucket, JoinSettings
-from flows.metrics import EVENTS_BEHIND, WAITING, WATERMARK_LAG, JoinPublisher
+from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher
 from flows.sinks import make_sink
 from flows.sources import make_source, partition_names
 from flows.spill import LmdbSpillStore
@@ -124,6 +124,11 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
 
 
 def _dead_letters(batch: SourceBatch) -> list:
+    # Every batch passes here once: count it by stream.
+    if batch.events:
+        EVENTS_READ.labels(batch.stream).inc(len(batch.events))
+    if batch.dead:
+        DEAD_LETTERS.labels(batch.stream).inc(len(batch.dead))
     return batch.dead
 
 
