@@ -237,7 +237,7 @@ def parse_many(
     calls over the whole batch, leaving one decode per line as the only per-event work; any batch
     with something unusual in it is parsed line by line.
     """
-    if lines and not isinstance(arrivals, list) and max(map(len, lines)) <= MAX_MESSAGE_BYTES:
+    if lines and max(map(len, lines)) <= MAX_MESSAGE_BYTES:
         try:
             # msgspec skips unknown fields unchecked: bytes outside ASCII must be valid UTF-8.
             if not all(map(bytes.isascii, lines)):
@@ -247,10 +247,15 @@ def parse_many(
             events = list(map(_DECODERS[stream].decode, lines))
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             events = None
-        if (events is not None and not any(map(_received_at, events))
-                and max(map(_ts, events)) <= arrivals + max_future_s):
-            for e in events:
-                e.received_at = arrivals
+        earliest = min(arrivals) if isinstance(arrivals, list) else arrivals
+        if (events is not None and set(map(_received_at, events)) == {None}
+                and max(map(_ts, events)) <= earliest + max_future_s):
+            if isinstance(arrivals, list):
+                for e, arrival in zip(events, arrivals, strict=True):
+                    e.received_at = arrival
+            else:
+                for e in events:
+                    e.received_at = arrivals
             return events, []
     return _parse_each(stream, lines, arrivals, max_future_s)
 

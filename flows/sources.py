@@ -38,7 +38,40 @@ def owner_of(file_name: str, count: int) -> int:
     return zlib.crc32(file_name.encode()) % count
 
 
-class _FilePartition(StatefulSourcePartition[SourceBatch, dict]):
+class _ClockedPartition:
+    """What both sources' partitions do with what they read: parse it and stamp the clock."""
+
+    stream: str
+    name: str
+    max_future_s: float
+    clock: PartitionClock
+    _wake: float | None = None
+    _done: bool = False
+
+    def _emit(self, lines: list[bytes], arrivals: float | list[float], now: float) -> list[SourceBatch]:
+        events, dead = parse_many(self.stream, lines, arrivals, self.max_future_s)
+        self.clock.observe(events, now)
+        self._wake = None
+        return [SourceBatch(self.stream, self.name, events, dead, self.clock.progress, self.clock.status, now)]
+
+    def _nothing_new(self, now: float) -> list[SourceBatch]:
+        """Poll again soon; tell the buckets when this partition turns idle."""
+        self._wake = now + POLL_S
+        if self.clock.observe((), now):
+            return [SourceBatch(self.stream, self.name, [], [], self.clock.progress, self.clock.status, now)]
+        return []
+
+    def _finish(self, now: float) -> list[SourceBatch]:
+        """The end of this partition's input, said in band; the next call stops."""
+        self._done = True
+        self.clock.end()
+        return [SourceBatch(self.stream, self.name, [], [], self.clock.progress, ENDED, now)]
+
+    def next_awake(self) -> Optional[datetime]:
+        return None if self._wake is None else _at(self._wake)
+
+
+class _FilePartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, dict]):
     """Reads the files of one stream that hash to this partition, as bytes, from saved offsets."""
 
     def __init__(self, stream: str, directory: Path, index: int, count: int, follow: bool,
@@ -58,8 +91,6 @@ class _FilePartition(StatefulSourcePartition[SourceBatch, dict]):
         # Without follow, the input is what exists now: each file up to its size at start.
         self._ends: dict[str, int] | None = None if follow else self._sizes()
         self._last_scan = 0.0
-        self._wake: float | None = None
-        self._done = False
 
     def _owned(self) -> list[str]:
         try:
@@ -127,25 +158,10 @@ class _FilePartition(StatefulSourcePartition[SourceBatch, dict]):
         lines = self._read_some()
         now = self.now()
         if lines:
-            events, dead = parse_many(self.stream, lines, now, self.max_future_s)
-            self.clock.observe(events, now)
-            self._wake = None
-            return [SourceBatch(self.stream, self.name, events, dead, self.clock.progress,
-                                self.clock.status, now)]
+            return self._emit(lines, now, now)
         if self._ends is not None:
-            # Everything that existed at start is read: say so in band, then stop.
-            self._done = True
-            self.clock.end()
-            return [SourceBatch(self.stream, self.name, [], [], self.clock.progress, ENDED, now)]
-        changed = self.clock.observe((), now)
-        self._wake = now + POLL_S
-        if changed:
-            return [SourceBatch(self.stream, self.name, [], [], self.clock.progress,
-                                self.clock.status, now)]
-        return []
-
-    def next_awake(self) -> Optional[datetime]:
-        return None if self._wake is None else _at(self._wake)
+            return self._finish(now)  # everything that existed at start is read
+        return self._nothing_new(now)
 
     def snapshot(self) -> dict:
         return {"offsets": dict(self.offsets), "progress": self.clock.progress}
@@ -180,7 +196,7 @@ class FileStreamSource(FixedPartitionedSource[SourceBatch, dict]):
         return part
 
 
-class _KafkaPartition(StatefulSourcePartition[SourceBatch, Optional[int]]):
+class _KafkaPartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, Optional[int]]):
     """Bytewax's Kafka partition, wrapped: parse values, stamp arrival times and the clock.
 
     Without follow mode it ends at the offset that was the end when it started.
@@ -196,13 +212,6 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, Optional[int]]):
         self.max_future_s = max_future_s
         self.now = now
         self.clock = PartitionClock(idle_s, now())
-        self._done = False
-        self._wake: float | None = None
-
-    def _finish(self, now: float) -> list[SourceBatch]:
-        self._done = True
-        self.clock.end()
-        return [SourceBatch(self.stream, self.name, [], [], self.clock.progress, ENDED, now)]
 
     def next_batch(self) -> list[SourceBatch]:
         from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
@@ -228,19 +237,8 @@ class _KafkaPartition(StatefulSourcePartition[SourceBatch, Optional[int]]):
             ts_type, ts_ms = m.timestamp or (0, 0)
             arrivals.append(ts_ms / 1000.0 if ts_type == TIMESTAMP_LOG_APPEND_TIME else now)
         if lines:
-            events, dead = parse_many(self.stream, lines, arrivals, self.max_future_s)
-            self.clock.observe(events, now)
-            self._wake = None
-            return [SourceBatch(self.stream, self.name, events, dead, self.clock.progress,
-                                self.clock.status, now)]
-        self._wake = now + POLL_S
-        if self.clock.observe((), now):
-            return [SourceBatch(self.stream, self.name, [], [], self.clock.progress,
-                                self.clock.status, now)]
-        return []
-
-    def next_awake(self) -> Optional[datetime]:
-        return None if self._wake is None else _at(self._wake)
+            return self._emit(lines, arrivals, now)
+        return self._nothing_new(now)
 
     def snapshot(self) -> Optional[int]:
         return self.inner.snapshot()
