@@ -122,6 +122,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Progressive validation of online training against a frozen model and hashed tables."""
+    from model import datasets
+    from model.evaluate import frozen, hashed, online, report
+    from model.features import FeatureSpec
+
+    if args.dataset == "movielens":
+        examples, fields, title = datasets.movielens_100k(), datasets.MOVIELENS_SPEC, "MovieLens-100K"
+    else:
+        examples, fields, title = datasets.drifting_stream(), datasets.DRIFTING_SPEC, "simulated users, drifting tastes"
+    if args.limit:
+        examples = examples[: args.limit]
+    spec = FeatureSpec(fields["user_slots"], fields["item_slots"], (), args.dim)
+    print(f"{title}: {len(examples)} examples in event-time order", file=sys.stderr)
+    runs = []
+    for fn in (online, frozen, hashed):
+        run = fn(examples, spec, batch_size=args.batch)
+        print(f"  {run.name:32s} AUC over the second half {run.auc_second_half:.4f}  "
+              f"log loss {run.logloss_second_half:.4f}  {run.examples_per_s:,.0f} examples/s", file=sys.stderr)
+        runs.append(run)
+    js, png = report(runs, Path(args.out) / args.dataset, title)
+    print(f"report: {js} and {png}")
+    return 0
+
+
+def cmd_train_batch(args: argparse.Namespace) -> int:
+    """Batch training on the examples stream; online training then continues from its state."""
+    import msgspec
+
+    from flows.events import Example
+    from flows.streams import read_lines, stream_files
+    from model.features import FeatureSpec
+    from model.trainer import OnlineTrainer, parameter_store
+    from paramserver.serving import LmdbServingStore, ServingWriter
+    from paramserver.sync import DeltaSync
+
+    config = _config(args)
+    ensure_state_dir(config)
+    decode = msgspec.json.Decoder(Example).decode
+    examples = []
+    for path in stream_files(config.stream_dir("examples")):
+        for lines in read_lines(path):
+            examples += [decode(x) for x in lines]
+    if not examples:
+        raise ConfigError(f"FRESHREC_DATA_DIR: no examples under {config.stream_dir('examples')}; run the flow first")
+    examples.sort(key=lambda e: e.label_ts)
+    spec = FeatureSpec(config.user_slots, config.item_slots, config.dense_features, config.embedding_dim)
+    params = parameter_store(spec, config.state_dir / "params")
+    tags = params.tags()
+    if tags:
+        params.restore(tags[-1])
+    trainer = OnlineTrainer(spec, params)
+    if params.dense().arrays:
+        trainer.load_dense_state(params.dense().arrays)
+    for epoch in range(args.epochs):
+        losses = [trainer.train(examples[i:i + args.batch]).loss for i in range(0, len(examples), args.batch)]
+        print(f"epoch {epoch + 1}/{args.epochs}: {len(examples)} examples, mean loss {sum(losses) / len(losses):.4f}",
+              file=sys.stderr)
+    params.set_dense(trainer.dense_state())
+    tag = (tags[-1] if tags else 0) + 1
+    params.checkpoint(tag)
+    store = LmdbServingStore(config.state_dir / "serving", writer=True)
+    rows = DeltaSync(params, ServingWriter(store)).sync(dense=True)
+    store.close()
+    print(f"trained {len(examples)} examples x {args.epochs} epochs; tables checkpointed as {tag}; "
+          f"{rows} rows and the dense weights published to {config.state_dir / 'serving'}")
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     config = _config(args)
     for f in dataclasses.fields(Config):
@@ -153,6 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("kafka", help="start|stop|status a local Kafka broker (KRaft, 127.0.0.1) for machines "
                    "without Docker; see freshrec kafka --help")
+
+    p = sub.add_parser("eval", help="progressive validation: online vs frozen vs hashed, a JSON and PNG report")
+    p.add_argument("dataset", choices=["movielens", "simulator"])
+    p.add_argument("--out", default="reports", help="folder for report.json and report.png")
+    p.add_argument("--batch", type=int, default=8, help="examples per online step")
+    p.add_argument("--dim", type=int, default=16, help="embedding width")
+    p.add_argument("--limit", type=int, default=0, help="only the first N events (0: all)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-batch", parents=[flags], help="train on the examples stream in batch, publish to serving")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch", type=int, default=256)
+    p.set_defaults(func=cmd_train_batch)
 
     p = sub.add_parser("settings", parents=[flags], help="print the settings in force, validated")
     p.set_defaults(func=cmd_settings)

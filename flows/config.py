@@ -74,6 +74,16 @@ def _optional_number(name: str, raw: str) -> Optional[float]:
     return _number(float, 0)(name, raw)
 
 
+def _names(name: str, raw: str) -> tuple:
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    bad = [n for n in names if not n.replace("_", "").replace("-", "").isalnum()]
+    if bad:
+        raise ConfigError(f"{name}={raw!r}: field names take letters, digits, '_' and '-' ({bad[0]!r})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{name}={raw!r}: a field is named twice")
+    return names
+
+
 def _path(name: str, raw: str) -> Path:
     return Path(_text(name, raw))
 
@@ -114,6 +124,23 @@ class Config:
     undo_keep: int = _setting("FRESHREC_UNDO_KEEP", "12", _number(int, 3),
                               "flushes of undo records kept per bucket; at least ceil(-b / -s) + 2 "
                               "of Bytewax's recovery intervals")
+    train: bool = _setting("FRESHREC_TRAIN", "1", _flag, "`1`: the online trainer step trains on the examples")
+    train_batch: int = _setting("FRESHREC_TRAIN_BATCH", "256", _number(int, 1, 1 << 16),
+                                "examples per training mini-batch")
+    train_max_wait_ms: float = _setting("FRESHREC_TRAIN_MAX_WAIT_MS", "200", _number(float, 0),
+                                        "a mini-batch trains once its first example waited this long")
+    user_slots: tuple = _setting("FRESHREC_USER_SLOTS", "", _names,
+                                 "sparse fields describing the user (user tower), comma-separated", state=True)
+    item_slots: tuple = _setting("FRESHREC_ITEM_SLOTS", "author,tags", _names,
+                                 "sparse fields describing the item (item tower), comma-separated", state=True)
+    dense_features: tuple = _setting("FRESHREC_DENSE_FEATURES", "", _names,
+                                     "dense fields the item tower reads, comma-separated", state=True)
+    embedding_dim: int = _setting("FRESHREC_EMBEDDING_DIM", "16", _number(int, 1, 1024),
+                                  "embedding width of every sparse slot", state=True)
+    sync_interval_ms: float = _setting("FRESHREC_SYNC_INTERVAL_MS", "200", _number(float, 1),
+                                       "touched embedding rows go to the serving store this often")
+    dense_sync_s: float = _setting("FRESHREC_DENSE_SYNC_S", "10", _number(float, 0.1),
+                                   "dense weights go to the serving store this often")
     max_future_s: float = _setting("FRESHREC_MAX_FUTURE_S", "86400", _number(float, 0, lo_open=True),
                                    "an event whose ts is this far ahead of its arrival is dead-lettered")
     idle_s: float = _setting("FRESHREC_IDLE_S", "5", _number(float, 0, lo_open=True),
@@ -161,8 +188,8 @@ class Config:
         return self.data_dir / stream
 
     def state_settings(self) -> dict[str, Any]:
-        return {f.metadata["env"]: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.metadata["state"]}
+        return {f.metadata["env"]: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self) if f.metadata["state"]}
 
     @classmethod
     def documented(cls) -> list[tuple[str, str, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Optional, Union
@@ -130,7 +131,9 @@ class JoinBucket:
         self._on_disk: set[Key] = set()  # keys of cached entries that the store holds too
         self._heap: list[tuple[float, Key]] = []  # due times of entries not flushed yet
         self._scan_from: Optional[tuple[float, bytes]] = None  # store's due index read up to here
-        self._resolved: dict[Key, tuple] = {}  # key -> ids of its actions
+        # key -> ids of its actions, oldest first (OrderedDict: popping the oldest is O(1); a dict's
+        # next(iter()) walks every deleted slot at its front)
+        self._resolved: OrderedDict[Key, tuple] = OrderedDict()
         self._stored = len(store)
         self._tag = store.last_tag()
         self._is_positive = self._positive_rule()
@@ -243,10 +246,11 @@ class JoinBucket:
                 self._put(key, _Pending([a], a.ts + hold))
                 continue
             counts.cache_hits += 1
-            aid = _action_id(a)
-            if any(_action_id(b) == aid for b in entry.actions):
-                counts.duplicates += 1
-                continue
+            if entry.actions:
+                aid = _action_id(a)
+                if any(_action_id(b) == aid for b in entry.actions):
+                    counts.duplicates += 1
+                    continue
             if type(entry) is _Pending:
                 counts.actions_pending += 1
                 entry.actions.append(a)
@@ -274,9 +278,9 @@ class JoinBucket:
                  received_at: Optional[float]) -> Example:
         self._drop(key)
         resolved = self._resolved
-        resolved[key] = tuple(_action_id(a) for a in w.actions)
+        resolved[key] = tuple(map(_action_id, w.actions))
         if len(resolved) > self.s.resolved_size:
-            del resolved[next(iter(resolved))]  # the oldest; its late actions count as late
+            resolved.popitem(last=False)  # the oldest; its late actions count as late
         return _example(w, label, label_ts, weight, received_at)
 
     # -- the clock ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WAT
 from flows.sinks import make_sink
 from flows.sources import make_source, partition_names
 from flows.spill import LmdbSpillStore
+from flows.trainer_step import TrainerLogic, TrainStepConfig
 
 log = logging.getLogger("freshrec.flow")
 
@@ -144,6 +145,22 @@ def _request_id(x: Example) -> str:
     return x.request_id
 
 
+def _trainer_key(_example: Example) -> str:
+    return "trainer"  # one model: every example goes to one trainer
+
+
+def _quiet(_step_id: str, _item: Any) -> None:
+    pass
+
+
+def train_step_config(config: Config) -> TrainStepConfig:
+    return TrainStepConfig(
+        state_dir=config.state_dir, batch_size=config.train_batch, max_wait_s=config.train_max_wait_ms / 1000.0,
+        user_slots=config.user_slots, item_slots=config.item_slots, dense=config.dense_features,
+        dim=config.embedding_dim, sync_interval_s=config.sync_interval_ms / 1000.0,
+        dense_interval_s=config.dense_sync_s)
+
+
 def join_settings(config: Config) -> JoinSettings:
     return JoinSettings(window_s=config.join_window_s, orphan_hold_s=config.orphan_hold_s,
                         neg_sample_rate=config.neg_sample_rate, watch_positive_s=config.watch_positive_s,
@@ -175,6 +192,11 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     op.output("out_dead_letter", dead, make_sink("dead-letter", config))
     if tap is not None:
         op.output("tap", examples, tap)
+    if config.train:
+        to_trainer = op.key_on("to_trainer", examples, _trainer_key)
+        tcfg = train_step_config(config)
+        reports = op.stateful_batch("train", to_trainer, lambda state: TrainerLogic(tcfg, state))
+        op.inspect("trained", reports, _quiet)
     # Catalog updates go to the serving store in [serving]; until then they are validated only.
     op.flat_map("items", batches["items"], _events)
     return flow

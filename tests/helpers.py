@@ -9,7 +9,8 @@ from flows.events import ActionEvent, FeatureEvent
 
 
 def config_for(tmp_path: Path, **overrides) -> Config:
-    base = {"data_dir": str(tmp_path / "data"), "state_dir": str(tmp_path / "state")}
+    # The trainer is off unless a test turns it on: most flow tests are about the join.
+    base = {"data_dir": str(tmp_path / "data"), "state_dir": str(tmp_path / "state"), "train": "0"}
     base.update({k: str(v) for k, v in overrides.items()})
     return Config.from_env({}, **base)
 

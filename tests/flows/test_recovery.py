@@ -29,6 +29,7 @@ def flow_env(base: Path, **extra) -> dict[str, str]:
         "FRESHREC_DATA_DIR": str(base / "data"),
         "FRESHREC_STATE_DIR": str(base / "state"),
         "FRESHREC_BUCKETS": "4",
+        "FRESHREC_TRAIN": "0",
         # Small reads and a small cache: the run lasts long enough to be killed mid-stream, and
         # most waiting impressions go through LMDB.
         "FRESHREC_SOURCE_BATCH_BYTES": "4096",

@@ -1,0 +1,563 @@
+"""join.*: the joiner (flows.pipeline's `JoinLogic` over `flows.joiner.JoinBucket`) against minimal
+joins measured in the same run on the same events.
+
+The inputs are built up front as already-parsed events (except in `join.flow_files`), cut into
+source batches by event time and routed to 8 buckets with `flows.clock.route`, as the flow does,
+then pushed through a Bytewax dataflow from a `TestingSource` of keyed `BucketBatch`es.
+
+`python -m bench.join memory N DIR` is the child process of `join.memory_10m` (it prints JSON).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSource, run_main
+
+from bench import Figure, benchmark, compared
+from flows.clock import ACTIVE, ENDED, BucketBatch, SourceBatch, bucket_of, route
+from flows.config import Config
+from flows.events import ActionEvent, FeatureEvent, encode_lines
+from flows.joiner import JoinBucket, JoinCounts, JoinSettings
+from flows.pipeline import EVICT_TO, JoinLogic, JoinStepConfig, build_flow
+from flows.spill import LmdbSpillStore
+
+T0 = 1764288000.0
+BUCKETS = 8
+PARTITIONS = ("features-0", "actions-0")
+LATENESS_S = 5.0
+EPOCH = timedelta(seconds=10)  # Bytewax's default, said out loud: every run uses the same
+TAGS = ("dance", "cat", "food", "travel", "music", "sport", "diy", "comedy")
+COUNTRIES = ("de", "fr", "us", "br", "jp", "in")
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+def make_feature(rng: random.Random, i: int, ts: float) -> FeatureEvent:
+    """An impression as the model server logs it; every container its own, as a parser makes them."""
+    r = rng.random
+    t1 = TAGS[int(r() * 8)]
+    return FeatureEvent(
+        request_id=f"r-{i // 5:09d}-{rng.getrandbits(32):08x}", user_id=f"u{int(r() * 1e6)}",
+        item_id=f"v{int(r() * 1e7)}", ts=ts, position=i % 5,
+        sparse={"author": f"a{int(r() * 1e5)}", "tags": [t1, TAGS[(TAGS.index(t1) + 1 + int(r() * 7)) % 8]],
+                "country": COUNTRIES[int(r() * 6)]},
+        dense={"item_ctr_7d": r(), "age_h": r() * 500.0}, model_version="17", score=r(),
+        event_id=f"f-{i}", received_at=ts + 0.05)
+
+
+def join_events(n: int, *, rate: float, p_label: float, delay: Callable[[random.Random], float],
+                seed: int = 1) -> list[tuple[float, int, Any]]:
+    """`n` impressions at `rate` per second of event time; a share `p_label` of them liked
+    `delay(rng)` seconds later. (ts, 0 feature | 1 action, event), in ts order."""
+    rng = random.Random(seed)
+    out: list[tuple[float, int, Any]] = []
+    for i in range(n):
+        ts = T0 + i / rate
+        f = make_feature(rng, i, ts)
+        out.append((ts, 0, f))
+        if rng.random() < p_label:
+            ats = ts + delay(rng)
+            out.append((ats, 1, ActionEvent(request_id=f.request_id, user_id=f.user_id, item_id=f.item_id,
+                                            ts=ats, action="like", event_id=f"a-{i}", received_at=ats + 0.05)))
+    out.sort(key=lambda x: x[0])
+    return out
+
+
+def source_batches(events: list[tuple[float, int, Any]], window_s: float) -> list[SourceBatch]:
+    """Both streams cut at the same event-time edges (features first), then an end marker each:
+    every action comes after its impression, as when both sources keep pace."""
+    streams = ("features", "actions")
+    cur: list[list[Any]] = [[], []]
+    progress = [-math.inf, -math.inf]
+    out: list[SourceBatch] = []
+
+    def cut() -> None:
+        for s in (0, 1):
+            if cur[s]:
+                out.append(SourceBatch(streams[s], PARTITIONS[s], cur[s], [], progress[s], ACTIVE, 0.0))
+                cur[s] = []
+
+    edge = events[0][0] + window_s
+    for ts, s, e in events:
+        if ts >= edge:
+            cut()
+            edge += window_s * (1 + int((ts - edge) // window_s))
+        cur[s].append(e)
+        if ts > progress[s]:
+            progress[s] = ts
+    cut()
+    out += [SourceBatch(streams[s], PARTITIONS[s], [], [], progress[s], ENDED, 0.0) for s in (0, 1)]
+    return out
+
+
+def keyed(batches: list[SourceBatch]) -> list[tuple[str, BucketBatch]]:
+    return [kv for b in batches for kv in route(b, BUCKETS)]
+
+
+def join_input(n: int, *, rate: float, p_label: float, delay: Callable[[random.Random], float],
+               per_bucket: int = 300) -> tuple[list[tuple[str, BucketBatch]], int, int]:
+    """Keyed micro-batches of about `per_bucket` events per bucket; (items, events, impressions)."""
+    events = join_events(n, rate=rate, p_label=p_label, delay=delay)
+    # Event-time window that holds about per_bucket * BUCKETS events of both streams.
+    window = per_bucket * BUCKETS / (rate * (1 + p_label))
+    items = keyed(source_batches(events, window))
+    return items, len(events), n
+
+
+def _frozen(build: Callable[[], Any]) -> Any:
+    """Build inputs, then keep the collector from walking them during the runs."""
+    data = build()
+    gc.collect()
+    gc.freeze()
+    return data
+
+
+# -- the dataflows -----------------------------------------------------------------------------
+
+class _CountPartition(StatelessSinkPartition[Any]):
+    def __init__(self, box: list[int]):
+        self.box = box
+
+    def write_batch(self, items: list[Any]) -> None:
+        self.box[0] += len(items)
+
+
+class CountSink(DynamicSink[Any]):
+    """Counts what reaches it (both sides of every comparison end in one)."""
+
+    def __init__(self) -> None:
+        self.box = [0]
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _CountPartition:
+        return _CountPartition(self.box)
+
+
+class MinimalJoin(StatefulBatchLogic[BucketBatch, Any, None]):
+    """A bare bucket join: pairs features and actions by join key in a dict. No clock, no
+    expiry, no store, no counts; unmatched events wait forever."""
+
+    def __init__(self, state: Any):
+        self.features: dict[str, Any] = {}
+        self.actions: dict[str, Any] = {}
+
+    def on_batch(self, values: list[BucketBatch]) -> tuple[list[Any], bool]:
+        out: list[Any] = []
+        features, actions = self.features, self.actions
+        for b in values:
+            if b.partition.startswith("features"):
+                for e in b.events:
+                    k = f"{e.request_id}\x00{e.item_id}"
+                    a = actions.pop(k, None)
+                    if a is None:
+                        features[k] = e
+                    else:
+                        out.append((e, a))
+            else:
+                for e in b.events:
+                    k = f"{e.request_id}\x00{e.item_id}"
+                    f = features.pop(k, None)
+                    if f is None:
+                        actions[k] = e
+                    else:
+                        out.append((f, e))
+        return out, False
+
+    def snapshot(self) -> None:
+        return None
+
+
+def dict_join(items: list[tuple[str, BucketBatch]]) -> int:
+    """The tight plain-Python loop: the same pairing over the same batches, no Bytewax."""
+    features: dict[str, Any] = {}
+    actions: dict[str, Any] = {}
+    out: list[Any] = []
+    for _, b in items:
+        if b.partition.startswith("features"):
+            for e in b.events:
+                k = f"{e.request_id}\x00{e.item_id}"
+                a = actions.pop(k, None)
+                if a is None:
+                    features[k] = e
+                else:
+                    out.append((e, a))
+        else:
+            for e in b.events:
+                k = f"{e.request_id}\x00{e.item_id}"
+                f = features.pop(k, None)
+                if f is None:
+                    actions[k] = e
+                else:
+                    out.append((f, e))
+    return len(out)
+
+
+def _flow(items: list, builder: Callable[[Any], StatefulBatchLogic]) -> tuple[Dataflow, CountSink]:
+    flow = Dataflow("bench_join")
+    # One poll hands over one routed source batch: an item per bucket, as `route` emits them.
+    keyed_in = op.input("in", flow, TestingSource(items, batch_size=BUCKETS))
+    joined = op.stateful_batch("join", keyed_in, builder)
+    sink = CountSink()
+    op.output("out", joined, sink)
+    return flow, sink
+
+
+class Runs:
+    """Fresh state (and recovery) directories for every run, under one temp dir removed at the end."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="freshrec-bench-join-"))
+        self.n = 0
+        self.logics: list[JoinLogic] = []
+
+    def fresh(self, name: str) -> Path:
+        self.n += 1
+        path = self.root / f"{name}-{self.n}"
+        path.mkdir()
+        return path
+
+    def joiner(self, items: list, settings: JoinSettings, *, recovery: bool = False,
+               logic: type[JoinLogic] = JoinLogic) -> Callable[[], int]:
+        """A run of the real join step; returns the number of outcomes (examples, dead letters)."""
+
+        def run() -> int:
+            step = JoinStepConfig(PARTITIONS, LATENESS_S, self.fresh("state"), 12, settings)
+            logics = self.logics = []
+
+            def build(state: Any) -> JoinLogic:
+                lg = logic(step, state)
+                logics.append(lg)
+                return lg
+
+            flow, sink = _flow(items, build)
+            if recovery:
+                rdir = self.fresh("recovery")
+                init_db_dir(rdir, 1)
+                run_main(flow, epoch_interval=EPOCH,
+                         recovery_config=RecoveryConfig(str(rdir), backup_interval=timedelta(0)))
+            else:
+                run_main(flow, epoch_interval=EPOCH)
+            return sink.box[0]
+
+        return run
+
+    def counts(self) -> JoinCounts:
+        """The counts of the last run's buckets, summed."""
+        total: Counter = Counter()
+        for lg in self.logics:
+            if lg.bucket is not None:
+                total.update(lg.bucket.counts.as_dict())
+        return JoinCounts(**{k: total.get(k, 0) for k in JoinCounts().as_dict()})
+
+    def close(self) -> None:
+        self.logics = []
+        gc.collect()  # closes the LMDB environments of finished runs
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def minimal(items: list) -> Callable[[], int]:
+    def run() -> int:
+        flow, sink = _flow(items, MinimalJoin)
+        run_main(flow, epoch_interval=EPOCH)
+        return sink.box[0]
+
+    return run
+
+
+def medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each fn, run in turn within every repeat so that noise hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _note(msg: str) -> None:
+    print(f"  [join] {msg}", file=sys.stderr, flush=True)
+
+
+# -- in memory --------------------------------------------------------------------------------
+
+def _liked_soon(rng: random.Random) -> float:
+    return rng.expovariate(1 / 3.0)  # seconds of event time, mean 3
+
+
+IN_MEMORY_SETTINGS = JoinSettings(window_s=600.0)  # unlabelled impressions expire during the run
+
+
+def in_memory_input(n: int) -> tuple[list, int, int]:
+    # 100 impressions per second of event time, 85 % liked a few seconds later, 15 % expire.
+    return join_input(n, rate=100.0, p_label=0.85, delay=_liked_soon)
+
+
+@benchmark("join.in_memory", "join.in_memory_vs_dict")
+def join_in_memory(quick: bool) -> Iterator[Figure]:
+    n = 30_000 if quick else 200_000
+    items, events, _ = _frozen(lambda: in_memory_input(n))
+    runs = Runs()
+    try:
+        ours = runs.joiner(items, IN_MEMORY_SETTINGS)
+        assert ours() == n, "every impression makes one example"
+        c = runs.counts()
+        _note(f"in_memory: {events:,} events, {c.positives:,} liked, {c.expired_kept:,} expired, "
+              f"{c.spill_writes} spill writes")
+        t = medians({"minimal": minimal(items), "dict": lambda: dict_join(items), "ours": ours},
+                    repeats=3 if quick else 5)
+    finally:
+        runs.close()
+        gc.unfreeze()
+    rate = events / t["ours"]
+    yield compared("join.in_memory", "events/s", rate, "minimal Bytewax bucket join", events / t["minimal"])
+    yield compared("join.in_memory_vs_dict", "events/s", rate, "plain dict join loop", events / t["dict"])
+
+
+@benchmark("join.in_memory_recovery")
+def join_in_memory_recovery(quick: bool) -> Iterator[Figure]:
+    # Full size: long enough that Bytewax closes (and snapshots) several 10 s epochs mid-run.
+    n = 30_000 if quick else 1_000_000
+    items, events, _ = _frozen(lambda: in_memory_input(n))
+    runs = Runs()
+    try:
+        ours = runs.joiner(items, IN_MEMORY_SETTINGS, recovery=True)
+        t = medians({"minimal": minimal(items), "ours": ours}, repeats=3)
+    finally:
+        runs.close()
+        gc.unfreeze()
+    epochs = t["ours"] / EPOCH.total_seconds()
+    _note(f"in_memory_recovery: {events:,} events, a run takes {t['ours']:.1f} s = {epochs:.1f} epochs of 10 s"
+          + ("" if epochs >= 1 else " (shorter than an epoch: only the final snapshot is taken)"))
+    yield compared("join.in_memory_recovery", "events/s", events / t["ours"],
+                   "minimal Bytewax bucket join, no recovery", events / t["minimal"])
+
+
+# -- spill ------------------------------------------------------------------------------------
+
+SPILL_RATE, SPILL_P, SPILL_WINDOW = 100.0, 0.9, 600.0
+SPILL_DELAY = (60.0, 180.0)  # labels come 6,000 to 18,000 impressions later
+
+
+def _liked_late(rng: random.Random) -> float:
+    return rng.uniform(*SPILL_DELAY)
+
+
+class _CountingStore:
+    """A spill store that remembers which keys were ever written (not deleted) to it."""
+
+    def __init__(self, inner: LmdbSpillStore):
+        self.inner = inner
+        self.written: set[bytes] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def flush(self, tag: int, writes: dict) -> None:
+        self.written.update(k for k, v in writes.items() if v is not None)
+        self.inner.flush(tag, writes)
+
+
+class _CountingLogic(JoinLogic):
+    def _open(self, key: str) -> JoinBucket:
+        bucket = super()._open(key)
+        bucket.store = _CountingStore(bucket.store)  # type: ignore[assignment]
+        return bucket
+
+
+@benchmark("join.spill", "join.spill_fraction", "join.spill_writes_per_impression")
+def join_spill(quick: bool) -> Iterator[Figure]:
+    n = 30_000 if quick else 200_000
+    items, events, impressions = _frozen(
+        lambda: join_input(n, rate=SPILL_RATE, p_label=SPILL_P, delay=_liked_late))
+    # Impressions waiting at a time, per bucket: labelled ones for their delay, the rest for the window.
+    waiting = SPILL_RATE * (SPILL_P * sum(SPILL_DELAY) / 2 + (1 - SPILL_P) * SPILL_WINDOW) / BUCKETS
+    cache = max(10, int(waiting / 20))
+    spilling = JoinSettings(window_s=SPILL_WINDOW, cache_size=cache)
+    in_memory = JoinSettings(window_s=SPILL_WINDOW)
+    runs = Runs()
+    try:
+        # One untimed run counts the impressions that went to LMDB before their label or expiry.
+        assert runs.joiner(items, spilling, logic=_CountingLogic)() == n
+        c = runs.counts()
+        written = sum(len(lg.bucket.store.written) for lg in runs.logics if lg.bucket is not None)
+        _note(f"spill: {events:,} events, about {waiting:,.0f} impressions waiting per bucket, cache_size "
+              f"{cache}; {written:,} of {c.impressions:,} impressions written to LMDB, {c.spill_writes:,} "
+              f"spill writes, {c.spill_reads:,} reads, {c.flushes:,} flushes")
+        t = medians({"in_memory": runs.joiner(items, in_memory), "spill": runs.joiner(items, spilling)},
+                    repeats=3)
+    finally:
+        runs.close()
+        gc.unfreeze()
+    yield compared("join.spill", "events/s", events / t["spill"], "join.in_memory, same input",
+                   events / t["in_memory"])
+    yield Figure("join.spill_fraction", written / impressions, "of impr.")
+    yield Figure("join.spill_writes_per_impression", c.spill_writes / impressions, "writes/impr.")
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def memory_child(n: int, directory: Path, progress: bool = False) -> dict:
+    """Feed `n` impressions, none labelled, to 8 JoinBuckets as JoinLogic would; measure memory."""
+    settings = JoinSettings()  # the default cache bound per bucket
+    start = rss_anon()
+    buckets = [JoinBucket(settings, LmdbSpillStore(directory / f"b{b:04d}", undo_keep=12))
+               for b in range(BUCKETS)]
+    seqs = [0] * BUCKETS
+    rng = random.Random(3)
+    per_round = 8000  # about a 1 MiB source batch of feature events, routed
+    epoch_rounds = 25  # an epoch's flush every 200k impressions
+    span = settings.window_s * 0.9  # every impression is still waiting at the end
+    watermark = T0 - LATENESS_S
+    t0 = time.perf_counter()
+    for r, lo in enumerate(range(0, n, per_round)):
+        parts: list[list[FeatureEvent]] = [[] for _ in range(BUCKETS)]
+        for i in range(lo, min(n, lo + per_round)):
+            f = make_feature(rng, i, T0 + span * i / n)
+            parts[bucket_of(f.request_id, f.item_id, BUCKETS)].append(f)
+            watermark = f.ts - LATENESS_S
+        for b, bucket in enumerate(buckets):
+            bucket.on_features(parts[b])
+            bucket.advance(watermark)
+            if bucket.over_capacity():
+                bucket.flush(seqs[b] + 1)
+                bucket.evict(int(settings.cache_size * EVICT_TO))
+            if r % epoch_rounds == epoch_rounds - 1:
+                seqs[b] += 1
+                bucket.flush(seqs[b])
+        del parts
+        if progress and r % 125 == 124:
+            print(f"  [join] memory: {lo + per_round:,} of {n:,} impressions, {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+    gc.collect()
+    waiting = [b.waiting() for b in buckets]
+    counts = sum(b.counts.impressions for b in buckets)
+    return {"impressions": counts, "rss_anon": rss_anon(), "rss_anon_at_start": start,
+            "memory_waiting": sum(m for m, _ in waiting), "disk_waiting": sum(d for _, d in waiting),
+            "disk_bytes": sum(b.store.disk_bytes() for b in buckets), "seconds": time.perf_counter() - t0}
+
+
+@benchmark("join.memory_10m", "join.disk_bytes_per_impression")
+def join_memory(quick: bool) -> Iterator[Figure]:
+    n = 1_000_000 if quick else 10_000_000
+    root = Path(tempfile.mkdtemp(prefix="freshrec-bench-mem-"))
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench.join", "memory", str(n), str(root)]
+                              + ([] if quick else ["--progress"]),
+                              check=True, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    size = "1M impressions (--quick size)" if quick else "10M impressions"
+    _note(f"memory: {size}: {got['memory_waiting']:,} waiting in memory, {got['disk_waiting']:,} in LMDB, "
+          f"RssAnon {got['rss_anon'] / 2**20:,.0f} MiB ({got['rss_anon_at_start'] / 2**20:,.0f} MiB before "
+          f"the buckets), {got['disk_bytes'] / 2**20:,.0f} MiB on disk, {got['seconds']:.0f} s")
+    yield Figure("join.memory_10m", float(got["rss_anon"]), "bytes, 1M" if quick else "bytes")
+    yield Figure("join.disk_bytes_per_impression", got["disk_bytes"] / got["impressions"], "bytes")
+
+
+# -- the whole flow on files ------------------------------------------------------------------
+
+def write_inputs(data_dir: Path, impressions: int, actions: int) -> int:
+    """Feature events, and likes for the first share of them, as JSON Lines; returns lines written."""
+    events = join_events(impressions, rate=100.0, p_label=actions / impressions, delay=_liked_soon)
+    for stream, s in (("features", 0), ("actions", 1)):
+        path = data_dir / stream
+        path.mkdir(parents=True)
+        objs = [e for _, kind, e in events if kind == s]
+        for e in objs:
+            e.received_at = None  # the flow stamps arrival itself
+        with open(path / f"{stream}.jsonl", "wb") as f:
+            for lo in range(0, len(objs), 10_000):
+                f.write(encode_lines(objs[lo:lo + 10_000]))
+    return len(events)
+
+
+def _lines(directory: Path) -> int:
+    total = 0
+    for p in directory.glob("*.jsonl"):
+        with open(p, "rb") as f:
+            total += sum(chunk.count(b"\n") for chunk in iter(lambda f=f: f.read(1 << 20), b""))
+    return total
+
+
+@benchmark("join.flow_files")
+def join_flow_files(quick: bool) -> Iterator[Figure]:
+    impressions = 30_000 if quick else 300_000
+    root = Path(tempfile.mkdtemp(prefix="freshrec-bench-flow-"))
+    try:
+        inputs = root / "inputs"
+        events = write_inputs(inputs, impressions, impressions // 2)
+        files = sorted(inputs.glob("*/*.jsonl"))
+        made: list[int] = []
+        runs = [0]
+
+        def ours() -> None:
+            runs[0] += 1
+            run = root / f"run-{runs[0]}"
+            (run / "data").mkdir(parents=True)
+            for stream in ("features", "actions"):
+                (run / "data" / stream).symlink_to(inputs / stream)
+            # The figure ends at the examples stream: no trainer step (an override of a setting the
+            # Config does not have is ignored).
+            config = Config.from_env({}, data_dir=str(run / "data"), state_dir=str(run / "state"), train="0")
+            run_main(build_flow(config), epoch_interval=EPOCH)
+            made.append(_lines(config.stream_dir("examples")))
+
+        def floor() -> None:
+            loads = json.loads
+            for p in files:
+                with open(p, "rb") as f:
+                    for line in f:
+                        loads(line)
+
+        t = medians({"json.loads": floor, "flow": ours}, repeats=3)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if any(m != impressions for m in made):
+        _note(f"flow_files: examples per run {made}, expected {impressions:,} each")
+    yield compared("join.flow_files", "events/s", events / t["flow"], "read + json.loads per line",
+                   events / t["json.loads"])
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[0] == "memory":
+        got = memory_child(int(argv[1]), Path(argv[2]), progress="--progress" in argv)
+        print(json.dumps(got))
+        return 0
+    print("usage: python -m bench.join memory N DIR [--progress]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,201 @@
+"""The online trainer step of the dataflow: mini-batches of fresh examples through the train step,
+gradients to the training tables, changed rows to the serving store within the sync interval.
+
+All examples go to one trainer (one key), so with `-w 2` the joiner's buckets keep running on the
+other worker while a step trains (TensorFlow releases the GIL inside its ops). The trainer's
+Bytewax snapshot is a manifest: the tag of the table checkpoint written at that snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+from bytewax.operators import StatefulBatchLogic
+from prometheus_client import Counter, Gauge
+
+from flows.events import Example
+
+log = logging.getLogger("freshrec.trainer")
+
+TRAIN_EXAMPLES = Counter("freshrec_train_examples", "examples trained", ["worker"])
+TRAIN_STEPS = Counter("freshrec_train_steps", "train steps", ["worker"])
+TRAIN_LOSS = Gauge("freshrec_train_loss", "training loss of the last step", ["worker"])
+TRAIN_AUC = Gauge("freshrec_train_auc", "progressive-validation AUC over the sliding window", ["worker"])
+TRAIN_LOGLOSS = Gauge("freshrec_train_logloss", "progressive-validation log loss over the sliding window",
+                      ["worker"])
+
+
+@dataclass(frozen=True)
+class TrainStepConfig:
+    state_dir: Path
+    batch_size: int
+    max_wait_s: float
+    user_slots: tuple[str, ...]
+    item_slots: tuple[str, ...]
+    dense: tuple[str, ...]
+    dim: int
+    sync_interval_s: float
+    dense_interval_s: float
+    window: int = 10_000
+
+
+@dataclass
+class StepReport:
+    examples: int
+    loss: float
+    auc: float
+
+
+class TrainedKeysLog:
+    """Which join keys each checkpoint's training covered, so a resume can show each example was
+    trained once: lines of `tag<TAB>request_id<TAB>item_id`; a resume cuts the lines after its tag."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "ab")
+
+    def cut_after(self, tag: int) -> None:
+        self._file.close()
+        keep = []
+        if self.path.exists():
+            for line in self.path.read_bytes().splitlines(keepends=True):
+                head = line.split(b"\t", 1)[0]
+                if line.endswith(b"\n") and head.isdigit() and int(head) <= tag:
+                    keep.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(b"".join(keep))
+        tmp.replace(self.path)
+        self._file = open(self.path, "ab")
+
+    def write(self, tag: int, examples: list[Example]) -> None:
+        prefix = f"{tag}\t"
+        self._file.write("".join(f"{prefix}{e.request_id}\t{e.item_id}\n" for e in examples).encode())
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
+    """Mini-batches by size or by the longest wait, whichever comes first."""
+
+    def __init__(self, cfg: TrainStepConfig, state: Optional[dict]):
+        self.cfg = cfg
+        self.resumed = state is not None
+        self.seq = (state or {}).get("seq", 0)
+        self.buffer: list[Example] = []
+        self.first_at: Optional[float] = None
+        self.last_dense = 0.0
+        self.worker = threading.current_thread().name
+        self._parts: Optional[tuple[Any, Any, Any, Any]] = None
+
+    def _open(self):
+        from model.features import FeatureSpec
+        from model.trainer import OnlineTrainer, parameter_store
+        from paramserver.serving import LmdbServingStore, ServingWriter
+        from paramserver.sync import DeltaSync
+
+        cfg = self.cfg
+        ckpt = cfg.state_dir / "params"
+        if not self.resumed and ckpt.exists() and not any(ckpt.iterdir()):
+            shutil.rmtree(ckpt)
+        spec = FeatureSpec(cfg.user_slots, cfg.item_slots, cfg.dense, cfg.dim)
+        params = parameter_store(spec, ckpt)
+        tags = params.tags()
+        if self.resumed and self.seq:
+            params.restore(self.seq)
+        elif tags:
+            # A fresh flow carries on from the newest tables (train-batch's, or an earlier run's).
+            params.restore(tags[-1])
+            self.seq = tags[-1]
+        trainer = OnlineTrainer(spec, params, window=cfg.window)
+        dense = params.dense()
+        if dense.arrays:
+            trainer.load_dense_state(dense.arrays)
+        store = LmdbServingStore(cfg.state_dir / "serving", writer=True)
+        sync = DeltaSync(params, ServingWriter(store), interval_s=cfg.sync_interval_s,
+                         dense_interval_s=cfg.dense_interval_s)
+        keys = TrainedKeysLog(cfg.state_dir / "trainer" / "trained-keys.log")
+        keys.cut_after(self.seq)
+        self._parts = (params, trainer, sync, keys)
+        log.info("trainer ready at checkpoint %s (%s)", self.seq, "resumed" if self.resumed else "fresh flow")
+        return self._parts
+
+    def _train_buffer(self, now: float, all_of_it: bool) -> list[StepReport]:
+        params, trainer, sync, keys = self._parts or self._open()
+        out = []
+        size = self.cfg.batch_size
+        while self.buffer and (all_of_it or len(self.buffer) >= size):
+            batch, self.buffer = self.buffer[:size], self.buffer[size:]
+            step = trainer.train(batch, now)
+            keys.write(self.seq + 1, batch)
+            auc = trainer.validation.auc()
+            TRAIN_EXAMPLES.labels(self.worker).inc(step.size)
+            TRAIN_STEPS.labels(self.worker).inc()
+            TRAIN_LOSS.labels(self.worker).set(step.loss)
+            if auc == auc:
+                TRAIN_AUC.labels(self.worker).set(auc)
+            TRAIN_LOGLOSS.labels(self.worker).set(trainer.validation.log_loss())
+            out.append(StepReport(step.size, step.loss, auc))
+        self.first_at = now if self.buffer else None
+        if now - self.last_dense >= self.cfg.dense_interval_s:
+            params.set_dense(trainer.dense_state(), now)
+            self.last_dense = now
+        sync.maybe_sync(now)
+        return out
+
+    def on_batch(self, values: list[Example]) -> tuple[list[StepReport], bool]:
+        now = time.time()
+        if not self.buffer:
+            self.first_at = now
+        self.buffer.extend(values)
+        if len(self.buffer) >= self.cfg.batch_size or now - (self.first_at or now) >= self.cfg.max_wait_s:
+            return self._train_buffer(now, all_of_it=now - (self.first_at or now) >= self.cfg.max_wait_s), False
+        return [], False
+
+    def on_notify(self) -> tuple[list[StepReport], bool]:
+        now = time.time()
+        if self.buffer:
+            return self._train_buffer(now, all_of_it=True), False
+        if self._parts is not None:
+            self._parts[2].maybe_sync(now)
+        return [], False
+
+    def on_eof(self) -> tuple[list[StepReport], bool]:
+        out = self._train_buffer(time.time(), all_of_it=True) if self.buffer else []
+        if self._parts is not None:
+            params, trainer, sync, _ = self._parts
+            params.set_dense(trainer.dense_state())
+            sync.sync(dense=True)
+        return out, False
+
+    def notify_at(self) -> Optional[datetime]:
+        if self.first_at is not None:
+            return datetime.fromtimestamp(self.first_at + self.cfg.max_wait_s, UTC)
+        if self._parts is not None:
+            # Keep publishing touched rows while no examples come.
+            return datetime.now(UTC) + timedelta(seconds=self.cfg.sync_interval_s)
+        return None
+
+    def snapshot(self) -> dict:
+        # Examples waiting for a batch belong to this epoch: train them now, so the checkpoint
+        # below covers every example the epoch brought, and a resume trains none twice.
+        if self.buffer:
+            self._train_buffer(time.time(), all_of_it=True)
+        if self._parts is not None:
+            params, trainer, _, keys = self._parts
+            self.seq += 1
+            params.set_dense(trainer.dense_state())
+            params.checkpoint(self.seq)
+            keys.flush()
+        return {"seq": self.seq}

@@ -1,0 +1,108 @@
+"""The train step over examples: pull the batch's rows, run the graph, push the rows' gradients.
+
+The graph (model/graph.py) holds the dense weights; the `ParameterStore` of paramserver/ holds
+every embedding row. Each example is scored before any gradient from it, so the scores feed
+progressive validation as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from model.evaluation import ProgressiveValidation
+from model.features import DenseNormalizer, FeatureSpec, make_batch
+
+
+@dataclass
+class StepResult:
+    loss: float
+    scores: np.ndarray  # the model's score of each example, taken before learning from it
+    labels: np.ndarray
+    size: int
+
+
+def parameter_store(spec: FeatureSpec, checkpoint_dir: Any = None, **slot_options: Any) -> Any:
+    """The training tables for `spec`: every slot of its width; user and item ids admitted at first
+    sight, other ids after two sightings (paramserver's defaults)."""
+    from model.features import BIAS_SLOTS
+    from paramserver.optimizers import Adagrad
+    from paramserver.store import ParameterStore
+    from paramserver.table import SlotConfig
+
+    # Tuned on MovieLens-100K's progressive validation (model/evaluate.py): biases learn fastest.
+    biases = {s: SlotConfig(dim=1, init="zeros", min_count=1, optimizer=Adagrad(lr=0.3)) for s in BIAS_SLOTS}
+    default = SlotConfig(dim=spec.dim, **{"min_count": 2, "optimizer": Adagrad(lr=0.05), **slot_options})
+    return ParameterStore(biases, default=default, checkpoint_dir=checkpoint_dir)
+
+
+class OnlineTrainer:
+    """Trains the graph and the parameter store together, one mini-batch at a time."""
+
+    def __init__(self, spec: FeatureSpec, params: Any, model: Any = None, *, window: int = 10_000):
+        if model is None:
+            from model.graph import TwoTowerRanker
+
+            model = TwoTowerRanker(spec)
+        self.spec = spec
+        self.params = params
+        self.model = model
+        self.normalizer = DenseNormalizer(len(spec.dense))
+        self.validation = ProgressiveValidation(window)
+        self.steps = 0
+        self.examples = 0
+        self.last_loss = float("nan")
+
+    def _rows(self, batch, now: float, admit: bool = True) -> dict[str, np.ndarray]:
+        return {s: self.params.pull(s, batch.slots[s].ids, now=now, admit=admit) for s in self.spec.slots}
+
+    def train(self, examples: Sequence[Any], now: Optional[float] = None) -> StepResult:
+        """One step on `examples` (training examples: label, weight, features, arrival times)."""
+        now = time.time() if now is None else now
+        batch = make_batch(examples, self.spec, [e.label for e in examples], [e.weight for e in examples])
+        # Normalise with what was known before this batch, so its scores are taken before learning.
+        dense = self.normalizer.apply(batch.dense)
+        self.normalizer.update(batch.dense)
+        rows = self._rows(batch, now)
+        loss, scores, grads = self.model.train(batch, rows, dense)
+        arrivals = np.array([e.label_received_at if e.label_received_at is not None else np.nan
+                             for e in examples], np.float64)
+        for s in self.spec.slots:
+            slot = batch.slots[s]
+            if not slot.ids:
+                continue
+            # The earliest arrival behind each row's update: min over the examples that hold it.
+            earliest = np.full(len(slot.ids), np.inf)
+            np.fmin.at(earliest, slot.index, arrivals[slot.example])
+            earliest[np.isinf(earliest)] = np.nan
+            # Rows get the gradient of the summed loss (per-example scale): a row sits in a few
+            # examples of a batch, and the batch mean would shrink its steps by the batch size.
+            self.params.push(s, slot.ids, grads[s] * len(examples), now=now, arrival=earliest)
+        logged = np.array([e.score if e.score is not None else np.nan for e in examples], np.float64)
+        # Progressive validation prefers the score the model server logged when it served the
+        # impression; the trainer's own score before this step stands in where there is none.
+        pv_scores = np.where(np.isnan(logged), scores, logged)
+        self.validation.update(pv_scores, batch.labels)
+        self.steps += 1
+        self.examples += len(examples)
+        self.last_loss = loss
+        return StepResult(loss, scores, batch.labels, len(examples))
+
+    def score(self, events: Sequence[Any], now: Optional[float] = None) -> np.ndarray:
+        """Scores of feature events (or examples) with the model as it is now."""
+        now = time.time() if now is None else now
+        batch = make_batch(events, self.spec)
+        rows = self._rows(batch, now, admit=False)  # scoring looks; only training admits ids
+        return self.model.score(batch, rows, self.normalizer.apply(batch.dense))
+
+    def dense_state(self) -> dict[str, np.ndarray]:
+        """The dense weights and the normaliser's statistics, for the parameter store."""
+        return {**self.model.weights(), **self.normalizer.state()}
+
+    def load_dense_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.model.load_weights(arrays)
+        self.normalizer.load(arrays)

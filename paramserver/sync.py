@@ -1,0 +1,149 @@
+"""Delta sync: every `interval_s`, only the rows touched since the last sync go from the training
+tables to the serving store, in one transaction; the dense weights at their own, slower interval.
+
+Monolith's vocabulary: the training tables keep a touched-key set; a sync takes it (`take_touched`)
+and pushes those rows. Called from the trainer's step (`maybe_sync`) or from a thread (`start`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from paramserver.rows import DenseBlob, RowBatch
+from paramserver.serving import ServingWriter
+
+__all__ = ["PARAMS_VERSION", "SYNC_ROWS", "SYNC_SECONDS", "DeltaSync", "TouchedParams"]
+
+log = logging.getLogger(__name__)
+
+SYNC_ROWS = Counter("freshrec_sync_rows", "rows pushed to a serving store (updated and evicted)", ["store"])
+SYNC_SECONDS = Histogram("freshrec_sync_seconds", "time of one sync: take the touched rows, encode, commit",
+                         ["store"], buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
+SYNC_ERRORS = Counter("freshrec_sync_errors", "syncs that failed (their rows are retried at the next)", ["store"])
+PARAMS_VERSION = Gauge("freshrec_params_version", "params_version of a serving store after its last write", ["store"])
+
+
+class TouchedParams(Protocol):
+    """What DeltaSync needs of the training tables."""
+
+    def take_touched(self) -> list[RowBatch]:
+        """The rows touched (and ids evicted) since the last call, per slot; clears the set."""
+        ...
+
+    def dense(self) -> DenseBlob:
+        """The current dense weights, with their version."""
+        ...
+
+
+class DeltaSync:
+    """Pushes touched rows every `interval_s`, dense weights every `dense_interval_s` when their
+    version moved. Rows taken but not written (the write failed) are kept and go with the next
+    sync, so a failure delays rows, never loses them.
+
+    With `start()`, a thread calls `maybe_sync` every `interval_s`; `params.take_touched` must
+    then be safe to call beside the trainer (that is the training tables' business).
+    """
+
+    def __init__(self, params: TouchedParams, writer: ServingWriter, interval_s: float = 0.2,
+                 dense_interval_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
+        if interval_s <= 0 or dense_interval_s <= 0:
+            raise ValueError("sync intervals must be positive")
+        self.params = params
+        self.writer = writer
+        self.interval_s = interval_s
+        self.dense_interval_s = dense_interval_s
+        self.clock = clock
+        self.last_sync = -math.inf
+        self.last_dense = -math.inf
+        self.dense_version: int | None = None  # of the last dense weights written
+        self.syncs = 0
+        self.rows_pushed = 0
+        self._pending: list[RowBatch] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        label = writer.store.name
+        self._m_rows = SYNC_ROWS.labels(label)
+        self._m_seconds = SYNC_SECONDS.labels(label)
+        self._m_errors = SYNC_ERRORS.labels(label)
+        self._m_version = PARAMS_VERSION.labels(label)
+
+    def maybe_sync(self, now: float | None = None) -> int:
+        """Syncs if `interval_s` passed since the last sync; returns the rows pushed (0 if not)."""
+        now = self.clock() if now is None else now
+        if now - self.last_sync < self.interval_s:
+            return 0
+        return self.sync(now)
+
+    def sync(self, now: float | None = None, *, dense: bool | None = None) -> int:
+        """Pushes the touched rows now (and the dense weights if their interval passed and their
+        version moved, or if `dense` is True), in one transaction; returns the rows pushed."""
+        with self._lock:
+            now = self.clock() if now is None else now
+            t0 = time.perf_counter()
+            self.last_sync = now
+            batches = self._pending + self.params.take_touched()
+            self._pending = []
+            blob = None
+            if dense or (dense is None and now - self.last_dense >= self.dense_interval_s):
+                blob = self.params.dense()
+                if blob.version == self.dense_version and not dense:
+                    blob = None
+                    self.last_dense = now
+            rows = sum(len(b.ids) + len(b.evicted) for b in batches)
+            if not rows and blob is None:
+                return 0
+            try:
+                version = self.writer.write(batches, dense=blob)
+            except Exception:
+                self._pending = batches
+                self._m_errors.inc()
+                raise
+            if blob is not None:
+                self.dense_version = blob.version
+                self.last_dense = now
+            self.syncs += 1
+            self.rows_pushed += rows
+            self._m_rows.inc(rows)
+            self._m_version.set(version)
+            self._m_seconds.observe(time.perf_counter() - t0)
+            return rows
+
+    # ------------------------------------------------------------------------ background mode
+
+    def start(self) -> None:
+        """Syncs from a daemon thread every `interval_s` until `stop()`."""
+        if self._thread is not None:
+            raise RuntimeError("DeltaSync is running already")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="freshrec-delta-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.maybe_sync()
+            except Exception:  # counted and logged; the rows wait for the next round
+                log.exception("delta sync failed; its rows go with the next sync")
+
+    def stop(self, timeout: float = 10.0, *, final_sync: bool = True) -> None:
+        """Stops the thread; with `final_sync`, pushes what is still touched."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join(timeout)
+        if final_sync:
+            self.sync()
+
+    def __enter__(self) -> DeltaSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,67 @@
+"""The trainer step in the flow: every example trained, once, through SIGKILLs and resumes, and
+the changed rows published to the serving store."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from flows.sample import write_sample
+from tests.flows.test_recovery import by_key, bytewax_run, flow_env, read_stream
+
+pytestmark = pytest.mark.slow
+
+
+def trained_keys(base) -> Counter:
+    log = base / "state" / "trainer" / "trained-keys.log"
+    return Counter(tuple(line.split("\t")[1:]) for line in log.read_text().splitlines())
+
+
+def test_every_example_is_trained_once_through_sigkills_and_resumes(tmp_path):
+    rng = random.Random(5)
+    straight = tmp_path / "straight"
+    write_sample(straight / "data", requests=3000, per_request=5, seed=9)
+    killed = tmp_path / "killed"
+    shutil.copytree(straight / "data", killed / "data")
+
+    env = flow_env(straight, FRESHREC_TRAIN="1", FRESHREC_TRAIN_BATCH="64")
+    t0 = time.monotonic()
+    p = bytewax_run(env)
+    assert p.wait(timeout=900) == 0, p.stderr.read().decode()[-3000:]
+    straight_s = time.monotonic() - t0
+    keys = trained_keys(straight)
+    examples = by_key(read_stream(straight, "examples"))
+    assert set(keys) == set(examples) and set(keys.values()) == {1}
+
+    from paramserver.serving import LmdbServingStore
+
+    store = LmdbServingStore(straight / "state" / "serving")
+    users = sorted({k[0] for k in examples})
+    assert store.params_version() > 0 and store.read_dense() is not None
+    assert store.read_rows("item_id", ["v1", "v2", "v3"]).found.all()
+    assert users
+    store.close()
+
+    recovery = killed / "recovery"
+    recovery.mkdir()
+    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
+    env = flow_env(killed, FRESHREC_TRAIN="1", FRESHREC_TRAIN_BATCH="64")
+    for _ in range(3):
+        p = bytewax_run(env, "-r", str(recovery), "-s", "1", "-b", "0")
+        time.sleep(rng.uniform(0.5, 0.9) * straight_s)
+        if p.poll() is not None:
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    p = bytewax_run(env, "-r", str(recovery), "-s", "1", "-b", "0")
+    assert p.wait(timeout=900) == 0, p.stderr.read().decode()[-3000:]
+    keys = trained_keys(killed)
+    assert set(keys) == set(examples), "an example was never trained"
+    assert set(keys.values()) == {1}, f"trained twice: {[k for k, n in keys.items() if n > 1][:5]}"

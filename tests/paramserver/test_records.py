@@ -1,0 +1,186 @@
+"""The param-deltas records: many rows at once, dense chunks, catalog and users, round trip exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from paramserver.records import (
+    ROW_FORMAT,
+    ROW_HEADER_BYTES,
+    RecordError,
+    Records,
+    decode_dense,
+    decode_dense_chunk,
+    decode_item,
+    decode_rows,
+    decode_user_actions,
+    dense_key,
+    encode_dense,
+    encode_item,
+    encode_rows,
+    encode_user_actions,
+    key_kind,
+    row_key,
+    row_keys,
+    split_row_key,
+)
+from paramserver.rows import DenseBlob, RowBatch
+
+ids_st = st.lists(st.text(max_size=20), unique=True, max_size=50)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(0, 300), dim=st.integers(1, 40))
+def test_rows_round_trip_bit_for_bit(data, n, dim):
+    values = data.draw(hnp.arrays(np.float32, (n, dim), elements=st.floats(width=32, allow_nan=True)))
+    versions = data.draw(hnp.arrays(np.uint64, n))
+    arrivals = data.draw(hnp.arrays(np.float64, n, elements=st.floats(allow_nan=True, allow_infinity=False)))
+    recs = encode_rows(values, versions, 1764288000.5, arrivals)
+    assert len(recs) == n
+    assert all(len(r) == ROW_HEADER_BYTES + 4 * dim and r[0] == ROW_FORMAT for r in recs)
+    got = decode_rows(recs, dim if n else None)
+    assert got.values.view(np.uint32).tolist() == values.view(np.uint32).tolist()
+    assert got.versions.tolist() == versions.tolist()
+    assert got.arrivals.view(np.uint64).tolist() == arrivals.view(np.uint64).tolist()
+    assert (got.updated_at == 1764288000.5).all()
+
+
+def test_row_record_layout_is_the_documented_one():
+    import struct
+
+    rec = encode_rows(np.array([[1.5, -2.0]], np.float32), [7], 10.25, [9.5])[0]
+    fmt, version, upd, arr, dim = struct.unpack_from("<BQddI", rec)
+    assert (fmt, version, upd, arr, dim) == (1, 7, 10.25, 9.5, 2)
+    assert np.frombuffer(rec[29:], "<f4").tolist() == [1.5, -2.0]
+
+
+def test_decoding_refuses_records_that_are_not_rows_of_one_dim():
+    a = encode_rows(np.zeros((2, 4), np.float32), [1, 2], 0.0, [0.0, 0.0])
+    b = encode_rows(np.zeros((1, 5), np.float32), [1], 0.0, [0.0])
+    with pytest.raises(RecordError):
+        decode_rows(a + b)
+    with pytest.raises(RecordError):
+        decode_rows(a, dim=5)
+    with pytest.raises(RecordError):
+        decode_rows([b"\x02" + a[0][1:]])
+    with pytest.raises(RecordError):
+        decode_rows([b"short"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(slot=st.text(min_size=1, max_size=10).filter(lambda s: "/" not in s and s not in ("dense", "item", "user")),
+       ids=ids_st)
+def test_row_keys_are_slot_slash_id_for_any_id(slot, ids):
+    keys = row_keys(slot, ids)
+    assert keys == [f"{slot}/{i}".encode() for i in ids] == [row_key(slot, i) for i in ids]
+    assert [split_row_key(k) for k in keys] == [(slot, i) for i in ids]
+    assert all(key_kind(k) == "row" for k in keys)
+
+
+def test_ids_with_nul_and_slashes_still_make_their_own_keys():
+    ids = ["a\0b", "x/y/z", "", "\0", "é"]
+    assert row_keys("s", ids) == [b"s/a\0b", b"s/x/y/z", b"s/", b"s/\0", "s/é".encode()]
+
+
+@pytest.mark.parametrize("slot", ["", "item", "user", "dense", "a/b"])
+def test_slot_names_that_would_clash_with_other_keys_are_refused(slot):
+    with pytest.raises(RecordError):
+        row_keys(slot, ["1"])
+
+
+def test_key_kinds():
+    assert key_kind(b"item/v1") == "item"
+    assert key_kind(b"user/u1") == "user"
+    assert key_kind(b"dense/w/0") == "dense"
+    assert key_kind(b"item_id/v1") == "row"
+
+
+dense_arrays = st.dictionaries(
+    st.text(alphabet="abcdefgh_", min_size=1, max_size=6),
+    st.one_of(
+        hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=30)),
+        hnp.arrays(np.int64, hnp.array_shapes(min_dims=1, max_dims=2, max_side=10)),
+        hnp.arrays(np.dtype(">f8"), hnp.array_shapes(min_dims=1, max_dims=2, max_side=10)),
+    ),
+    min_size=1, max_size=4,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrays=dense_arrays, chunk=st.integers(1, 300), version=st.integers(0, 2**63))
+def test_dense_blob_round_trips_through_chunks(arrays, chunk, version):
+    blob = DenseBlob(version=version, arrays=arrays, updated_at=123.5)
+    recs = encode_dense(blob, chunk_bytes=chunk)
+    for k, v in recs:
+        c = decode_dense_chunk(k, v)
+        assert k == dense_key(c.name, c.index) and c.version == version and len(c.data) <= chunk
+    got = decode_dense(reversed(recs))  # any order
+    assert got.version == version and got.updated_at == 123.5
+    assert set(got.arrays) == set(arrays)
+    for name, a in arrays.items():
+        b = got.arrays[name]
+        assert b.shape == a.shape and b.dtype.kind == a.dtype.kind
+        assert np.array_equal(b, a, equal_nan=a.dtype.kind == "f")
+
+
+def test_a_big_array_goes_in_512_kib_chunks():
+    blob = DenseBlob(3, {"w": np.arange(300_000, dtype=np.float32)}, 1.0)
+    recs = encode_dense(blob)
+    assert [k for k, _ in recs] == [b"dense/w/0", b"dense/w/1", b"dense/w/2"]
+    assert decode_dense_chunk(*recs[0]).count == 3
+    assert np.array_equal(decode_dense(recs).arrays["w"], blob.arrays["w"])
+
+
+def test_dense_chunks_that_do_not_make_one_whole_blob_are_refused():
+    a = encode_dense(DenseBlob(1, {"w": np.arange(100, dtype=np.float32), "b": np.zeros(2, np.float32)}, 1.0), 64)
+    b = encode_dense(DenseBlob(2, {"w": np.arange(100, dtype=np.float32), "b": np.zeros(2, np.float32)}, 1.0), 64)
+    with pytest.raises(RecordError):
+        decode_dense(a[:-1])  # an array missing
+    with pytest.raises(RecordError):
+        decode_dense(a[1:])  # a chunk missing
+    with pytest.raises(RecordError):
+        decode_dense(a[:3] + b[3:])  # two versions
+    assert decode_dense([]) is None
+
+
+def test_catalog_and_user_records_are_json():
+    item = {"item_id": "v1", "ts": 1764280000.0, "sparse": {"author": "a7", "tags": ["dance"]},
+            "dense": {"ctr": 0.5}, "popularity": {"like": 3}}
+    assert decode_item(encode_item(item)) == item
+    assert encode_item({"a": 1}) == b'{"a":1}'
+    acts = [("v1", "like", 1.5), ("v2", "click", 2)]
+    assert encode_user_actions(acts) == b'[["v1","like",1.5],["v2","click",2.0]]'
+    assert decode_user_actions(encode_user_actions(acts)) == [("v1", "like", 1.5), ("v2", "click", 2.0)]
+
+
+def test_records_of_pairs_know_what_the_writer_knows():
+    n = 5
+    batch = RowBatch("s", 3, [str(i) for i in range(n)], np.ones((n, 3), np.float32), np.arange(n),
+                     np.array([1.0, math.nan, 3.0, 4.0, 5.0]), 50.0, evicted=["x"])
+    built = Records()
+    built.add_row_batch(batch)
+    built.add_dense(DenseBlob(4, {"w": np.zeros(3, np.float32)}, 60.0), stale_keys=[b"dense/w/0", b"dense/old/0"])
+    built.add([b"item/v1"], [encode_item({"item_id": "v1"})])
+    pairs = [(k, v or None) for k, v in built.pairs()]
+    read = Records.from_pairs(pairs)
+    assert read.pairs() == built.pairs()
+    assert read.tombstones == built.tombstones == 2  # the evicted row and the dropped dense array
+    assert read.dense_version == built.dense_version == 4
+    assert read.newest_update == built.newest_update == 60.0
+    assert np.array_equal(read.arrival_times(), built.arrival_times(), equal_nan=True)
+
+
+@settings(max_examples=50, deadline=None)
+@given(size=st.integers(1, 40), n=st.sampled_from([0, 1, 5, 8191, 8192, 8193, 17000]))
+def test_split_bytes_cuts_like_slicing(size, n):
+    from paramserver.records import split_bytes
+
+    buf = bytes(range(256)) * (size * n // 256 + 1)
+    buf = buf[:size * n]
+    assert split_bytes(buf, size) == [buf[i:i + size] for i in range(0, len(buf), size)]

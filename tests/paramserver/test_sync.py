@@ -1,0 +1,153 @@
+"""DeltaSync: only touched rows, one transaction per sync, dense weights at their own interval."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from paramserver.rows import DenseBlob, RowBatch
+from paramserver.serving import LmdbServingStore, ServingWriter
+from paramserver.sync import DeltaSync
+
+
+class FakeParams:
+    """A training table in miniature: rows by id, a touched set, dense weights with a version."""
+
+    def __init__(self, dim: int = 4):
+        self.dim = dim
+        self.rows: dict[str, tuple[np.ndarray, int]] = {}
+        self.touched: dict[str, float] = {}
+        self.evicted: list[str] = []
+        self.dense_blob = DenseBlob(1, {"w": np.zeros(3, np.float32)}, 0.0)
+        self.dense_calls = 0
+        self.lock = threading.Lock()
+
+    def push(self, ids, arrival=None):
+        with self.lock:
+            for i in ids:
+                _, v = self.rows.get(i, (None, 0))
+                self.rows[i] = (np.full(self.dim, v + 1, np.float32), v + 1)
+                self.touched.setdefault(i, arrival if arrival is not None else time.time())
+
+    def evict(self, ids):
+        with self.lock:
+            for i in ids:
+                self.rows.pop(i, None)
+                self.touched.pop(i, None)
+                self.evicted.append(i)
+
+    def take_touched(self) -> list[RowBatch]:
+        with self.lock:
+            ids = list(self.touched)
+            if not ids and not self.evicted:
+                return []
+            vals = np.array([self.rows[i][0] for i in ids], np.float32).reshape(len(ids), self.dim)
+            b = RowBatch("s", self.dim, ids, vals, np.array([self.rows[i][1] for i in ids], np.uint64),
+                         np.array([self.touched[i] for i in ids]), time.time(), evicted=self.evicted)
+            self.touched, self.evicted = {}, []
+            return [b]
+
+    def dense(self) -> DenseBlob:
+        self.dense_calls += 1
+        return self.dense_blob
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = LmdbServingStore(tmp_path / "s", writer=True, name="sync-test")
+    yield s
+    s.close()
+
+
+def test_maybe_sync_pushes_only_touched_rows_when_the_interval_passed(store):
+    params = FakeParams()
+    sync = DeltaSync(params, ServingWriter(store), interval_s=0.2, dense_interval_s=10.0)
+    params.push(["a", "b", "c"])
+    assert sync.maybe_sync(now=100.0) == 3
+    v = store.params_version()
+    params.push(["b"])
+    assert sync.maybe_sync(now=100.1) == 0  # too soon
+    assert store.params_version() == v
+    assert sync.maybe_sync(now=100.2) == 1
+    assert store.params_version() == v + 1  # one transaction
+    assert store.changes_since(v) == (v + 1, [b"s/b"])
+    got = store.read_rows("s", ["a", "b", "c"])
+    assert got.versions.tolist() == [1, 2, 1]
+    assert sync.maybe_sync(now=100.5) == 0  # nothing touched: no write
+    assert store.params_version() == v + 1
+    params.evict(["a"])
+    assert sync.maybe_sync(now=101.0) == 1
+    assert store.read_rows("s", ["a"]).found.tolist() == [False]
+
+
+def test_dense_weights_go_at_their_own_interval_and_only_when_their_version_moved(store):
+    params = FakeParams()
+    sync = DeltaSync(params, ServingWriter(store), interval_s=0.2, dense_interval_s=10.0)
+    sync.maybe_sync(now=0.0)
+    assert store.dense_version() == 1  # the first sync writes them
+    params.dense_blob = DenseBlob(2, {"w": np.ones(3, np.float32)}, 1.0)
+    params.push(["x"])
+    sync.maybe_sync(now=5.0)
+    assert store.dense_version() == 1  # rows went, the dense weights wait for their interval
+    assert sync.maybe_sync(now=10.0) == 0
+    assert store.dense_version() == 2
+    v = store.params_version()
+    calls = params.dense_calls
+    assert sync.maybe_sync(now=20.5) == 0
+    assert params.dense_calls == calls + 1 and store.params_version() == v  # same version: nothing written
+    assert store.read_dense().arrays["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_rows_of_a_failed_sync_go_with_the_next(store):
+    params = FakeParams()
+    writer = ServingWriter(store)
+    sync = DeltaSync(params, writer, interval_s=0.2)
+    params.push(["a"])
+    real = writer.write
+    writer.write = lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone"))
+    with pytest.raises(OSError):
+        sync.maybe_sync(now=1.0)
+    writer.write = real
+    params.push(["b"])
+    assert sync.maybe_sync(now=2.0) == 2
+    assert store.read_rows("s", ["a", "b"]).found.all()
+
+
+def test_metrics_count_rows_and_show_the_version(store):
+    params = FakeParams()
+    sync = DeltaSync(params, ServingWriter(store), interval_s=0.2)
+    get = REGISTRY.get_sample_value
+    before = get("freshrec_sync_rows_total", {"store": "sync-test"}) or 0
+    n_before = get("freshrec_sync_seconds_count", {"store": "sync-test"}) or 0
+    params.push([str(i) for i in range(50)], arrival=time.time() - 0.01)
+    sync.maybe_sync()
+    assert get("freshrec_sync_rows_total", {"store": "sync-test"}) == before + 50
+    assert get("freshrec_sync_seconds_count", {"store": "sync-test"}) == n_before + 1
+    assert get("freshrec_params_version", {"store": "sync-test"}) == store.params_version()
+    assert get("freshrec_sync_freshness_seconds_count", {"store": "sync-test"}) >= 50
+    assert store.stats().freshness_ms >= 10.0
+
+
+def test_background_thread_keeps_the_store_fresh(store):
+    params = FakeParams()
+    sync = DeltaSync(params, ServingWriter(store), interval_s=0.02, dense_interval_s=0.1)
+    sync.start()
+    try:
+        with pytest.raises(RuntimeError):
+            sync.start()
+        for round_ in range(20):
+            params.push([f"r{round_}"])
+            time.sleep(0.005)
+        deadline = time.monotonic() + 5
+        while store.read_rows("s", ["r19"]).found.tolist() != [True] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        sync.stop()
+    got = store.read_rows("s", [f"r{i}" for i in range(20)])
+    assert got.found.all()
+    assert sync.syncs >= 2 and sync.rows_pushed == 20
+    assert store.stats().staleness_ms < 5000
