@@ -119,6 +119,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             labels["positive" if e["label"] else "explicit negative" if e["actions"] else "expired negative"] += 1
     print(f"training examples in {examples}: {sum(labels.values())} "
           f"({', '.join(f'{n} {kind}' for kind, n in labels.most_common())})")
+    serving = config.state_dir / "serving"
+    if config.train and serving.is_dir():
+        from paramserver.serving import LmdbServingStore
+
+        with LmdbServingStore(serving) as store:
+            st = store.stats()
+        print(f"serving store {serving}: params_version {st.params_version}, {st.entries} entries, "
+              f"dense weights version {st.dense_version}")
     return 0
 
 
