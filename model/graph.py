@@ -112,6 +112,12 @@ class TwoTowerRanker(tf.Module):
         rank, _, _, _ = self._score(r, idx, ex, d, tf.constant(batch.size))
         return tf.sigmoid(rank).numpy()
 
+    def export(self, path) -> None:
+        """The dense graph as a SavedModel, apart from the parameters: its `score` signature takes
+        each slot's rows (pulled from a serving store), indices and example ids, and the dense
+        features, and returns the ranking logit, the retrieval logit and the two tower vectors."""
+        tf.saved_model.save(self, str(path), signatures={"score": self._score.get_concrete_function()})
+
     # -- dense weights as plain arrays (the parameter component stores them) -----------------
 
     def weights(self) -> dict[str, np.ndarray]:

@@ -89,3 +89,23 @@ def test_pushes_carry_the_earliest_arrival_behind_each_row():
     users = touched["user_id"]
     for uid, arrival in zip(users.ids, users.earliest_arrival, strict=True):
         assert arrival == min(e.label_received_at for e in batch if e.user_id == uid)
+
+
+def test_the_dense_graph_exports_as_a_saved_model_that_scores_alike(tmp_path):
+    import tensorflow as tf
+
+    from model.features import make_batch
+
+    t = OnlineTrainer(SPEC, parameter_store(SPEC))
+    for k in range(3):
+        t.train(examples(256, seed=30 + k))
+    batch_events = examples(64, seed=40)
+    expected = t.score(batch_events)
+    t.model.export(tmp_path / "graph")
+    loaded = tf.saved_model.load(str(tmp_path / "graph"))
+    batch = make_batch(batch_events, SPEC)
+    rows = {s: t.params.pull(s, batch.slots[s].ids, admit=False) for s in SPEC.slots}
+    r, idx, ex, d = t.model._inputs(batch, rows, t.normalizer.apply(batch.dense))
+    assert "score" in loaded.signatures
+    rank, _dot, _u, _v = loaded._score(r, idx, ex, d, tf.constant(batch.size))
+    np.testing.assert_allclose(tf.sigmoid(rank).numpy(), expected, rtol=1e-5, atol=1e-6)
