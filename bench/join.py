@@ -162,28 +162,32 @@ class MinimalJoin(StatefulBatchLogic[BucketBatch, Any, None]):
 
     def on_batch(self, values: list[BucketBatch]) -> tuple[list[Any], bool]:
         out: list[Any] = []
-        features, actions = self.features, self.actions
         for b in values:
-            if b.partition.startswith("features"):
-                for e in b.events:
-                    k = f"{e.request_id}\x00{e.item_id}"
-                    a = actions.pop(k, None)
-                    if a is None:
-                        features[k] = e
-                    else:
-                        out.append((e, a))
-            else:
-                for e in b.events:
-                    k = f"{e.request_id}\x00{e.item_id}"
-                    f = features.pop(k, None)
-                    if f is None:
-                        actions[k] = e
-                    else:
-                        out.append((f, e))
+            pair(b, self.features, self.actions, out)
         return out, False
 
     def snapshot(self) -> None:
         return None
+
+
+def pair(b: BucketBatch, features: dict[str, Any], actions: dict[str, Any], out: list[Any]) -> None:
+    """The baselines' whole join: pair a batch's events with the other side's by join key."""
+    if b.partition.startswith("features"):
+        for e in b.events:
+            k = f"{e.request_id}\x00{e.item_id}"
+            a = actions.pop(k, None)
+            if a is None:
+                features[k] = e
+            else:
+                out.append((e, a))
+    else:
+        for e in b.events:
+            k = f"{e.request_id}\x00{e.item_id}"
+            f = features.pop(k, None)
+            if f is None:
+                actions[k] = e
+            else:
+                out.append((f, e))
 
 
 def dict_join(items: list[tuple[str, BucketBatch]]) -> int:
@@ -192,22 +196,7 @@ def dict_join(items: list[tuple[str, BucketBatch]]) -> int:
     actions: dict[str, Any] = {}
     out: list[Any] = []
     for _, b in items:
-        if b.partition.startswith("features"):
-            for e in b.events:
-                k = f"{e.request_id}\x00{e.item_id}"
-                a = actions.pop(k, None)
-                if a is None:
-                    features[k] = e
-                else:
-                    out.append((e, a))
-        else:
-            for e in b.events:
-                k = f"{e.request_id}\x00{e.item_id}"
-                f = features.pop(k, None)
-                if f is None:
-                    actions[k] = e
-                else:
-                    out.append((f, e))
+        pair(b, features, actions, out)
     return len(out)
 
 

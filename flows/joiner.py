@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Optional, Union
@@ -129,7 +129,10 @@ class JoinBucket:
         self._cache: dict[Key, Optional[_Entry]] = {}  # None: deleted, not yet flushed
         self._dirty: set[Key] = set()
         self._on_disk: set[Key] = set()  # keys of cached entries that the store holds too
-        self._heap: list[tuple[float, Key]] = []  # due times of entries not flushed yet
+        # Due times of entries not flushed yet. Input comes nearly in ts order, so most dues come in
+        # order too: those go to a FIFO (O(1)), the rest to a heap; expiry drains both.
+        self._heap: list[tuple[float, Key]] = []
+        self._fifo: deque[tuple[float, Key]] = deque()
         self._scan_from: Optional[tuple[float, bytes]] = None  # store's due index read up to here
         # key -> ids of its actions, oldest first (OrderedDict: popping the oldest is O(1); a dict's
         # next(iter()) walks every deleted slot at its front)
@@ -169,7 +172,11 @@ class JoinBucket:
     def _put(self, key: Key, entry: _Entry) -> None:
         self._cache[key] = entry
         self._dirty.add(key)
-        heapq.heappush(self._heap, (entry.due, key))
+        fifo = self._fifo
+        if not fifo or entry.due >= fifo[-1][0]:
+            fifo.append((entry.due, key))
+        else:
+            heapq.heappush(self._heap, (entry.due, key))
 
     def _drop(self, key: Key) -> None:
         if key in self._on_disk:
@@ -296,7 +303,12 @@ class JoinBucket:
         watermark = self.watermark
         examples: list[Example] = []
         dead: list[DeadLetter] = []
-        heap, cache = self._heap, self._cache
+        heap, fifo, cache = self._heap, self._fifo, self._cache
+        while fifo and fifo[0][0] <= watermark:
+            due, key = fifo.popleft()
+            entry = cache.get(key)
+            if entry is not None and entry.due == due:
+                self._expire(key, entry, examples, dead)
         while heap and heap[0][0] <= watermark:
             due, key = heapq.heappop(heap)
             entry = cache.get(key)
@@ -358,6 +370,7 @@ class JoinBucket:
             self._tag = tag
         self._dirty.clear()
         self._heap.clear()  # everything unflushed is now in the store's due index
+        self._fifo.clear()
         self.counts.spill_writes += len(writes)
         self.counts.flushes += 1
         self._stored = len(self.store)
@@ -386,6 +399,7 @@ class JoinBucket:
         self._dirty.clear()
         self._on_disk.clear()
         self._heap.clear()
+        self._fifo.clear()
         self._resolved.clear()
         self._scan_from = None
         self._stored = len(self.store)

@@ -8,6 +8,7 @@ into training examples (to the examples stream, and on to the steps after the jo
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from flows.spill import LmdbSpillStore
 from flows.trainer_step import TrainerLogic, TrainStepConfig
 
 log = logging.getLogger("freshrec.flow")
+_ts = operator.attrgetter("ts")
 
 JOIN_STREAMS = ("features", "actions")
 FREE_RUN_TICK_S = 1.0  # how often a bucket wakes itself while its watermark follows the wall clock
@@ -83,7 +85,8 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         for b in values:
             if b.events:
                 wm = self.clock.watermark
-                behind += sum(1 for e in b.events if e.ts < wm)
+                if min(map(_ts, b.events)) < wm:  # rare: count them only then
+                    behind += sum(1 for e in b.events if e.ts < wm)
                 if b.partition.startswith("features"):
                     out += bucket.on_features(b.events)
                 else:
