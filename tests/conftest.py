@@ -3,8 +3,13 @@
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.kafka_support import *  # noqa: F401,F403  (the kafka_bootstrap fixture)
+
+# Timings on these machines are noisy and never a test's verdict: no per-example deadlines.
+settings.register_profile("freshrec", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("freshrec")
 
 
 @pytest.fixture(autouse=True)
