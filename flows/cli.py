@@ -199,6 +199,33 @@ def cmd_train_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replica(args: argparse.Namespace) -> int:
+    """A serving replica: a full copy of `param-deltas` (compacted) into its own LMDB, then the deltas."""
+    import threading
+
+    from paramserver.replica import ParamDeltaReplica
+    from paramserver.serving import LmdbServingStore
+
+    config = _config(args)
+    store = LmdbServingStore(args.store, writer=True, name="replica")
+    stop = threading.Event()
+    try:
+        with ParamDeltaReplica(store, config.brokers, config.topic("param-deltas"),
+                               consumer_config=config.kafka_settings()) as replica:
+            n = replica.bootstrap(timeout_s=args.timeout)
+            st = store.stats()
+            print(f"replica {args.store} caught up: {n} records applied, params_version {st.params_version}, "
+                  f"primary version {st.source_version}, {st.entries} entries", flush=True)
+            if not args.once:
+                try:
+                    replica.run(stop)
+                except KeyboardInterrupt:
+                    stop.set()
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     config = _config(args)
     for f in dataclasses.fields(Config):
@@ -243,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=256)
     p.set_defaults(func=cmd_train_batch)
+
+    p = sub.add_parser("replica", parents=[flags],
+                       help="a serving replica fed by the param-deltas topic (a full copy, then the deltas)")
+    p.add_argument("--store", required=True, help="the replica's own LMDB serving store (a folder)")
+    p.add_argument("--once", action="store_true", help="stop once caught up with the topic's end")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds the full copy may take")
+    p.set_defaults(func=cmd_replica)
 
     p = sub.add_parser("settings", parents=[flags], help="print the settings in force, validated")
     p.set_defaults(func=cmd_settings)

@@ -44,6 +44,10 @@ class TrainStepConfig:
     sync_interval_s: float
     dense_interval_s: float
     window: int = 10_000
+    # On Kafka, every write to the serving store also goes to `param-deltas`, for replicas.
+    deltas_brokers: Optional[str] = None
+    deltas_topic: str = "param-deltas"
+    kafka_settings: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -102,7 +106,7 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
     def _open(self):
         from model.features import FeatureSpec
         from model.trainer import OnlineTrainer, parameter_store
-        from paramserver.serving import LmdbServingStore, ServingWriter
+        from paramserver.serving import KafkaDeltaProducer, LmdbServingStore, ServingWriter
         from paramserver.sync import DeltaSync
 
         cfg = self.cfg
@@ -123,7 +127,10 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
         if dense.arrays:
             trainer.load_dense_state(dense.arrays)
         store = LmdbServingStore(cfg.state_dir / "serving", writer=True)
-        sync = DeltaSync(params, ServingWriter(store), interval_s=cfg.sync_interval_s,
+        deltas = None
+        if cfg.deltas_brokers:
+            deltas = KafkaDeltaProducer(cfg.deltas_brokers, cfg.deltas_topic, dict(cfg.kafka_settings))
+        sync = DeltaSync(params, ServingWriter(store, deltas), interval_s=cfg.sync_interval_s,
                          dense_interval_s=cfg.dense_interval_s)
         keys = TrainedKeysLog(cfg.state_dir / "trainer" / "trained-keys.log")
         keys.cut_after(self.seq)
@@ -177,6 +184,7 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
             params, trainer, sync, _ = self._parts
             params.set_dense(trainer.dense_state())
             sync.sync(dense=True)
+            sync.writer.close()  # flushes what is still on its way to param-deltas
         return out, False
 
     def notify_at(self) -> Optional[datetime]:
