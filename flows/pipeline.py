@@ -24,7 +24,7 @@ from bytewax.outputs import Sink
 
 from flows.clock import BucketBatch, BucketClock, SourceBatch, route
 from flows.config import Config, ConfigError, ensure_state_dir
-from flows.events import Example
+from flows.events import DeadLetter, Example
 from flows.joiner import JoinBucket, JoinSettings
 from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher
 from flows.sinks import make_sink
@@ -40,6 +40,13 @@ FREE_RUN_TICK_S = 1.0  # how often a bucket wakes itself while its watermark fol
 EVICT_TO = 0.8  # after a flush under memory pressure, keep this fraction of the cache
 
 
+@dataclass(slots=True)
+class Impressions:
+    """Impressions with no logged score, forwarded on arrival so the trainer scores them then."""
+
+    events: list
+
+
 @dataclass(frozen=True)
 class JoinStepConfig:
     """What a bucket needs to build itself: picklable, closed over by the step's builder."""
@@ -49,6 +56,7 @@ class JoinStepConfig:
     state_dir: Path
     undo_keep: int
     settings: JoinSettings
+    forward_impressions: bool = False
 
 
 class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
@@ -89,6 +97,10 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
                     behind += sum(1 for e in b.events if e.ts < wm)
                 if b.partition.startswith("features"):
                     out += bucket.on_features(b.events)
+                    if self.cfg.forward_impressions:
+                        unscored = [e for e in b.events if e.score is None]
+                        if unscored:
+                            out.append(Impressions(unscored))
                 else:
                     out += bucket.on_actions(b.events)
             self.clock.observe(b.partition, b.progress, b.status, now)
@@ -144,6 +156,10 @@ def _is_example(x: Any) -> bool:
     return type(x) is Example
 
 
+def _is_dead(x: Any) -> bool:
+    return type(x) is DeadLetter
+
+
 def _request_id(x: Example) -> str:
     return x.request_id
 
@@ -187,18 +203,19 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     join_in = op.merge("join_in", *(batches[s] for s in JOIN_STREAMS))
     keyed = op.flat_map("route", join_in, partial(route, buckets=config.buckets))
     step = JoinStepConfig(partitions, config.lateness_s, config.state_dir, config.undo_keep,
-                          join_settings(config))
+                          join_settings(config), forward_impressions=config.train)
     joined = op.stateful_batch("join", keyed, lambda state: JoinLogic(step, state))
     outcomes = op.map("outcome", joined, lambda kv: kv[1])
-    split = op.branch("split", outcomes, _is_example)
+    dead_or_not = op.branch("split_dead", outcomes, _is_dead)
+    split = op.branch("split", dead_or_not.falses, _is_example)
     examples: Stream[Example] = split.trues
     op.output("out_examples", examples, make_sink("examples", config, key_of=_request_id))
-    dead = op.merge("all_dead", dead_in, split.falses)
+    dead = op.merge("all_dead", dead_in, dead_or_not.trues)
     op.output("out_dead_letter", dead, make_sink("dead-letter", config))
     if tap is not None:
         op.output("tap", examples, tap)
     if config.train:
-        to_trainer = op.key_on("to_trainer", examples, _trainer_key)
+        to_trainer = op.key_on("to_trainer", op.merge("train_in", examples, split.falses), _trainer_key)
         tcfg = train_step_config(config)
         reports = op.stateful_batch("train", to_trainer, lambda state: TrainerLogic(tcfg, state))
         op.inspect("trained", reports, _quiet)

@@ -12,11 +12,13 @@ import logging
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from bytewax.operators import StatefulBatchLogic
 from prometheus_client import Counter, Gauge
 
@@ -26,6 +28,9 @@ log = logging.getLogger("freshrec.trainer")
 
 TRAIN_EXAMPLES = Counter("freshrec_train_examples", "examples trained", ["worker"])
 TRAIN_STEPS = Counter("freshrec_train_steps", "train steps", ["worker"])
+PV_SCORES = Counter("freshrec_train_pv_scores", "progressive-validation scores by where they came from: "
+                    "logged by the model server, taken when the impression arrived, or at training",
+                    ["worker", "source"])
 TRAIN_LOSS = Gauge("freshrec_train_loss", "training loss of the last step", ["worker"])
 TRAIN_AUC = Gauge("freshrec_train_auc", "progressive-validation AUC over the sliding window", ["worker"])
 TRAIN_LOGLOSS = Gauge("freshrec_train_logloss", "progressive-validation log loss over the sliding window",
@@ -44,6 +49,7 @@ class TrainStepConfig:
     sync_interval_s: float
     dense_interval_s: float
     window: int = 10_000
+    max_arrival_scores: int = 1_000_000
     # On Kafka, every write to the serving store also goes to `param-deltas`, for replicas.
     deltas_brokers: Optional[str] = None
     deltas_topic: str = "param-deltas"
@@ -101,6 +107,9 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
         self.first_at: Optional[float] = None
         self.last_dense = 0.0
         self.worker = threading.current_thread().name
+        # Scores of impressions taken when they arrived (in memory only: after a resume, examples
+        # of impressions scored before it use the score at training).
+        self.arrival_scores: OrderedDict[str, float] = OrderedDict()
         self._parts: Optional[tuple[Any, Any, Any, Any]] = None
 
     def _open(self):
@@ -144,7 +153,14 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
         size = self.cfg.batch_size
         while self.buffer and (all_of_it or len(self.buffer) >= size):
             batch, self.buffer = self.buffer[:size], self.buffer[size:]
-            step = trainer.train(batch, now)
+            kept = self.arrival_scores
+            arrival = np.array([kept.pop(f"{e.request_id}\x00{e.item_id}", np.nan) for e in batch], np.float64)
+            step = trainer.train(batch, now, arrival_scores=arrival)
+            logged = sum(1 for e in batch if e.score is not None)
+            on_arrival = int(np.count_nonzero(~np.isnan(arrival))) - logged
+            PV_SCORES.labels(self.worker, "logged").inc(logged)
+            PV_SCORES.labels(self.worker, "on_arrival").inc(max(0, on_arrival))
+            PV_SCORES.labels(self.worker, "at_training").inc(len(batch) - logged - max(0, on_arrival))
             keys.write(self.seq + 1, batch)
             auc = trainer.validation.auc()
             TRAIN_EXAMPLES.labels(self.worker).inc(step.size)
@@ -161,8 +177,24 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
         sync.maybe_sync(now)
         return out
 
-    def on_batch(self, values: list[Example]) -> tuple[list[StepReport], bool]:
+    def _score_on_arrival(self, impressions: list) -> None:
+        """Score impressions with the model as it is now; kept by join key until their examples."""
+        trainer = (self._parts or self._open())[1]
+        scores = trainer.score(impressions)
+        kept = self.arrival_scores
+        for e, score in zip(impressions, scores.tolist(), strict=True):
+            kept[f"{e.request_id}\x00{e.item_id}"] = score
+        while len(kept) > self.cfg.max_arrival_scores:
+            kept.popitem(last=False)  # the oldest: its example falls back to the score at training
+
+    def on_batch(self, values: list[Any]) -> tuple[list[StepReport], bool]:
         now = time.time()
+        impressions = [e for v in values if type(v) is not Example for e in v.events]
+        if impressions:
+            self._score_on_arrival(impressions)
+            values = [v for v in values if type(v) is Example]
+            if not values:
+                return [], False
         if not self.buffer:
             self.first_at = now
         self.buffer.extend(values)

@@ -60,8 +60,12 @@ class OnlineTrainer:
     def _rows(self, batch, now: float, admit: bool = True) -> dict[str, np.ndarray]:
         return {s: self.params.pull(s, batch.slots[s].ids, now=now, admit=admit) for s in self.spec.slots}
 
-    def train(self, examples: Sequence[Any], now: Optional[float] = None) -> StepResult:
-        """One step on `examples` (training examples: label, weight, features, arrival times)."""
+    def train(self, examples: Sequence[Any], now: Optional[float] = None,
+              arrival_scores: Optional[np.ndarray] = None) -> StepResult:
+        """One step on `examples` (training examples: label, weight, features, arrival times).
+
+        `arrival_scores` (NaN where unknown) are this trainer's scores of the impressions when they
+        arrived, for progressive validation where the model server logged none."""
         now = time.time() if now is None else now
         batch = make_batch(examples, self.spec, [e.label for e in examples], [e.weight for e in examples])
         # Normalise with what was known before this batch, so its scores are taken before learning.
@@ -83,8 +87,12 @@ class OnlineTrainer:
             # examples of a batch, and the batch mean would shrink its steps by the batch size.
             self.params.push(s, slot.ids, grads[s] * len(examples), now=now, arrival=earliest)
         logged = np.array([e.score if e.score is not None else np.nan for e in examples], np.float64)
-        # Progressive validation prefers the score the model server logged when it served the
-        # impression; the trainer's own score before this step stands in where there is none.
+        # Progressive validation scores an impression with the model as it was when it happened: the
+        # score the model server logged; else the trainer's score when the impression arrived; else
+        # (a replay whose impressions came before the trainer could score them) its score before
+        # this step.
+        if arrival_scores is not None:
+            logged = np.where(np.isnan(logged), arrival_scores, logged)
         pv_scores = np.where(np.isnan(logged), scores, logged)
         self.validation.update(pv_scores, batch.labels)
         self.steps += 1

@@ -65,3 +65,28 @@ def test_every_example_is_trained_once_through_sigkills_and_resumes(tmp_path):
     keys = trained_keys(killed)
     assert set(keys) == set(examples), "an example was never trained"
     assert set(keys.values()) == {1}, f"trained twice: {[k for k, n in keys.items() if n > 1][:5]}"
+
+
+def pv_count(source: str) -> float:
+    from flows.trainer_step import PV_SCORES
+
+    return sum(m.value for m in PV_SCORES.collect()[0].samples
+               if m.name.endswith("_total") and m.labels["source"] == source)
+
+
+def test_impressions_without_a_logged_score_are_scored_when_they_arrive(tmp_path):
+    from bytewax.testing import TestingSink, run_main
+
+    from flows.pipeline import build_flow
+    from tests.helpers import config_for
+
+    write_sample(tmp_path / "data", requests=300, per_request=5, seed=2, malformed=False)
+    config = config_for(tmp_path, train=1, train_batch=64)
+    before = {s: pv_count(s) for s in ("logged", "on_arrival", "at_training")}
+    out = []
+    run_main(build_flow(config, tap=TestingSink(out)))
+    got = {s: pv_count(s) - before[s] for s in before}
+    # The sample's impressions carry no serving score: every one was scored on arrival, by the
+    # model as it was then, before its example came.
+    assert got == {"logged": 0, "on_arrival": len(out), "at_training": 0}
+    assert len(out) == 1500
