@@ -1,0 +1,82 @@
+"""train.in_flow: the trainer step inside a Bytewax dataflow (mini-batching, pushes, the sync to
+the serving store, checkpoints at snapshots), against the same train step in a plain loop over
+pre-built batches of the same examples, run beside it."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+from bench import Figure, benchmark, compared
+from flows.events import Example
+from flows.trainer_step import TrainerLogic, TrainStepConfig
+from model.features import FeatureSpec
+from model.trainer import OnlineTrainer, parameter_store
+
+BATCH = 256
+SPEC = FeatureSpec(item_slots=("author", "tags"), dim=16)
+
+
+def examples(n: int, seed: int = 3) -> list[Example]:
+    rng = random.Random(seed)
+    tags = ["dance", "cat", "food", "travel", "music", "sport"]
+    out = []
+    for i in range(n):
+        u, v = rng.randrange(5000), rng.randrange(20000)
+        out.append(Example(request_id=f"r{i}", user_id=f"u{u}", item_id=f"v{v}", ts=1764288000.0 + i,
+                           label_ts=1764288001.0 + i, label=int(rng.random() < 0.3), actions=[], weight=1.0,
+                           position=i % 10, score=None, model_version=None,
+                           sparse={"author": f"a{v % 900}", "tags": rng.sample(tags, 2)}, dense={},
+                           label_received_at=1764288002.0 + i))
+    return out
+
+
+def standalone(batch: list[Example]) -> float:
+    trainer = OnlineTrainer(SPEC, parameter_store(SPEC))
+    t0 = time.perf_counter()
+    for i in range(0, len(batch), BATCH):
+        trainer.train(batch[i:i + BATCH])
+    return len(batch) / (time.perf_counter() - t0)
+
+
+def in_flow(batch: list[Example]) -> float:
+    state = Path(tempfile.mkdtemp(prefix="freshrec-bench-train-"))
+    try:
+        cfg = TrainStepConfig(state_dir=state, batch_size=BATCH, max_wait_s=0.2, user_slots=(),
+                              item_slots=SPEC.item_slots, dense=(), dim=SPEC.dim, sync_interval_s=0.2,
+                              dense_interval_s=10.0)
+        flow = Dataflow("bench_train")
+        keyed = op.key_on("key", op.input("in", flow, TestingSource(batch, batch_size=BATCH)), lambda e: "trainer")
+        reports = op.stateful_batch("train", keyed, lambda s: TrainerLogic(cfg, s))
+        out: list = []
+        op.output("out", reports, TestingSink(out))
+        t0 = time.perf_counter()
+        run_main(flow)
+        seconds = time.perf_counter() - t0
+        trained = sum(r.examples for _, r in out)
+        assert trained == len(batch), f"the step trained {trained} of {len(batch)}"
+        return len(batch) / seconds
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@benchmark("train.in_flow")
+def train_in_flow(quick: bool) -> Iterator[Figure]:
+    batch = examples(8_000 if quick else 50_000)
+    standalone(batch[:2 * BATCH])  # TensorFlow's one-time start-up stays out of both figures
+    ours, base = [], []
+    for _ in range(2 if quick else 3):
+        base.append(standalone(batch))
+        ours.append(in_flow(batch))
+    ours.sort()
+    base.sort()
+    yield compared("train.in_flow", "examples/s", ours[len(ours) // 2], "the train step in a plain loop",
+                   base[len(base) // 2])
