@@ -80,3 +80,40 @@ def train_in_flow(quick: bool) -> Iterator[Figure]:
     base.sort()
     yield compared("train.in_flow", "examples/s", ours[len(ours) // 2], "the train step in a plain loop",
                    base[len(base) // 2])
+
+
+def _river_features(e: Example) -> dict[str, float]:
+    x = {f"user_id={e.user_id}": 1.0, f"item_id={e.item_id}": 1.0}
+    for k, v in e.sparse.items():
+        for one in [v] if isinstance(v, str) else v:
+            x[f"{k}={one}"] = 1.0
+    return x
+
+
+@benchmark("train.vs_river", "train.vs_river_auc_ours", "train.vs_river_auc_river")
+def train_vs_river(quick: bool) -> Iterator[Figure]:
+    """`freshrec eval movielens`'s online pass (its default batch) against River's factorization
+    machine given the same fields, predict-then-learn over the same events in time order."""
+    import numpy as np
+    from river import facto
+
+    from model.datasets import MOVIELENS_SPEC, movielens_100k
+    from model.evaluate import online
+    from model.evaluation import roc_auc
+
+    events = movielens_100k()[: 20_000 if quick else 100_000]
+    spec = FeatureSpec(MOVIELENS_SPEC["user_slots"], MOVIELENS_SPEC["item_slots"], (), 16)
+    ours = online(events, spec, batch_size=8)
+    fm = facto.FMClassifier(n_factors=10, seed=1)
+    scores = np.empty(len(events))
+    t0 = time.perf_counter()
+    for i, e in enumerate(events):
+        x = _river_features(e)
+        scores[i] = fm.predict_proba_one(x).get(True, 0.5)
+        fm.learn_one(x, bool(e.label))
+    river_rate = len(events) / (time.perf_counter() - t0)
+    half = len(events) // 2
+    labels = np.array([e.label for e in events])
+    yield compared("train.vs_river", "events/s", ours.examples_per_s, "River FMClassifier", river_rate)
+    yield Figure("train.vs_river_auc_ours", ours.auc_second_half, "AUC, 2nd half")
+    yield Figure("train.vs_river_auc_river", roc_auc(scores[half:], labels[half:]), "AUC, 2nd half")
