@@ -148,10 +148,6 @@ def _dead_letters(batch: SourceBatch) -> list:
     return batch.dead
 
 
-def _events(batch: SourceBatch) -> list:
-    return batch.events
-
-
 def _is_example(x: Any) -> bool:
     return type(x) is Example
 
@@ -219,8 +215,8 @@ def build_flow(config: Config, *, tap: Sink | None = None,
         tcfg = train_step_config(config)
         reports = op.stateful_batch("train", to_trainer, lambda state: TrainerLogic(tcfg, state))
         op.inspect("trained", reports, _quiet)
-    # Catalog updates go to the serving store in [serving]; until then they are validated only.
-    op.flat_map("items", batches["items"], _events)
+    # Item events are read and validated (their dead letters above); the catalog they update in the
+    # serving store comes with the model server.
     return flow
 
 
