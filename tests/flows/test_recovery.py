@@ -48,6 +48,26 @@ def bytewax_run(env: dict, *args: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def run_with_kills(env: dict, recovery: Path, times: int, delay, timeout: float = 900) -> int:
+    """Run the flow with Bytewax recovery, SIGKILL it after `delay()` seconds up to `times` times
+    (fewer if it ends first), then let it run to its end; returns how many kills landed."""
+    recovery.mkdir()
+    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
+    args = ("-r", str(recovery), "-s", "1", "-b", "0")
+    kills = 0
+    for _ in range(times):
+        p = bytewax_run(env, *args)
+        time.sleep(delay())
+        if p.poll() is not None:
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+    p = bytewax_run(env, *args)
+    assert p.wait(timeout=timeout) == 0, p.stderr.read().decode()[-3000:]
+    return kills
+
+
 def read_stream(base: Path, stream: str) -> list[dict]:
     out = []
     for p in sorted((base / "data" / stream).glob("*.jsonl")):
@@ -79,21 +99,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_repeats_only_interrupted_ep
     expected = by_key(read_stream(first, "examples"))
     assert len(expected) == 60000 and all(len(v) == 1 for v in expected.values())
 
-    recovery = again / "recovery"
-    recovery.mkdir()
-    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
-    env = flow_env(again)
-    kills = 0
-    for _ in range(5):
-        p = bytewax_run(env, "-r", str(recovery), "-s", "1", "-b", "0")
-        time.sleep(rng.uniform(0.15, 0.3) * straight_s)
-        if p.poll() is not None:
-            break
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        kills += 1
-    p = bytewax_run(env, "-r", str(recovery), "-s", "1", "-b", "0")
-    assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-3000:]
+    kills = run_with_kills(flow_env(again), again / "recovery", 5,
+                           lambda: rng.uniform(0.15, 0.3) * straight_s)
     assert kills == 5, f"the flow ran too fast to be killed mid-stream ({straight_s:.1f} s)"
 
     got = by_key(read_stream(again, "examples"))

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 
 import pytest
 
 from flows.sample import write_sample
-from tests.flows.test_recovery import by_key, bytewax_run, flow_env, read_stream
+from tests.flows.test_recovery import by_key, bytewax_run, flow_env, read_stream, run_with_kills
 
 pytestmark = pytest.mark.slow
 
@@ -49,19 +46,8 @@ def test_every_example_is_trained_once_through_sigkills_and_resumes(tmp_path):
     assert users
     store.close()
 
-    recovery = killed / "recovery"
-    recovery.mkdir()
-    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
-    env = flow_env(killed, FRESHREC_TRAIN="1", FRESHREC_TRAIN_BATCH="64")
-    for _ in range(3):
-        p = bytewax_run(env, "-r", str(recovery), "-s", "1", "-b", "0")
-        time.sleep(rng.uniform(0.5, 0.9) * straight_s)
-        if p.poll() is not None:
-            break
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    p = bytewax_run(env, "-r", str(recovery), "-s", "1", "-b", "0")
-    assert p.wait(timeout=900) == 0, p.stderr.read().decode()[-3000:]
+    run_with_kills(flow_env(killed, FRESHREC_TRAIN="1", FRESHREC_TRAIN_BATCH="64"), killed / "recovery", 3,
+                   lambda: rng.uniform(0.5, 0.9) * straight_s)
     keys = trained_keys(killed)
     assert set(keys) == set(examples), "an example was never trained"
     assert set(keys.values()) == {1}, f"trained twice: {[k for k, n in keys.items() if n > 1][:5]}"
