@@ -220,6 +220,7 @@ class KafkaEventLog:
         await asyncio.get_running_loop().run_in_executor(None, close)
         self._stop.set()
         self._thread.join()
+        self._producer = None  # librdkafka's threads (and reconnects) end with the last reference
 
 
 class _Refused:

@@ -456,14 +456,15 @@ def openapi_document() -> dict:
             "request_id": _id("the request that served the item"),
             "user_id": _id("the user"),
             "item_id": _id("the item"),
-            "ts": {"type": "number", "exclusiveMinimum": 0, "maximum": 4102444800,
+            "ts": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 4102444800,
                    "description": "event time, seconds since the Unix epoch; at most "
                                   "FRESHREC_MAX_FUTURE_S ahead of the server's clock"},
             "action": {"type": "string", "enum": ["click", "like", "share", "comment", "follow", "finish",
                                                   "purchase", "watch", "skip", "dislike"]},
-            "value": {"type": "number", "description": "finite, e.g. seconds watched"},
-            "event_id": {"type": "string", "description": "a retry carries the same one"},
-            "received_at": {"type": "number", "exclusiveMinimum": 0,
+            # The flow's parser takes null for an optional field, as if it were absent.
+            "value": {"type": "number", "nullable": True, "description": "finite, e.g. seconds watched"},
+            "event_id": {"type": "string", "nullable": True, "description": "a retry carries the same one"},
+            "received_at": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "nullable": True,
                             "description": "replaced by the server's arrival time"},
         },
     }

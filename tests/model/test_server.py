@@ -335,8 +335,8 @@ def test_actions_and_feature_events_land_on_their_topics(tmp_path, kafka_bootstr
         wait_for(lambda: "freshrec_serve_feature_events_written_total 4.0" in call(s.url, "GET", "/metrics")[2],
                  what="feature events delivered")
     actions = consume_all(kafka_bootstrap, prefix + "actions")  # 202 means delivered: no waiting
-    assert [(m.key(), parse("actions", m.value(), 0).item_id) for m in actions] == [(b"r1", "v1"), (b"r2", "v2")]
+    assert [(m.key(), parse("actions", m.value(), time.time()).item_id) for m in actions] == [(b"r1", "v1"), (b"r2", "v2")]
     features = consume_all(kafka_bootstrap, prefix + "features")
-    parsed = [parse("features", m.value(), 0) for m in features]
+    parsed = [parse("features", m.value(), time.time()) for m in features]
     assert all(m.key() == rec["request_id"].encode() for m in features)
     assert [(e.item_id, e.position) for e in parsed] == [(i["item_id"], n) for n, i in enumerate(rec["items"])]
