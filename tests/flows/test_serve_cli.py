@@ -69,3 +69,47 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path):
     features = [e for good, _ in read_stream(tmp_path / "data" / "features", "features") for e in good]
     actions = [e for good, _ in read_stream(tmp_path / "data" / "actions", "actions") for e in good]
     assert len(features) == 3 and [a.request_id for a in actions] == ["r1"]
+
+
+@pytest.mark.kafka
+def test_serve_as_a_replica_follows_param_deltas(tmp_path, kafka_bootstrap):
+    import uuid
+
+    from flows.kafka_local import create_topics
+    from paramserver.serving import KafkaDeltaProducer, LmdbServingStore, ServingWriter
+
+    prefix = f"t{uuid.uuid4().hex[:8]}-"
+    deltas = prefix + "param-deltas"
+    create_topics(kafka_bootstrap, {deltas: 1, prefix + "actions": 1, prefix + "features": 1}, compacted=[deltas])
+    primary = LmdbServingStore(tmp_path / "primary", writer=True, name="primary-serve")
+    producer = KafkaDeltaProducer(kafka_bootstrap, deltas)
+    writer = ServingWriter(primary, producer)
+    writer.write(items={f"v{i}": {"item_id": f"v{i}", "ts": 1.0 + i} for i in range(5)})
+    assert producer.flush() == 0
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--port", "0", "--replica", "--store", str(tmp_path / "replica"),
+         "--source", "kafka", "--brokers", kafka_bootstrap, "--topic-prefix", prefix,
+         "--state-dir", str(tmp_path / "state"), "--recommender", "tests.model.serving_fakes:build_store_recommender"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
+        url = line.split()[2]
+        from tests.model.serving_fakes import wait_for
+
+        wait_for(lambda: call(url, "GET", "/healthz")[2]["items"] == 5, what="the replica's copy")
+        writer.write(items={"v9": {"item_id": "v9", "ts": 9.0}})
+        assert producer.flush() == 0
+        wait_for(lambda: call(url, "GET", "/healthz")[2]["params_version"] == primary.params_version(),
+                 what="the replica following the deltas")
+        assert call(url, "GET", "/healthz")[2]["items"] == 6
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        primary.close()

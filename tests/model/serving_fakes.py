@@ -82,3 +82,21 @@ def wait_for(condition, timeout_s: float = 20.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+class StoreRecommender(ListRecommender):
+    """Reports the version of the serving store it reads, as a real recommender does."""
+
+    def __init__(self, store: Any):
+        super().__init__()
+        self.store = store
+
+    def health(self) -> Health:
+        return Health(params_version=self.store.params_version(), dense_version=self.store.dense_version(),
+                      items=len(self.store.keys(b"item/")), freshness_ms=None, staleness_ms=None)
+
+
+def build_store_recommender(config: Config, store: Any = None) -> StoreRecommender:
+    if store is None:
+        raise ValueError("this test recommender needs the replica's store (--replica)")
+    return StoreRecommender(store)
