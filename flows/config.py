@@ -84,6 +84,13 @@ def _names(name: str, raw: str) -> tuple:
     return names
 
 
+def _token(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value and not all(33 <= ord(c) < 127 for c in value):
+        raise ConfigError(f"{name}: a bearer token takes printable ASCII characters without spaces")
+    return value
+
+
 def _path(name: str, raw: str) -> Path:
     return Path(_text(name, raw))
 
@@ -157,6 +164,13 @@ class Config:
                                  "prefix of every Kafka topic name (several deployments on one cluster)")
     kafka_config: str = _setting("FRESHREC_KAFKA_CONFIG", "{}", _text,
                                  "JSON object of extra librdkafka settings (SASL, TLS), passed through")
+    serve_refresh_ms: float = _setting("FRESHREC_SERVE_REFRESH_MS", "100", _number(float, 1),
+                                       "the model server brings its item vectors up to the serving store this often")
+    serve_delivery_timeout_ms: int = _setting("FRESHREC_SERVE_DELIVERY_TIMEOUT_MS", "5000", _number(int, 100, 600_000),
+                                              "the model server answers 503 when Kafka has not acknowledged a "
+                                              "write within this long")
+    api_token: str = _setting("FRESHREC_API_TOKEN", "", _token,
+                              "(empty: none) a bearer token that `POST /actions` requires")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
