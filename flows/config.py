@@ -74,6 +74,17 @@ def _optional_number(name: str, raw: str) -> Optional[float]:
     return _number(float, 0)(name, raw)
 
 
+def _port(name: str, raw: str) -> Optional[int]:
+    """A TCP port, or None for `off`/`0`."""
+    if raw.strip().lower() in ("off", "0", "none", ""):
+        return None
+    return _number(int, 1, 65535)(name, raw)
+
+
+def _secret(name: str, raw: str) -> Optional[str]:
+    return raw.strip() or None
+
+
 def _names(name: str, raw: str) -> tuple:
     names = tuple(n.strip() for n in raw.split(",") if n.strip())
     bad = [n for n in names if not n.replace("_", "").replace("-", "").isalnum()]
@@ -157,6 +168,11 @@ class Config:
                                  "prefix of every Kafka topic name (several deployments on one cluster)")
     kafka_config: str = _setting("FRESHREC_KAFKA_CONFIG", "{}", _text,
                                  "JSON object of extra librdkafka settings (SASL, TLS), passed through")
+    metrics_port: Optional[int] = _setting("FRESHREC_METRICS_PORT", "9464", _port,
+                                           "each flow process serves /metrics and /graph on 127.0.0.1 at this "
+                                           "port plus its Bytewax process id (`-i`); `off` or `0`: none")
+    api_token: Optional[str] = _setting("FRESHREC_API_TOKEN", "", _secret,
+                                        "bearer token for POST /actions and the dashboard (off by default)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
