@@ -29,6 +29,7 @@ log = logging.getLogger("freshrec.dashboard")
 PAGE = Path(__file__).with_name("dashboard.html")
 MODEL_SERVER = "http://127.0.0.1:8000/metrics"
 BYTEWAX_API = "http://127.0.0.1:3030/metrics"
+SCRAPE_TASK = web.AppKey("scrape", asyncio.Task)
 FRESHNESS_WINDOW = 10  # scrapes over which freshness quantiles are taken
 
 
@@ -320,10 +321,10 @@ def make_app(scraper: Scraper, token: Optional[str] = None) -> web.Application:
         return web.json_response({"status": "ok", "scrapes": scraper.scrapes})
 
     async def start(app: web.Application) -> None:
-        app["scrape"] = asyncio.create_task(scraper.run())
+        app[SCRAPE_TASK] = asyncio.create_task(scraper.run())
 
     async def stop(app: web.Application) -> None:
-        app["scrape"].cancel()
+        app[SCRAPE_TASK].cancel()
 
     app = web.Application()
     app.router.add_get("/", index)
