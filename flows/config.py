@@ -171,6 +171,8 @@ class Config:
     metrics_port: Optional[int] = _setting("FRESHREC_METRICS_PORT", "9464", _port,
                                            "each flow process serves /metrics and /graph on 127.0.0.1 at this "
                                            "port plus its Bytewax process id (`-i`); `off` or `0`: none")
+    metrics_host: str = _setting("FRESHREC_METRICS_HOST", "127.0.0.1", _text,
+                                 "address the flow's metrics servers bind (`0.0.0.0` in a container only)")
     api_token: Optional[str] = _setting("FRESHREC_API_TOKEN", "", _secret,
                                         "bearer token for POST /actions and the dashboard (off by default)")
 

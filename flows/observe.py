@@ -112,7 +112,7 @@ class MetricsServer:
 _SERVER: Optional[MetricsServer] = None
 
 
-def serve_metrics(base_port: Optional[int], flow: Any = None) -> Optional[MetricsServer]:
+def serve_metrics(base_port: Optional[int], flow: Any = None, host: str = HOST) -> Optional[MetricsServer]:
     """Start (once per process) the metrics server on `base_port` + this process's id.
 
     A port already taken is logged, not fatal: the flow matters more than its metrics.
@@ -127,10 +127,10 @@ def serve_metrics(base_port: Optional[int], flow: Any = None) -> Optional[Metric
     pid = process_id()
     port = base_port + pid
     try:
-        _SERVER = MetricsServer(port, graph_of(flow) if flow is not None else None, pid)
+        _SERVER = MetricsServer(port, graph_of(flow) if flow is not None else None, pid, host)
     except OSError as e:
         log.warning("FRESHREC_METRICS_PORT: cannot serve metrics on %s:%d (%s); the flow runs without them",
-                    HOST, port, e.strerror)
+                    host, port, e.strerror)
         return None
-    log.info("metrics of process %d on http://%s:%d/metrics (graph at /graph)", pid, HOST, _SERVER.port)
+    log.info("metrics of process %d on http://%s:%d/metrics (graph at /graph)", pid, host, _SERVER.port)
     return _SERVER

@@ -227,7 +227,7 @@ def main_flow() -> Dataflow:
     try:
         config = Config.from_env()
         flow = build_flow(config)
-        serve_metrics(config.metrics_port, flow)  # one port per process: bytewax.run imports this in each
+        serve_metrics(config.metrics_port, flow, config.metrics_host)  # one port per process: bytewax.run imports this in each
         return flow
     except ConfigError as e:
         raise SystemExit(f"freshrec: configuration error: {e}") from None
