@@ -299,6 +299,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store.close()
     if failed:
         print(f"freshrec serve: the replica failed: {failed[0]}", file=sys.stderr)
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """The live dashboard: scrapes the flow's processes and the model server, serves one page."""
+    import asyncio
+
+    from flows.dashboard import Scraper, Target, default_targets, serve
+
+    config = _config(args)
+    urls = ([u.strip() for u in args.targets.split(",") if u.strip()] if args.targets else
+            default_targets(config.metrics_port, args.processes, bool(os.environ.get("BYTEWAX_DATAFLOW_API_ENABLED"))))
+    scraper = Scraper([Target(u) for u in urls], interval_s=args.interval, history=args.history,
+                      token=config.api_token, serving_dir=config.state_dir / "serving")
+    try:
+        asyncio.run(serve(scraper, args.host, args.port, config.api_token))
+    except OSError as e:
+        print(f"freshrec dashboard: cannot listen on {args.host}:{args.port} ({e.strerror})", file=sys.stderr)
         return 1
     return 0
 
@@ -371,6 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None,
                    help="with --replica: the replica's LMDB serving store [default $FRESHREC_STATE_DIR/serving-replica]")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("dashboard", parents=[flags], help="a live dashboard of the flow and the model server",
+                       epilog="Default targets: the flow's metrics port(s) (FRESHREC_METRICS_PORT + process id), "
+                              "the model server's http://127.0.0.1:8000/metrics, and Bytewax's API server "
+                              "(127.0.0.1:3030) when BYTEWAX_DATAFLOW_API_ENABLED is set.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8050, help="port to listen on (0: any free one, printed)")
+    p.add_argument("--targets", default="", help="comma-separated /metrics addresses to scrape (replaces the defaults)")
+    p.add_argument("--processes", type=int, default=1, help="flow processes (-i 0..N-1) to scrape by default")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
+    p.add_argument("--history", type=int, default=600, help="scrapes kept (the charts' width)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("settings", parents=[flags], help="print the settings in force, validated")
     p.set_defaults(func=cmd_settings)

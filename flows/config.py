@@ -74,6 +74,13 @@ def _optional_number(name: str, raw: str) -> Optional[float]:
     return _number(float, 0)(name, raw)
 
 
+def _port(name: str, raw: str) -> Optional[int]:
+    """A TCP port, or None for `off`/`0`."""
+    if raw.strip().lower() in ("off", "0", "none", ""):
+        return None
+    return _number(int, 1, 65535)(name, raw)
+
+
 def _names(name: str, raw: str) -> tuple:
     names = tuple(n.strip() for n in raw.split(",") if n.strip())
     bad = [n for n in names if not n.replace("_", "").replace("-", "").isalnum()]
@@ -170,7 +177,12 @@ class Config:
                                               "the model server answers 503 when Kafka has not acknowledged a "
                                               "write within this long")
     api_token: str = _setting("FRESHREC_API_TOKEN", "", _token,
-                              "(empty: none) a bearer token that `POST /actions` requires")
+                              "(empty: none) a bearer token that `POST /actions` and the dashboard require")
+    metrics_port: Optional[int] = _setting("FRESHREC_METRICS_PORT", "9464", _port,
+                                           "each flow process serves /metrics and /graph on 127.0.0.1 at this "
+                                           "port plus its Bytewax process id (`-i`); `off` or `0`: none")
+    metrics_host: str = _setting("FRESHREC_METRICS_HOST", "127.0.0.1", _text,
+                                 "address the flow's metrics servers bind (`0.0.0.0` in a container only)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
