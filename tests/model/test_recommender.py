@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flows.events import Example
+from model import recommender as rec
 from model.features import DenseNormalizer, FeatureSpec, make_batch
 from model.graph import TwoTowerRanker
 from model.recommender import ItemIndex, NumpyRanker, StoreRecommender, cold_start_scores
@@ -413,3 +414,18 @@ def test_training_on_a_users_likes_moves_that_authors_items_up_for_them(tmp_path
     assert all(s.sparse["author"] == "a1" for s in top.items)
     assert top.model_version != version_before
     store.close()
+
+
+@pytest.mark.parametrize("n,c", [(50_000, 300), (50_000, 1), (200_000, 1000), (20_000, 5000), (30_000, 100)])
+def test_the_sampled_threshold_selects_exactly_argpartitions_top(n, c):
+    rng = np.random.default_rng(n + c)
+    scores = rng.standard_normal(n).astype(np.float32)
+    scores[rng.integers(n, size=n // 10)] = -np.inf  # excluded and free positions
+    scores[rng.integers(n, size=50)] = 3.0  # ties
+    scores[: n // 7] = np.sort(scores[: n // 7])  # a sorted stretch: no luck from the stride
+    got = rec._largest(scores, c)
+    assert len(got) == c and len(set(got.tolist())) == c
+    want = np.argpartition(scores, n - c)[n - c:]
+    np.testing.assert_array_equal(np.sort(scores[got]), np.sort(scores[want]))
+    top = rec._top(scores, c, np.zeros(0, np.int64))
+    np.testing.assert_array_equal(scores[top], np.sort(scores[want])[::-1])
