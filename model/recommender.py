@@ -362,17 +362,24 @@ class ItemIndex:
                 ids[at], entries[at] = item_id, e
                 touched.add(item_id)
         cap = len(ids)
-        live, emb, raw_dense = _grown(live, cap, False), _grown(snap.emb, cap), _grown(snap.raw_dense, cap)
-        bias, counts = _grown(snap.bias, cap, -np.inf), _grown(snap.counts, cap)
-        live[removed] = False
-        bias[removed] = -np.inf
+        # Copies of what changes, never writes into arrays a reader may hold; with only rows
+        # changed, the catalog's own arrays (live, dense features, counts, cold scores) are shared.
+        emb, bias = _grown(snap.emb, cap), _grown(snap.bias, cap, -np.inf)
+        live, raw_dense, counts, cold = snap.live, snap.raw_dense, snap.counts, snap.cold
+        if changed_items:
+            live, raw_dense, counts = _grown(live, cap, False), _grown(raw_dense, cap), _grown(counts, cap)
+            live[removed] = False
+            bias[removed] = -np.inf
         where = np.fromiter((pos[i] for i in sorted(touched)), np.int64, len(touched))
         if len(where):
-            got = [entries[p] for p in where]
-            live[where] = True
-            emb[where], bias[where] = self._pool(got)
-            raw_dense[where] = self._raw_dense(got)
-            counts[where] = self._counts(got)
+            emb[where], bias[where] = self._pool([entries[p] for p in where])
+        if changed_items:
+            at = np.fromiter((pos[i] for i in sorted(changed_items & pos.keys())), np.int64)
+            got = [entries[p] for p in at]
+            live[at] = True
+            raw_dense[at] = self._raw_dense(got)
+            counts[at] = self._counts(got)
+            cold = _cold(live, counts)
         if model is None:
             vectors = np.zeros((cap, 0), np.float32)
         elif dense_moved or snap.model is None:
@@ -383,7 +390,7 @@ class ItemIndex:
             if len(where):
                 vectors[where] = self._vectors(model, emb[where], raw_dense[where])
         self.snapshot = IndexSnapshot(version, dense_version, model, ids, pos, entries, live, emb, raw_dense,
-                                      vectors, bias, counts, _cold(live, counts))
+                                      vectors, bias, counts, cold)
         return len(where)
 
     # -- the numbers -----------------------------------------------------------------------------
