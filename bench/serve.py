@@ -13,12 +13,13 @@ one writer, for this benchmark and the HTTP ones. Then, one request after anothe
 
 from __future__ import annotations
 
+import multiprocessing
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,6 +103,19 @@ def build_catalog_store(path: str | Path, n_items: int, spec: FeatureSpec = SPEC
     return Catalog(Path(path), items, users)
 
 
+def write_rows(path: str, n_items: int, stop: Any, every_s: float = 0.2, rows: int = 1000) -> None:
+    """In a process of its own, as the flow's sync: `rows` random item rows every `every_s`."""
+    store = LmdbServingStore(path, writer=True)
+    try:
+        w = ServingWriter(store)
+        g = np.random.default_rng(2)
+        while not stop.wait(every_s):
+            ids = list(dict.fromkeys(f"v{i}" for i in g.integers(n_items, size=rows)))
+            w.write([_rows("item_id", ids, g.standard_normal((len(ids), SPEC.dim)) * 0.3)])
+    finally:
+        store.close()
+
+
 def _as_list(v) -> list[str]:
     return [v] if isinstance(v, str) else list(v)
 
@@ -119,7 +133,7 @@ def recommend_core(quick: bool) -> Iterator[Figure]:
     n_requests = 300 if quick else 3_000
     with tempfile.TemporaryDirectory(prefix="freshrec-bench-serve-") as tmp:
         cat = build_catalog_store(Path(tmp) / "serving", n_items, SPEC, seed=0)
-        store = LmdbServingStore(cat.path, writer=True)  # writer too: the refreshing phase writes rows
+        store = LmdbServingStore(cat.path)  # read-only, as the model server opens it
         try:
             t0 = time.perf_counter()
             r = StoreRecommender(store, SPEC)
@@ -157,17 +171,10 @@ def recommend_core(quick: bool) -> Iterator[Figure]:
             yield compared("serve.recommend_core_rate", "req/s", len(a) / sum(a), "numpy V@u+argpartition",
                            len(b) / sum(b))
 
-            stop = threading.Event()
-
-            def write_rows() -> None:
-                w = ServingWriter(store)
-                g = np.random.default_rng(2)
-                while not stop.wait(0.2):
-                    ids = [cat.item_ids[i] for i in g.integers(n_items, size=1000)]
-                    w.write([_rows("item_id", list(dict.fromkeys(ids)),
-                                   g.standard_normal((len(dict.fromkeys(ids)), SPEC.dim)) * 0.3)])
-
-            writer = threading.Thread(target=write_rows, daemon=True)
+            # The flow writes from its own process, as in production: no GIL shared with it.
+            ctx = multiprocessing.get_context("spawn")
+            stop = ctx.Event()
+            writer = ctx.Process(target=write_rows, args=(str(cat.path), n_items, stop), daemon=True)
             writer.start()
             r.start(0.2)
             try:
@@ -175,7 +182,7 @@ def recommend_core(quick: bool) -> Iterator[Figure]:
             finally:
                 stop.set()
                 r.stop()
-                writer.join()
+                writer.join(30)
             yield compared("serve.recommend_core_p99_refreshing", "ms", _p99(busy), "recommend_core_p99 quiet",
                            _p99(a))
             yield Figure("serve.index_build", n_items / build_s, "items/s")
