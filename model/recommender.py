@@ -635,7 +635,9 @@ def _largest(scores: np.ndarray, c: int) -> np.ndarray:
     if c >= n:
         return np.arange(n)
     step = n // _SAMPLE
-    if step >= 4 and 2 * c * _SAMPLE < n:
+    # Worth it while about 2c candidates are a small part of the catalog (k=100 over 100,000 items
+    # keeps 300 candidates: the full selection was a third of a request).
+    if step >= 4 and 16 * c < n:
         sample = scores[::step]
         r = min(len(sample) - 1, 2 * c * len(sample) // n + 8)  # rank from the top, about 2c of n above
         threshold = np.partition(sample, len(sample) - 1 - r)[len(sample) - 1 - r]
