@@ -207,9 +207,10 @@ def bare_topk(store_path: Path, users: list[str], n: int) -> np.ndarray:
 
 
 def find_max_rate(url: str, users: list[str], duration_s: float, bisections: int, start: float = 100.0,
-                  cap: float = 5000.0, log: list[Run] | None = None) -> float:
+                  cap: float = 5000.0, floor: float = 10.0, log: list[Run] | None = None) -> float:
     """The highest rate (req/s) whose run keeps p99 within TARGET_MS and answers every request:
-    up by half while it holds, then bisected between the last that held and the first that did not."""
+    up by half while it holds (down by halves if the start does not), then bisected between the
+    last that held and the first that did not; 0 when not even `floor` holds."""
     def holds(rate: float) -> bool:
         run = asyncio.run(open_loop(url, users, rate, duration_s, seed=int(rate)))
         if log is not None:
@@ -225,6 +226,14 @@ def find_max_rate(url: str, users: list[str], duration_s: float, bisections: int
         good, rate = rate, rate * 1.5
     if bad is None:
         return good
+    while good == 0.0 and bad > floor:  # not even the start held: down by halves first
+        rate = bad / 2
+        if holds(rate):
+            good = rate
+        else:
+            bad = rate
+    if good == 0.0:
+        return 0.0
     for _ in range(bisections):
         mid = (good + bad) / 2
         if holds(mid):
