@@ -156,6 +156,11 @@ class World:
 
     # -- time -----------------------------------------------------------------------------------
 
+    def start_at(self, ts: float) -> None:
+        """Set the clock to `ts` without evolving: a run starts the world at its own start time."""
+        with self._lock:
+            self.clock = float(ts)
+
     def advance(self, ts: float) -> list[ItemEvent]:
         """Move the world's clock to `ts` in whole steps of `step_s`: tastes drift (a random walk
         on the unit sphere, `drift_per_hour` per sqrt(hour)), new users and new items arrive
@@ -321,7 +326,7 @@ class OpenLoop:
             progress: Optional[Callable[[OpenLoopStats], None]] = None) -> OpenLoopStats:
         stats = OpenLoopStats()
         t0 = self.clock()
-        self.world.advance(t0)
+        self.world.start_at(t0)
         catalog = self.world.catalog(ts=t0)
         stamp(catalog)
         self.output.write("items", catalog)
@@ -554,7 +559,7 @@ class ClosedLoop:
             output = open_output(self.config, "sim")
         schedule = np.random.default_rng([self.seed, 23])
         start_ts = time.time()
-        base_clock = self.world.clock
+        self.world.start_at(start_ts)
         stats.random_baseline = self.world.mean_p()
         try:
             if output is not None:
@@ -571,7 +576,7 @@ class ClosedLoop:
                 while i < n_total or futures:
                     now = time.monotonic() - t0
                     while i < n_total and i / self.rate <= now and len(futures) < 4 * self.concurrency:
-                        new = self.world.advance(base_clock + i / self.rate)
+                        new = self.world.advance(start_ts + i / self.rate)
                         if new and output is not None:
                             stamp(new)
                             output.write("items", new)
