@@ -267,3 +267,28 @@ def test_closed_loop_schedule_and_decisions_are_reproducible(tmp_path):
     assert ordered[0] == ordered[1]
     assert ordered[0] != ordered[2]
     assert a.by_request_count(30) == b.by_request_count(30)
+
+
+@pytest.mark.kafka
+def test_open_loop_to_kafka_keys_and_parses_every_message(tmp_path, kafka_bootstrap):
+    import uuid
+
+    from flows.kafka_local import create_topics
+    from flows.outputs import open_output
+    from tests.flows.test_kafka_flow import consume_all
+
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    create_topics(kafka_bootstrap, {prefix + s: 2 for s in ("items", "features", "actions")})
+    config = config_for(tmp_path, source="kafka", brokers=kafka_bootstrap, topic_prefix=prefix)
+    out = open_output(config, "sim")
+    stats = OpenLoop(small_world(), out, rate=200, seed=2).run(1.0, flush_pending=True)
+    out.close()
+    counts = {}
+    for stream, key in (("items", "item_id"), ("features", "request_id"), ("actions", "request_id")):
+        msgs = consume_all(kafka_bootstrap, prefix + stream)
+        events = [parse(stream, m.value(), T0) for m in msgs]
+        assert all(not hasattr(e, "reason") for e in events), stream
+        assert all(m.key() == getattr(e, key).encode() for m, e in zip(msgs, events, strict=True))
+        counts[stream] = len(events)
+    assert counts == {"items": stats.items, "features": stats.features, "actions": stats.actions}
+    assert stats.actions > 0
