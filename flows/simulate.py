@@ -24,10 +24,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import msgspec
 import numpy as np
 
 from flows.config import Config
-from flows.events import ActionEvent, FeatureEvent, ItemEvent, encode_lines
+from flows.events import ActionEvent, FeatureEvent, ItemEvent
 from flows.outputs import EventOutput, stamp
 
 POSITIVE_KINDS = ("finish", "like", "share", "comment")
@@ -321,6 +322,7 @@ class OpenLoop:
         self.pending: list[tuple[float, int, ActionEvent]] = []
         self._seq = 0
         self._sparse: list[dict] = []
+        self._dense: list[dict] = []
 
     def run(self, duration_s: float, *, flush_pending: bool = False,
             progress: Optional[Callable[[OpenLoopStats], None]] = None) -> OpenLoopStats:
@@ -373,8 +375,9 @@ class OpenLoop:
         users = world.pick_users(n, rng)
         lists = world.naive_lists(n, k, rng, self.popular)
         kind, delay, _ = world.decide(users, lists, rng, skip_p=self.skip_p)
-        sparse = self._sparse  # one dict per item, shared by its feature events
+        sparse, dense = self._sparse, self._dense  # one dict per item, shared by its feature events
         sparse += [world.item_sparse(i) for i in range(len(sparse), world.n_items)]
+        dense += [{"duration_s": float(world.item_duration[i])} for i in range(len(dense), world.n_items)]
         features = []
         pending, push = self.pending, heapq.heappush
         mv, run = self.model_version, self.run_id
@@ -387,7 +390,8 @@ class OpenLoop:
             for pos, item in enumerate(lists_l[j]):
                 iid = f"v{item}"
                 features.append(FeatureEvent(request_id=rid, user_id=uid, item_id=iid, ts=ts, position=pos,
-                                             sparse=sparse[item], model_version=mv, received_at=now))
+                                             sparse=sparse[item], dense=dense[item], model_version=mv,
+                                             received_at=now))
                 kd = row_kind[pos]
                 if kd >= 0:
                     act = POSITIVE_KINDS[kd - 1] if kd else "skip"
@@ -664,7 +668,7 @@ class ClosedLoop:
         """POST in batches of at most 1,000 (the contract's limit); 503 means retry after a pause."""
         for start in range(0, len(actions), 1000):
             batch = list(actions[start:start + 1000])
-            body = b"[" + encode_lines(batch).rstrip(b"\n").replace(b"\n", b",") + b"]"
+            body = msgspec.json.encode(batch)
             deadline = time.monotonic() + self.max_retry_s
             while True:
                 try:
