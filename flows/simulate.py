@@ -542,7 +542,6 @@ class ClosedLoop:
         self._lock = threading.Lock()
         self._pending: list[tuple[float, int, ActionEvent]] = []
         self._seq = 0
-        self.run_id = secrets.token_hex(3)
 
     def _session(self) -> Any:
         s = getattr(self._local, "session", None)
