@@ -281,10 +281,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"(a random list's expected hit rate here: {world.mean_p():.3f})", flush=True)
 
     def tick(st) -> None:
-        if not st.records:
+        win = st.last_complete_window()
+        if win is None:
             return
-        win = st.windows()[-1]
-        print(f"{win.end_s:6.0f} s  requests {len(st.records):6d}  hit rate: window {win.hit_rate:.3f}, "
+        print(f"{st.elapsed_s:6.0f} s  requests {len(st.records):6d}  hit rate: last {args.window:g} s "
+              f"{win.hit_rate:.3f}, "
               f"last {args.last} {st.hit_rate(args.last):.3f}, all {st.hit_rate():.3f}  "
               f"hit@{args.k} {st.hit_at_k(args.last):.3f}  actions posted {st.actions_posted}  "
               f"retries {st.retries}  failed requests {st.failed_requests}", flush=True)
@@ -292,7 +293,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     st = loop.run(args.duration, on_tick=tick, flush_pending=args.flush_pending)
     print(f"done: {len(st.records)} requests, hit rate {st.hit_rate():.3f} (last {args.last}: "
           f"{st.hit_rate(args.last):.3f}; random lists: {st.random_baseline:.3f}), {st.actions_posted} actions "
-          f"posted, {st.pending_at_end} not yet due at the end, {len(st.rejected)} batches rejected")
+          f"posted, {st.pending_at_end} not yet due at the end"
+          + (" (posted anyway: --flush-pending)" if st.flushed else "")
+          + f", {len(st.rejected)} batches rejected")
     return 1 if st.rejected else 0
 
 

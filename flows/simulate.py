@@ -469,7 +469,12 @@ class SimStats:
     flushed: int = 0
     items_written: int = 0
     random_baseline: float = 0.0  # the expected hit rate of random lists in this world
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # so far, when on_tick is called; in all, at the end
+
+    def last_complete_window(self) -> Optional[Window]:
+        """The newest window that has ended (None before the first has)."""
+        done = [w for w in self.windows() if w.end_s <= self.elapsed_s]
+        return done[-1] if done else None
 
     def _sel(self, last: Optional[int]) -> list[RequestRecord]:
         recs = sorted(self.records, key=lambda r: r.index)
@@ -592,6 +597,7 @@ class ClosedLoop:
                         self._post_due(stats, time.time())
                         next_post = now + self.post_every_s
                     if on_tick is not None and now >= next_tick:
+                        stats.elapsed_s = time.time() - start_ts
                         on_tick(stats)
                         next_tick = now + self.window_s
                     time.sleep(0.005 if i < n_total else 0.02)

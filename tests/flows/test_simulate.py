@@ -252,10 +252,22 @@ def test_closed_loop_posts_valid_actions_retries_and_counts_hits(tmp_path):
     assert stats.hit_rate(20) == pytest.approx(sum(positives[r.request_id] for r in last) / (20 * 6))
     assert any(a.action == "skip" for a in server.actions)
     wins = stats.windows()
+    assert stats.last_complete_window() in wins and stats.last_complete_window().end_s <= stats.elapsed_s
     assert sum(w.requests for w in wins) == 90 and sum(w.positives for w in wins) == sum(positives.values())
     # The World's catalog went to the items stream for the flow's catalog.
     items = [json.loads(x) for p in config.stream_dir("items").glob("*.jsonl") for x in p.read_bytes().splitlines()]
     assert len(items) == stats.items_written >= 300
+
+
+def test_simulate_command_closed_loop_prints_the_hit_rate(tmp_path, capsys):
+    with FakeServer() as server:
+        assert main(["simulate", "--url", server.url, "--duration", "1.2", "--rate", "40", "--window", "0.5",
+                     "--k", "5", "--users", "50", "--items", "100", "--flush-pending",
+                     "--data-dir", str(tmp_path / "data")]) == 0
+        posted = len(server.actions)
+    out = capsys.readouterr().out
+    assert "hit rate: last 0.5 s" in out
+    assert f"{posted} actions posted" in out and "48 requests" in out
 
 
 def test_closed_loop_schedule_and_decisions_are_reproducible(tmp_path):
