@@ -307,7 +307,8 @@ class OpenLoop:
 
     def __init__(self, world: World, output: EventOutput, *, rate: float, impressions_per_action: float = 5.0,
                  k: int = 5, popular: bool = False, seed: int = 0, tick_s: float = 0.05,
-                 run_id: Optional[str] = None, clock: Callable[[], float] = time.time):
+                 run_id: Optional[str] = None, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep):
         if rate <= 0 or impressions_per_action < 1 or k < 1:
             raise ValueError("rate must be > 0, impressions_per_action >= 1 and k >= 1")
         self.world, self.output = world, output
@@ -318,7 +319,7 @@ class OpenLoop:
         self.tick_s = tick_s
         self.run_id = run_id or secrets.token_hex(3)
         self.model_version = "naive-popular" if popular else "naive-random"
-        self.clock = clock
+        self.clock, self.sleep = clock, sleep  # a virtual clock runs it as fast as it can (bench)
         self.pending: list[tuple[float, int, ActionEvent]] = []
         self._seq = 0
         self._sparse: list[dict] = []
@@ -349,7 +350,7 @@ class OpenLoop:
                 progress(stats)
             spare = self.tick_s - (self.clock() - now)
             if spare > 0:
-                time.sleep(spare)
+                self.sleep(spare)
         self._write_due(stats, self.clock())
         stats.elapsed_s = self.clock() - t0
         stats.pending_at_end = len(self.pending)
