@@ -236,7 +236,7 @@ def _progress_bar(total: int, unit: str):
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Synthetic users: open loop (events straight to the streams) or closed loop (a model server)."""
     from flows.outputs import open_output
-    from flows.simulate import ClosedLoop, OpenLoop, World
+    from flows.simulate import ClosedLoop, OpenLoop, ServerError, World
 
     config = _config(args)
     if args.rate is None:
@@ -290,7 +290,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               f"hit@{args.k} {st.hit_at_k(args.last):.3f}  actions posted {st.actions_posted}  "
               f"retries {st.retries}  failed requests {st.failed_requests}", flush=True)
 
-    st = loop.run(args.duration, on_tick=tick, flush_pending=args.flush_pending)
+    try:
+        st = loop.run(args.duration, on_tick=tick, flush_pending=args.flush_pending)
+    except ServerError as e:
+        print(f"freshrec simulate: the model server at {url}: {e}", file=sys.stderr)
+        return 1
+    if not st.records:
+        print(f"freshrec simulate: no answer from the model server at {url} ({st.failed_requests} requests "
+              "failed); is `freshrec serve` running there?", file=sys.stderr)
+        return 1
     print(f"done: {len(st.records)} requests, hit rate {st.hit_rate():.3f} (last {args.last}: "
           f"{st.hit_rate(args.last):.3f}; random lists: {st.random_baseline:.3f}), {st.actions_posted} actions "
           f"posted, {st.pending_at_end} not yet due at the end"

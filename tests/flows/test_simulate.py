@@ -270,6 +270,17 @@ def test_simulate_command_closed_loop_prints_the_hit_rate(tmp_path, capsys):
     assert f"{posted} actions posted" in out and "48 requests" in out
 
 
+def test_simulate_command_says_when_no_server_answers(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["simulate", "--url", f"http://127.0.0.1:{port}", "--duration", "0.2", "--rate", "20",
+                 "--users", "20", "--items", "50", "--data-dir", str(tmp_path / "data")]) == 1
+    assert "no answer from the model server" in capsys.readouterr().err
+
+
 def test_closed_loop_schedule_and_decisions_are_reproducible(tmp_path):
     _, _, a, _ = run_closed_loop(tmp_path, "a")
     _, _, b, _ = run_closed_loop(tmp_path, "b")
