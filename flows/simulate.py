@@ -182,9 +182,11 @@ class World:
 
     # -- behaviour ------------------------------------------------------------------------------
 
-    def p_positive(self, users: np.ndarray | int, items: np.ndarray) -> np.ndarray:
-        """P(positive) of users (shape n, or one user) for items (shape n x k, or k)."""
-        tastes = self.tastes[users]
+    def p_positive(self, users: np.ndarray | int, items: np.ndarray, tastes: Optional[np.ndarray] = None
+                   ) -> np.ndarray:
+        """P(positive) of users (shape n, or one user) for items (shape n x k, or k); `tastes`
+        instead of the users' current ones, when given (a snapshot taken earlier)."""
+        tastes = self.tastes[users] if tastes is None else tastes
         v = self.item_vecs[items]
         dots = (v @ tastes) if tastes.ndim == 1 else np.einsum("nd,nkd->nk", tastes, v)
         return _sigmoid(self.scale * dots + self.bias)
@@ -201,11 +203,12 @@ class World:
         return rng.lognormal(math.log(2.0), 0.6, n)
 
     def decide(self, users: np.ndarray | int, items: np.ndarray, rng: np.random.Generator,
-               skip_p: Optional[float] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               skip_p: Optional[float] = None, tastes: Optional[np.ndarray] = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What users do with shown items: (kind, delay_s, p) arrays shaped like `items`, where
         kind is -1 for nothing (the impression expires), 0 for skip, 1.. for POSITIVE_KINDS."""
         with self._lock:
-            p = self.p_positive(users, items)
+            p = self.p_positive(users, items, tastes)
         skip_p = self.skip_p if skip_p is None else skip_p
         u = rng.random(p.shape)
         positive = u < p
@@ -526,9 +529,10 @@ class ClosedLoop:
     tastes, and their actions are POSTed to `/actions` in batches when due.
 
     The schedule is seeded: request i is made at `i / rate` s into the run, for a user drawn from
-    the schedule's own generator, with the world advanced to that planned time; each request's
-    decisions come from a generator seeded by (seed, i). So a run with training on and one with
-    training off see the same users at the same points and the same dice for the same items.
+    the schedule's own generator, with the world advanced to that planned time and the user's
+    taste taken then; the decision on each served item comes from a generator seeded by (seed, i,
+    item). So a run with training on and one with training off see the same users at the same
+    points, and the same item shown in the same request meets the same fate in both.
     The World's catalog goes to the items stream at the start, and new items as they arrive.
     """
 
@@ -591,7 +595,9 @@ class ClosedLoop:
                             output.write("items", new)
                             stats.items_written += len(new)
                         user = int(self.world.pick_users(1, schedule)[0])
-                        futures.append(pool.submit(self._one_request, i, user, t0, stats))
+                        # The taste as at the planned time, whenever the worker gets to decide.
+                        taste = self.world.tastes[user].copy()
+                        futures.append(pool.submit(self._one_request, i, user, taste, t0))
                         i += 1
                     futures = [f for f in futures if not f.done() or self._collect(f, stats)]
                     if now >= next_post:
@@ -627,7 +633,7 @@ class ClosedLoop:
         stats.records.append(rec)
         return False
 
-    def _one_request(self, index: int, user: int, t0: float, stats: SimStats) -> RequestRecord:
+    def _one_request(self, index: int, user: int, taste: np.ndarray, t0: float) -> RequestRecord:
         uid = self.world.user_id(user)
         sent = time.monotonic()
         r = self._session().get(f"{self.base_url}/recommend", params={"user_id": uid, "k": self.k},
@@ -642,12 +648,13 @@ class ClosedLoop:
         known = [(pos, iid, idx) for pos, iid in enumerate(items) if (idx := self.world.item_index(iid)) is not None]
         positives = skips = 0
         actions = []
-        if known:
-            rng = np.random.default_rng([self.seed, 29, index])
-            kind, delay, _ = self.world.decide(user, np.array([idx for _, _, idx in known]), rng)
-            for (_pos, iid, idx), kd, d in zip(known, kind.tolist(), delay.tolist(), strict=True):
-                if kd < 0:
-                    continue
+        for _pos, iid, idx in known:
+            # Dice of their own per (request, item): the same item in the same request gets the
+            # same fate in every run, wherever the server ranked it.
+            rng = np.random.default_rng([self.seed, 29, index, idx])
+            kind, delay, _ = self.world.decide(user, np.array([idx]), rng, tastes=taste)
+            kd, d = int(kind[0]), float(delay[0])
+            if kd >= 0:
                 act = POSITIVE_KINDS[kd - 1] if kd else "skip"
                 positives += kd > 0
                 skips += kd == 0

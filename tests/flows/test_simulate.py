@@ -155,7 +155,8 @@ class FakeServer:
     """A model server stand-in: /recommend answers a fixed list; /actions records valid actions,
     answering 503 with Retry-After to the first POST and 400 to invalid ones."""
 
-    def __init__(self):
+    def __init__(self, ranker=None):
+        self.ranker = ranker  # (user_id, k) -> item ids; default: the fixed list
         self.actions: list[ActionEvent] = []
         self.served: dict[str, list[str]] = {}
         self.posts = 0
@@ -185,12 +186,13 @@ class FakeServer:
                 q = parse_qs(u.query)
                 if u.path != "/recommend":
                     return self._send(404, {"error": "not found"})
-                k = int(q["k"][0])
+                k, user = int(q["k"][0]), q["user_id"][0]
+                items = outer.ranker(user, k) if outer.ranker else FIXED[:k]
                 with outer.lock:
                     rid = f"req-{len(outer.served)}"
-                    outer.served[rid] = FIXED[:k]
-                self._send(200, {"request_id": rid, "user_id": q["user_id"][0], "model_version": "fixed",
-                                 "items": [{"item_id": i, "score": 1.0 - n / 10} for n, i in enumerate(FIXED[:k])]})
+                    outer.served[rid] = items
+                self._send(200, {"request_id": rid, "user_id": user, "model_version": "fixed",
+                                 "items": [{"item_id": i, "score": 1.0 - n / 10} for n, i in enumerate(items)]})
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -315,3 +317,27 @@ def test_open_loop_to_kafka_keys_and_parses_every_message(tmp_path, kafka_bootst
         counts[stream] = len(events)
     assert counts == {"items": stats.items, "features": stats.features, "actions": stats.actions}
     assert stats.actions > 0
+
+
+def test_the_closed_loop_hit_rate_tells_a_taste_aware_server_from_a_random_one(tmp_path):
+    world = small_world()
+    rng = np.random.default_rng(9)
+    lock = threading.Lock()
+
+    def random_ranker(user, k):
+        with lock:
+            return [World.item_id(i) for i in world.naive_lists(1, k, rng)[0]]
+
+    def oracle_ranker(user, k):  # knows the hidden tastes (as they were at the start)
+        return [World.item_id(i) for i in world.best_lists(np.array([int(user[1:])]), k)[0]]
+
+    rates = {}
+    for name, ranker in (("random", random_ranker), ("oracle", oracle_ranker)):
+        with FakeServer(ranker) as server:
+            loop = ClosedLoop(small_world(), server.url, config_for(tmp_path / name), rate=80, k=5, seed=4,
+                              write_items=False)
+            stats = loop.run(1.5)
+        assert len(stats.records) == 120 and stats.failed_requests == 0
+        rates[name] = stats.hit_rate()
+    assert rates["oracle"] > 3 * rates["random"], rates
+    assert abs(rates["random"] - world.mean_p()) < 0.06, rates
