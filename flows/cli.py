@@ -390,6 +390,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"freshrec simulate: no answer from the model server at {url} ({st.failed_requests} requests "
               "failed); is `freshrec serve` running there?", file=sys.stderr)
         return 1
+    if not any(r.served for r in st.records):
+        print("freshrec simulate: the model server served no items: has its catalog (the flow's items, in the "
+              "serving store) come yet?", file=sys.stderr)
     print(f"done: {len(st.records)} requests, hit rate {st.hit_rate():.3f} (last {args.last}: "
           f"{st.hit_rate(args.last):.3f}; random lists: {st.random_baseline:.3f}), {st.actions_posted} actions "
           f"posted, {st.pending_at_end} not yet due at the end"

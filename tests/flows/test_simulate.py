@@ -272,6 +272,13 @@ def test_simulate_command_closed_loop_prints_the_hit_rate(tmp_path, capsys):
     assert f"{posted} actions posted" in out and "48 requests" in out
 
 
+def test_simulate_command_says_when_the_server_serves_nothing(tmp_path, capsys):
+    with FakeServer(ranker=lambda user, k: []) as server:
+        assert main(["simulate", "--url", server.url, "--duration", "0.3", "--rate", "20", "--users", "20",
+                     "--items", "50", "--data-dir", str(tmp_path / "data")]) == 0
+    assert "served no items" in capsys.readouterr().err
+
+
 def test_simulate_command_says_when_no_server_answers(tmp_path, capsys):
     import socket
 
