@@ -315,6 +315,111 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"freshrec dashboard: cannot listen on {args.host}:{args.port} ({e.strerror})", file=sys.stderr)
         return 1
+
+
+def _progress_bar(total: int, unit: str):
+    """A tqdm bar on stderr, quiet when stdout is not a terminal (logs, pipes, tests)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=True, dynamic_ncols=True, disable=not sys.stdout.isatty())
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Synthetic users: open loop (events straight to the streams) or closed loop (a model server)."""
+    from flows.outputs import open_output
+    from flows.simulate import ClosedLoop, OpenLoop, ServerError, World
+
+    config = _config(args)
+    if args.rate is None:
+        args.rate = 1000.0 if args.open_loop else 20.0
+    if args.k is None:
+        args.k = 5 if args.open_loop else 10
+    if args.rate <= 0 or args.duration <= 0:
+        raise ConfigError("freshrec simulate: --rate and --duration must be > 0")
+    world = World(args.seed, args.users, args.items, args.authors, args.tags, args.dim)
+    if args.open_loop:
+        if args.url:
+            raise ConfigError("freshrec simulate: --open-loop plays the model server itself; leave out --url")
+        output = open_output(config, "sim")
+        loop = OpenLoop(world, output, rate=args.rate, impressions_per_action=args.impressions_per_action,
+                        k=args.k, popular=args.popular, seed=args.seed)
+        where = config.brokers if config.source == "kafka" else str(config.data_dir)
+        print(f"open loop: {args.rate:g} actions/s with about {args.impressions_per_action:g} feature events "
+              f"each, for {args.duration:g} s, to {config.source} ({where})", file=sys.stderr)
+        bar = _progress_bar(int(args.rate * args.duration), "actions")
+        shown = [0]
+
+        def progress(st) -> None:
+            bar.update(st.decided - shown[0])
+            shown[0] = st.decided
+
+        try:
+            st = loop.run(args.duration, flush_pending=args.flush_pending, progress=progress)
+        finally:
+            bar.close()
+            output.close()
+        print(f"wrote {st.items} item events, {st.features} feature events ({st.feature_rate:,.0f}/s) and "
+              f"{st.actions} action events in {st.elapsed_s:.1f} s; actions decided {st.action_rate:,.0f}/s "
+              f"(target {args.rate:g}/s, at worst {st.max_behind_s:.2f} s behind schedule); "
+              f"{st.pending_at_end} actions not yet due at the end"
+              + (f", {st.flushed} of them written anyway (--flush-pending)" if st.flushed else
+                 " (not written; --flush-pending writes them)"))
+        return 0
+    url = args.url or "http://127.0.0.1:8000"
+    loop = ClosedLoop(world, url, config, rate=args.rate, k=args.k, seed=args.seed,
+                      concurrency=args.concurrency, window_s=args.window)
+    print(f"closed loop against {url}: {args.rate:g} requests/s of k={args.k} for {args.duration:g} s "
+          f"(a random list's expected hit rate here: {world.mean_p():.3f})", flush=True)
+
+    def tick(st) -> None:
+        win = st.last_complete_window()
+        if win is None:
+            return
+        print(f"{st.elapsed_s:6.0f} s  requests {len(st.records):6d}  hit rate: last {args.window:g} s "
+              f"{win.hit_rate:.3f}, "
+              f"last {args.last} {st.hit_rate(args.last):.3f}, all {st.hit_rate():.3f}  "
+              f"hit@{args.k} {st.hit_at_k(args.last):.3f}  actions posted {st.actions_posted}  "
+              f"retries {st.retries}  failed requests {st.failed_requests}", flush=True)
+
+    try:
+        st = loop.run(args.duration, on_tick=tick, flush_pending=args.flush_pending)
+    except ServerError as e:
+        print(f"freshrec simulate: the model server at {url}: {e}", file=sys.stderr)
+        return 1
+    if not st.records:
+        print(f"freshrec simulate: no answer from the model server at {url} ({st.failed_requests} requests "
+              "failed); is `freshrec serve` running there?", file=sys.stderr)
+        return 1
+    if not any(r.served for r in st.records):
+        print("freshrec simulate: the model server served no items: has its catalog (the flow's items, in the "
+              "serving store) come yet?", file=sys.stderr)
+    print(f"done: {len(st.records)} requests, hit rate {st.hit_rate():.3f} (last {args.last}: "
+          f"{st.hit_rate(args.last):.3f}; random lists: {st.random_baseline:.3f}), {st.actions_posted} actions "
+          f"posted, {st.pending_at_end} not yet due at the end"
+          + (" (posted anyway: --flush-pending)" if st.flushed else "")
+          + f", {len(st.rejected)} batches rejected")
+    return 1 if st.rejected else 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """A data set onto the input streams in event-time order."""
+    from flows.outputs import open_output
+    from flows.replay import replay_movielens
+
+    config = _config(args)
+    if args.speedup < 0:
+        raise ConfigError("freshrec replay: --speedup must be >= 0 (0: as fast as possible)")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("freshrec replay: --limit must be >= 1")
+    output = open_output(config, "replay")
+    bar = _progress_bar(args.limit or 100_000, "ratings")
+    try:
+        st = replay_movielens(output, speedup=args.speedup, limit=args.limit, progress=bar.update)
+    finally:
+        bar.close()
+        output.close()
+    print(f"MovieLens-100K: {st.items} item events, {st.features} feature events and {st.actions} action "
+          f"events ({st.positives} likes: ratings >= 4) to {config.source}, in {st.elapsed_s:.1f} s")
     return 0
 
 
@@ -397,6 +502,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
     p.add_argument("--history", type=int, default=600, help="scrapes kept (the charts' width)")
     p.set_defaults(func=cmd_dashboard)
+
+
+    p = sub.add_parser("simulate", parents=[flags],
+                       help="synthetic users with hidden tastes: against a model server (closed loop) or "
+                            "straight to the streams (--open-loop)")
+    p.add_argument("--open-loop", action="store_true",
+                   help="write item, feature and action events to the streams, playing a naive server")
+    p.add_argument("--url", default=None, help="closed loop: the model server [http://127.0.0.1:8000]")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: actions per second [1000]; closed loop: requests per second [20]")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of wall time")
+    p.add_argument("--impressions-per-action", type=float, default=5.0,
+                   help="open loop: about this many feature events per action")
+    p.add_argument("--k", type=int, default=None, help="items per request [open loop 5, closed loop 10]")
+    p.add_argument("--popular", action="store_true", help="open loop: show popular items, not random ones")
+    p.add_argument("--flush-pending", action="store_true",
+                   help="at the end, also write the actions not yet due (their ts is in the future)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--items", type=int, default=2000)
+    p.add_argument("--authors", type=int, default=100)
+    p.add_argument("--tags", type=int, default=40)
+    p.add_argument("--dim", type=int, default=16, help="width of the hidden taste vectors")
+    p.add_argument("--concurrency", type=int, default=4, help="closed loop: users asking at once")
+    p.add_argument("--window", type=float, default=5.0, help="closed loop: seconds per hit-rate line")
+    p.add_argument("--last", type=int, default=200, help="closed loop: also report the last N requests' hit rate")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("replay", parents=[flags], help="replay a data set onto the streams in event-time order")
+    p.add_argument("dataset", choices=["movielens"])
+    p.add_argument("--speedup", type=float, default=0.0,
+                   help="divide event-time gaps by X (0: as fast as possible)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N ratings")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("settings", parents=[flags], help="print the settings in force, validated")
     p.set_defaults(func=cmd_settings)

@@ -53,12 +53,20 @@ def _table(text: str) -> list[list[str]]:
     return [line.split("\t") for line in lines[1:] if line.strip()]
 
 
-def movielens_100k(positive_rating: float = 4.0) -> list[Example]:
-    """The 100,000 ratings as examples in timestamp order; rating >= 4 is the positive label."""
+def movielens_100k_tables() -> tuple[dict[str, list[str]], dict[str, list[str]], list[list[str]]]:
+    """The raw tables: users by id (id, age, gender, occupation, zip code), movies by id (id,
+    title, release year, genres separated by spaces), and the ratings (user, movie, rating,
+    timestamp in seconds) in timestamp order."""
     read = _reader()
     users = {r[0]: r for r in _table(read("user"))}
     items = {r[0]: r for r in _table(read("item"))}
     rows = sorted(_table(read("inter")), key=lambda r: (float(r[3]), r[0], r[1]))
+    return users, items, rows
+
+
+def movielens_100k(positive_rating: float = 4.0) -> list[Example]:
+    """The 100,000 ratings as examples in timestamp order; rating >= 4 is the positive label."""
+    users, items, rows = movielens_100k_tables()
     out = []
     for n, (user, item, rating, ts) in enumerate(rows):
         u = users.get(user, [user, "", "", "", ""])
