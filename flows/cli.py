@@ -83,6 +83,23 @@ def _count_lines(directory: Path) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole loop, live, on the embedded default: flow, model server, closed-loop simulator."""
+    if args.sample:
+        return cmd_demo_sample(args)
+    from flows.demo import DemoOptions, run_demo
+
+    # The demo's own defaults, where the environment and the flags say nothing: a following flow,
+    # a short join window (the simulated users act within seconds), quick examples.
+    for name, value in (("follow", "1"), ("join_window_s", "30"), ("lateness_s", "1"), ("idle_s", "1")):
+        env = next(f.metadata["env"] for f in dataclasses.fields(Config) if f.name == name)
+        if getattr(args, f"cfg_{name}", None) is None and env not in os.environ:
+            setattr(args, f"cfg_{name}", value)
+    config = _config(args)
+    opts = DemoOptions(duration_s=args.duration, rate=args.rate, seed=args.seed, workers=args.workers)
+    return run_demo(config, opts)
+
+
+def cmd_demo_sample(args: argparse.Namespace) -> int:
     """The flow over a generated sample on the embedded default (files and LMDB, no Kafka)."""
     import json
 
@@ -441,9 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     flags = _config_flags()
 
-    p = sub.add_parser("demo", parents=[flags], help="run the flow over a generated sample of events (no Kafka)")
-    p.add_argument("--requests", type=int, default=2000, help="recommendation requests in the sample")
+    p = sub.add_parser("demo", parents=[flags], help="the whole loop, live, on files and LMDB (no Kafka): the flow, "
+                       "the model server and the closed-loop simulator")
+    p.add_argument("--duration", type=float, default=90.0, help="seconds to run (0: until Ctrl-C)")
+    p.add_argument("--rate", type=float, default=20.0, help="the simulator's recommendation requests per second")
+    p.add_argument("--seed", type=int, default=7, help="the simulated world's seed")
     p.add_argument("--workers", type=int, default=1, help="Bytewax workers (-w)")
+    p.add_argument("--sample", action="store_true",
+                   help="instead: run the flow once over a generated sample of events (some malformed) to its end")
+    p.add_argument("--requests", type=int, default=2000, help="with --sample: recommendation requests in the sample")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", parents=[flags], help="run the streaming job (python -m bytewax.run flows.pipeline:flow)",

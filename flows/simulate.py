@@ -552,6 +552,7 @@ class ClosedLoop:
         self._lock = threading.Lock()
         self._pending: list[tuple[float, int, ActionEvent]] = []
         self._seq = 0
+        self.stats = SimStats(k=k, window_s=window_s)
 
     def _session(self) -> Any:
         s = getattr(self._local, "session", None)
@@ -562,10 +563,11 @@ class ClosedLoop:
         return s
 
     def run(self, duration_s: float, on_tick: Optional[Callable[[SimStats], None]] = None,
-            flush_pending: bool = False) -> SimStats:
+            flush_pending: bool = False, stop: Optional[threading.Event] = None) -> SimStats:
+        """Runs the schedule for `duration_s` (or until `stop` is set); `self.stats` is the live view."""
         from flows.outputs import open_output
 
-        stats = SimStats(k=self.k, window_s=self.window_s)
+        stats = self.stats = SimStats(k=self.k, window_s=self.window_s)
         output = self._output
         own_output = output is None and self.write_items
         if own_output:
@@ -587,6 +589,8 @@ class ClosedLoop:
             i = 0
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sim-user") as pool:
                 while i < n_total or futures:
+                    if stop is not None and stop.is_set():
+                        n_total = i  # no new requests; the ones under way finish
                     now = time.monotonic() - t0
                     while i < n_total and i / self.rate <= now and len(futures) < 4 * self.concurrency:
                         new = self.world.advance(start_ts + i / self.rate)
