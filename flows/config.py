@@ -125,6 +125,8 @@ class Config:
                               "flushes of undo records kept per bucket; at least ceil(-b / -s) + 2 "
                               "of Bytewax's recovery intervals")
     train: bool = _setting("FRESHREC_TRAIN", "1", _flag, "`1`: the online trainer step trains on the examples")
+    user_recent: int = _setting("FRESHREC_USER_RECENT", "50", _number(int, 1, 100_000),
+                                "actions kept per user (the newest) in the serving store's `user/<id>` entries")
     train_batch: int = _setting("FRESHREC_TRAIN_BATCH", "256", _number(int, 1, 1 << 16),
                                 "examples per training mini-batch")
     train_max_wait_ms: float = _setting("FRESHREC_TRAIN_MAX_WAIT_MS", "200", _number(float, 0),
