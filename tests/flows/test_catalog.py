@@ -3,6 +3,7 @@ resume sets back to its snapshot's."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -201,15 +202,65 @@ def test_counts_do_not_depend_on_how_the_stream_is_cut_into_batches(events, cuts
     one = make()
     one.merge(deltas(batch("features", feats), batch("actions", acts)))
     many = make()
-    at = 0
-    for n in cuts * 10:
-        if at >= len(acts):
-            break
+    at, k = 0, 0
+    while at < len(acts):
+        n = cuts[k % len(cuts)]
         many.merge(deltas(batch("features", feats[at:at + n]), batch("actions", acts[at:at + n])))
-        at += n
+        at, k = at + n, k + 1
     a, b = one.take_dirty(), many.take_dirty()
     strip = {i: (e["impressions"], e["positives"], e["ts"]) for i, e in a[0].items()}
     assert strip == {i: (e["impressions"], e["positives"], e["ts"]) for i, e in b[0].items()}
     assert sum(e["impressions"] for e in a[0].values()) == len(feats)
     assert sum(e["positives"] for e in a[0].values()) == sum(1 for _, x, _ in events if x in ("click", "share"))
     assert a[1] == b[1]
+
+
+# ------------------------------------------------------------------------------------ the flow
+
+
+def read_lines(config, stream: str) -> list[dict]:
+    import json
+
+    return [json.loads(x) for p in sorted(config.stream_dir(stream).glob("*.jsonl"))
+            for x in p.read_bytes().splitlines() if x.startswith(b"{")]
+
+
+@pytest.mark.parametrize("train", [0, 1])
+def test_the_flow_leaves_the_catalog_and_recent_actions_in_the_serving_store(tmp_path, train):
+    from bytewax.testing import run_main
+
+    from flows.events import encode
+    from flows.pipeline import build_flow
+    from flows.sample import write_sample
+    from flows.streams import StreamWriter
+    from paramserver.serving import LmdbServingStore
+    from tests.helpers import config_for
+
+    config = config_for(tmp_path, train=train, train_batch=64, user_recent=5)
+    write_sample(config.data_dir, users=20, items=40, requests=150, per_request=3, seed=3, malformed=False)
+    w = StreamWriter(config.stream_dir("features"), "extra")  # an item only impressions describe
+    w.write_raw(encode(feat("x1", T0 + 7, sparse={"author": "ax"})) + b"\n")
+    w.close()
+    run_main(build_flow(config))
+
+    items = {e["item_id"]: e for e in read_lines(config, "items")}
+    feats = read_lines(config, "features")
+    acts = read_lines(config, "actions")
+    with LmdbServingStore(config.state_dir / "serving") as store:
+        stored = {k[len(b"item/"):].decode(): v for k, v in store.scan(b"item/")}
+        assert set(stored) == set(items) | {"x1"}
+        got = dict(zip(stored, store.read_items(list(stored)), strict=True))
+        for i, e in items.items():
+            g = got[i]
+            assert (g["sparse"], g["dense"], g["ts"], g["source"]) == (e["sparse"], e["dense"], e["ts"], "items")
+            assert g["impressions"] == sum(1 for f in feats if f["item_id"] == i)
+            assert g["positives"] == sum(1 for a in acts if a["item_id"] == i and a["action"] != "skip")
+        assert (got["x1"]["source"], got["x1"]["sparse"], got["x1"]["impressions"]) == ("features", {"author": "ax"}, 1)
+        assert sum(g["positives"] for g in got.values()) > 0
+        users = sorted({a["user_id"] for a in acts})
+        recent = dict(zip(users, store.read_users(users), strict=True))
+        for u in users:
+            mine = sorted(((a["item_id"], a["action"], a["ts"]) for a in acts if a["user_id"] == u), key=lambda a: a[2])
+            assert recent[u] == mine[-5:]
+        rows = store.keys(b"item_id/")
+        assert bool(rows) == bool(train)  # the catalog is there either way; embeddings only when training
