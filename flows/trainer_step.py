@@ -271,7 +271,10 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         if self.buffer:
             self._train_buffer(time.time(), all_of_it=True)
         if self._parts is not None:
-            params, trainer, _, keys = self._parts
+            params, trainer, sync, keys = self._parts
+            # The store must hold every catalog change made before this snapshot: a resume from it
+            # replays only what came after, and sets counts back by the history written with them.
+            sync.sync()
             self.seq += 1
             if trainer is not None:
                 params.set_dense(trainer.dense_state())
