@@ -9,6 +9,7 @@ changed entries to `DeltaSync`. Plain logic: no Bytewax.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections import Counter
@@ -93,6 +94,9 @@ class CatalogCounts:
     users_loaded: int = 0
     rewound: int = 0  # entries whose counts a resume set back to the snapshot's
     inexact: int = 0  # entries whose counts a resume could not set back exactly (history cut)
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
 
 
 class Catalog:

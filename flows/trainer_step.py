@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from flows.catalog import Catalog, CatalogDelta
 from flows.events import Example
+from flows.metrics import CatalogPublisher
 
 log = logging.getLogger("freshrec.trainer")
 
@@ -116,6 +117,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         # The catalog's count history is kept per run: a resume sets back only this run's counts.
         self.run = (state or {}).get("run") or uuid.uuid4().hex
         self.catalog: Optional[Catalog] = None
+        self.catalog_metrics = CatalogPublisher(threading.current_thread().name)
         self.buffer: list[Example] = []
         self.first_at: Optional[float] = None
         self.last_dense = 0.0
@@ -224,6 +226,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                 if self._parts is None:
                     self._open()
                 self.catalog.merge(deltas)  # type: ignore[union-attr]
+                self.catalog_metrics.publish(self.catalog.counts.as_dict())  # type: ignore[union-attr]
             impressions = [e for v in values if type(v) not in (Example, CatalogDelta) for e in v.events]
             if impressions:
                 self._score_on_arrival(impressions)

@@ -241,6 +241,14 @@ def test_the_flow_leaves_the_catalog_and_recent_actions_in_the_serving_store(tmp
     w = StreamWriter(config.stream_dir("features"), "extra")  # an item only impressions describe
     w.write_raw(encode(feat("x1", T0 + 7, sparse={"author": "ax"})) + b"\n")
     w.close()
+    from prometheus_client import REGISTRY
+
+    def metric(name: str) -> float:
+        return sum(REGISTRY.get_sample_value(name, labels) or 0 for labels in
+                   [{"store": "primary"}] + [{"worker": f"{n}"} for n in ("MainThread",)])
+
+    before = {m: metric(m) for m in ("freshrec_sync_catalog_items_total", "freshrec_sync_catalog_users_total",
+                                     "freshrec_sync_catalog_items_loaded_total")}
     run_main(build_flow(config))
 
     items = {e["item_id"]: e for e in read_lines(config, "items")}
@@ -262,5 +270,9 @@ def test_the_flow_leaves_the_catalog_and_recent_actions_in_the_serving_store(tmp
         for u in users:
             mine = sorted(((a["item_id"], a["action"], a["ts"]) for a in acts if a["user_id"] == u), key=lambda a: a[2])
             assert recent[u] == mine[-5:]
+        grew = {m: metric(m) - v for m, v in before.items()}
+        assert grew["freshrec_sync_catalog_items_total"] >= len(stored)  # each entry written at least once
+        assert grew["freshrec_sync_catalog_users_total"] >= len(users)
+        assert grew["freshrec_sync_catalog_items_loaded_total"] == len(stored)  # loaded (absent) once each
         rows = store.keys(b"item_id/")
         assert bool(rows) == bool(train)  # the catalog is there either way; embeddings only when training
