@@ -276,3 +276,30 @@ def test_the_flow_leaves_the_catalog_and_recent_actions_in_the_serving_store(tmp
         assert grew["freshrec_sync_catalog_items_loaded_total"] == len(stored)  # loaded (absent) once each
         rows = store.keys(b"item_id/")
         assert bool(rows) == bool(train)  # the catalog is there either way; embeddings only when training
+
+
+def test_without_training_the_writer_step_imports_no_tensorflow(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flows.sample import write_sample
+
+    write_sample(tmp_path / "data", users=5, items=10, requests=20, per_request=2, seed=1, malformed=False)
+    script = (
+        "import sys\n"
+        "from bytewax.testing import run_main\n"
+        "from flows.pipeline import build_flow\n"
+        "from paramserver.serving import LmdbServingStore\n"
+        "from tests.helpers import config_for\n"
+        "from pathlib import Path\n"
+        f"config = config_for(Path({str(tmp_path)!r}), train=0)\n"
+        "run_main(build_flow(config))\n"
+        "store = LmdbServingStore(config.state_dir / 'serving')\n"
+        "assert len(store.keys(b'item/')) == 10, store.keys()\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "False"
