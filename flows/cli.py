@@ -226,10 +226,105 @@ def cmd_replica(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_RECOMMENDER = "model.recommender:build_recommender"
+
+
+def _recommender_factory(spec: str):
+    """The function named `module:function` that builds the recommender, imported only now (it
+    brings TensorFlow); a clear message when it is not there."""
+    import importlib
+
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise ConfigError(f"--recommender={spec!r}: expected module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        if e.name is not None and module_name.startswith(e.name):
+            raise ConfigError(f"--recommender={spec}: there is no module {module_name} in this installation "
+                              f"(no recommender to serve yet?): {e}") from None
+        raise
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ConfigError(f"--recommender={spec}: {module_name} has no function {func_name}")
+    return factory
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The model server: recommendations, feature events and action events over HTTP."""
+    import logging
+    import threading
+
+    from model.server import serve
+
+    config = _config(args)
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port={args.port}: expected 0 to 65535")
+    factory = _recommender_factory(args.recommender)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.replica:
+        recommender = factory(config)
+        serve(recommender, config, args.host, args.port,
+              on_ready=lambda url: print(f"serving on {url}", flush=True))
+        return 0
+    # A replica: the server's own serving store, fed by param-deltas, read by its recommender.
+    from paramserver.replica import ParamDeltaReplica
+    from paramserver.serving import LmdbServingStore
+
+    store_path = Path(args.store) if args.store else config.state_dir / "serving-replica"
+    store = LmdbServingStore(store_path, writer=True, name="replica")
+    stop = threading.Event()
+    failed: list[BaseException] = []
+    try:
+        with ParamDeltaReplica(store, config.brokers, config.topic("param-deltas"),
+                               consumer_config=config.kafka_settings()) as replica:
+            def follow() -> None:
+                try:
+                    replica.run(stop)
+                except BaseException as e:  # reported at shutdown; the server keeps its last state
+                    failed.append(e)
+                    logging.getLogger("freshrec.serve").exception("the replica stopped following param-deltas")
+
+            thread = threading.Thread(target=follow, name="param-deltas-replica", daemon=True)
+            thread.start()
+            try:
+                recommender = factory(config, store=store)
+                serve(recommender, config, args.host, args.port,
+                      on_ready=lambda url: print(f"serving on {url} as a replica of "
+                                                 f"{config.topic('param-deltas')} into {store_path}", flush=True))
+            finally:
+                stop.set()
+                thread.join()
+    finally:
+        store.close()
+    if failed:
+        print(f"freshrec serve: the replica failed: {failed[0]}", file=sys.stderr)
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """The live dashboard: scrapes the flow's processes and the model server, serves one page."""
+    import asyncio
+
+    from flows.dashboard import Scraper, Target, default_targets, serve
+
+    config = _config(args)
+    urls = ([u.strip() for u in args.targets.split(",") if u.strip()] if args.targets else
+            default_targets(config.metrics_port, args.processes, bool(os.environ.get("BYTEWAX_DATAFLOW_API_ENABLED"))))
+    scraper = Scraper([Target(u) for u in urls], interval_s=args.interval, history=args.history,
+                      token=config.api_token, serving_dir=config.state_dir / "serving")
+    try:
+        asyncio.run(serve(scraper, args.host, args.port, config.api_token))
+    except OSError as e:
+        print(f"freshrec dashboard: cannot listen on {args.host}:{args.port} ({e.strerror})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     config = _config(args)
     for f in dataclasses.fields(Config):
-        print(f"{f.metadata['env']}={getattr(config, f.name)}")
+        value = getattr(config, f.name)
+        if f.name == "api_token" and value:
+            value = "(set)"  # a secret: not printed
+        print(f"{f.metadata['env']}={value}")
     return 0
 
 
@@ -277,6 +372,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="stop once caught up with the topic's end")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds the full copy may take")
     p.set_defaults(func=cmd_replica)
+
+    p = sub.add_parser("serve", parents=[flags], help="the model server (HTTP): recommendations, feature events, "
+                       "action events")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    p.add_argument("--recommender", default=DEFAULT_RECOMMENDER, metavar="MODULE:FUNCTION",
+                   help="the function that builds the recommender from the settings, called as "
+                        f"function(config) or, with --replica, function(config, store=...) "
+                        f"[default {DEFAULT_RECOMMENDER}]")
+    p.add_argument("--replica", action="store_true",
+                   help="serve from the server's own serving store, fed by the param-deltas topic (Kafka)")
+    p.add_argument("--store", default=None,
+                   help="with --replica: the replica's LMDB serving store [default $FRESHREC_STATE_DIR/serving-replica]")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("dashboard", parents=[flags], help="a live dashboard of the flow and the model server",
+                       epilog="Default targets: the flow's metrics port(s) (FRESHREC_METRICS_PORT + process id), "
+                              "the model server's http://127.0.0.1:8000/metrics, and Bytewax's API server "
+                              "(127.0.0.1:3030) when BYTEWAX_DATAFLOW_API_ENABLED is set.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8050, help="port to listen on (0: any free one, printed)")
+    p.add_argument("--targets", default="", help="comma-separated /metrics addresses to scrape (replaces the defaults)")
+    p.add_argument("--processes", type=int, default=1, help="flow processes (-i 0..N-1) to scrape by default")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
+    p.add_argument("--history", type=int, default=600, help="scrapes kept (the charts' width)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("settings", parents=[flags], help="print the settings in force, validated")
     p.set_defaults(func=cmd_settings)

@@ -74,6 +74,13 @@ def _optional_number(name: str, raw: str) -> Optional[float]:
     return _number(float, 0)(name, raw)
 
 
+def _port(name: str, raw: str) -> Optional[int]:
+    """A TCP port, or None for `off`/`0`."""
+    if raw.strip().lower() in ("off", "0", "none", ""):
+        return None
+    return _number(int, 1, 65535)(name, raw)
+
+
 def _names(name: str, raw: str) -> tuple:
     names = tuple(n.strip() for n in raw.split(",") if n.strip())
     bad = [n for n in names if not n.replace("_", "").replace("-", "").isalnum()]
@@ -82,6 +89,13 @@ def _names(name: str, raw: str) -> tuple:
     if len(set(names)) != len(names):
         raise ConfigError(f"{name}={raw!r}: a field is named twice")
     return names
+
+
+def _token(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value and not all(33 <= ord(c) < 127 for c in value):
+        raise ConfigError(f"{name}: a bearer token takes printable ASCII characters without spaces")
+    return value
 
 
 def _path(name: str, raw: str) -> Path:
@@ -159,6 +173,18 @@ class Config:
                                  "prefix of every Kafka topic name (several deployments on one cluster)")
     kafka_config: str = _setting("FRESHREC_KAFKA_CONFIG", "{}", _text,
                                  "JSON object of extra librdkafka settings (SASL, TLS), passed through")
+    serve_refresh_ms: float = _setting("FRESHREC_SERVE_REFRESH_MS", "100", _number(float, 1),
+                                       "the model server brings its item vectors up to the serving store this often")
+    serve_delivery_timeout_ms: int = _setting("FRESHREC_SERVE_DELIVERY_TIMEOUT_MS", "5000", _number(int, 100, 600_000),
+                                              "the model server answers 503 when Kafka has not acknowledged a "
+                                              "write within this long")
+    api_token: str = _setting("FRESHREC_API_TOKEN", "", _token,
+                              "(empty: none) a bearer token that `POST /actions` and the dashboard require")
+    metrics_port: Optional[int] = _setting("FRESHREC_METRICS_PORT", "9464", _port,
+                                           "each flow process serves /metrics and /graph on 127.0.0.1 at this "
+                                           "port plus its Bytewax process id (`-i`); `off` or `0`: none")
+    metrics_host: str = _setting("FRESHREC_METRICS_HOST", "127.0.0.1", _text,
+                                 "address the flow's metrics servers bind (`0.0.0.0` in a container only)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:

@@ -36,7 +36,8 @@ EVENTS_BEHIND = Counter("freshrec_join_events_behind_watermark",
                         "events that reached a bucket with a ts already behind its watermark", ["worker"])
 CACHE_HIT_RATIO = Gauge("freshrec_join_cache_hit_ratio", "join key lookups answered by the cache, of all",
                         ["worker"])
-DEAD_LETTERS = Counter("freshrec_source_dead_letters", "inputs dead-lettered, by stream", ["stream"])
+DEAD_LETTERS = Counter("freshrec_source_dead_letters", "inputs dead-lettered, by stream and kind of reason",
+                       ["stream", "reason"])
 CATALOG = {
     "items_loaded": Counter("freshrec_sync_catalog_items_loaded",
                             "catalog entries read from the serving store the first time the flow touched them", ["worker"]),
@@ -83,3 +84,22 @@ class JoinPublisher:
         looked = now["cache_hits"] + now["cache_misses"]
         if looked:
             CACHE_HIT_RATIO.labels(self.worker).set(now["cache_hits"] / looked)
+
+
+MAX_REASONS = 32  # distinct reason labels per process; the rest count as "other"
+_reasons: dict[str, str] = {}
+
+
+def reason_class(reason: str) -> str:
+    """A dead letter's reason without its particulars, as a bounded label value:
+    "missing field user_id", "invalid field ts", "not JSON", "not UTF-8", "ts from the future"."""
+    label = _reasons.get(reason)
+    if label is None:
+        head = reason.split(":", 1)[0].strip()
+        if head.startswith("invalid field "):  # a nested field may be named by the input: cut it
+            head = head.split(".", 1)[0].split("[", 1)[0]
+        head = head[:48] or "other"
+        label = head if head in _reasons.values() or len(set(_reasons.values())) < MAX_REASONS else "other"
+        if len(_reasons) < 10_000:
+            _reasons[reason] = label
+    return label

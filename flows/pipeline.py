@@ -29,7 +29,8 @@ from flows.clock import BucketBatch, BucketClock, SourceBatch, route
 from flows.config import Config, ConfigError, ensure_state_dir
 from flows.events import DeadLetter, Example
 from flows.joiner import JoinBucket, JoinSettings, positive_rule
-from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher
+from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher, reason_class
+from flows.observe import serve_metrics
 from flows.sinks import make_sink
 from flows.sources import make_source, partition_names
 from flows.spill import LmdbSpillStore
@@ -147,7 +148,8 @@ def _dead_letters(batch: SourceBatch) -> list:
     if batch.events:
         EVENTS_READ.labels(batch.stream).inc(len(batch.events))
     if batch.dead:
-        DEAD_LETTERS.labels(batch.stream).inc(len(batch.dead))
+        for d in batch.dead:
+            DEAD_LETTERS.labels(batch.stream, reason_class(d.reason)).inc()
     return batch.dead
 
 
@@ -230,7 +232,10 @@ def build_flow(config: Config, *, tap: Sink | None = None,
 def main_flow() -> Dataflow:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return build_flow(Config.from_env())
+        config = Config.from_env()
+        flow = build_flow(config)
+        serve_metrics(config.metrics_port, flow, config.metrics_host)  # one port per process: bytewax.run imports this in each
+        return flow
     except ConfigError as e:
         raise SystemExit(f"freshrec: configuration error: {e}") from None
 

@@ -19,6 +19,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from flows.clock import ENDED, PartitionClock, SourceBatch
 from flows.config import Config
 from flows.events import parse_many
+from flows.lag import LagMonitor, monitor_for
 from flows.streams import SUFFIX, split_lines
 
 POLL_S = 0.05  # how often an idle file partition looks for new bytes and new files
@@ -203,8 +204,10 @@ class _KafkaPartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, Op
     """
 
     def __init__(self, stream: str, name: str, inner: StatefulSourcePartition,
-                 bounds: Optional[tuple[int, int]], idle_s: float, max_future_s: float, now: Clock):
+                 bounds: Optional[tuple[int, int]], idle_s: float, max_future_s: float, now: Clock,
+                 lag: Optional[tuple[LagMonitor, str, int]] = None):
         self.stream = stream
+        self.lag = lag  # (monitor, topic, partition): where the next offset to read is noted
         self.name = name
         self.inner = inner
         # (low, high) watermark offsets at start; None in follow mode.
@@ -222,6 +225,9 @@ class _KafkaPartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, Op
         position = self.inner.snapshot()
         if position is None or position < 0:  # OFFSET_BEGINNING: not read yet
             position = self.low
+        if self.lag is not None:
+            monitor, topic, part = self.lag
+            monitor.note(topic, part, position)
         if self.end is not None and position >= self.end:
             return self._finish(now)
         try:
@@ -285,8 +291,9 @@ class KafkaStreamSource(FixedPartitionedSource[SourceBatch, Optional[int]]):
         inner = self.inner.build_part(step_id, for_part, resume_state)
         bounds = None if self.config.follow else self.bounds(part_idx)
         c = self.config
+        lag = (monitor_for(c.brokers, self.settings), self.topic, part_idx)
         return _KafkaPartition(self.stream, f"{self.stream}-{part_idx}", inner, bounds, c.idle_s,
-                               c.max_future_s, self.now)
+                               c.max_future_s, self.now, lag)
 
 
 def make_source(stream: str, config: Config) -> FixedPartitionedSource:

@@ -1,0 +1,167 @@
+"""Per-process metrics, the flow's own Kafka lag, and the dashboard's scraping and merging."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import pytest
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import REGISTRY
+
+from flows.config import Config, ConfigError
+from flows.dashboard import Scraper, Target, default_targets, make_app, quantile
+from flows.lag import LagMonitor
+from flows.metrics import MAX_REASONS, reason_class
+from flows.observe import MetricsServer, graph_of, process_id
+from flows.pipeline import build_flow
+
+
+def test_the_process_id_comes_from_bytewax_flags_then_its_variables():
+    assert process_id(["bytewax.run", "flows.pipeline:flow", "-i", "1", "-a", "x;y"], {}) == 1
+    assert process_id(["bytewax.run", "--process-id=3"], {}) == 3
+    assert process_id(["bytewax.run", "-w", "2"], {"BYTEWAX_PROCESS_ID": "2"}) == 2
+    assert process_id([], {"BYTEWAX_POD_NAME": "freshrec-4", "BYTEWAX_STATEFULSET_NAME": "freshrec"}) == 4
+    assert process_id(["bytewax.run", "-w", "2"], {}) == 0
+
+
+def test_the_metrics_port_setting_takes_off_and_checks_its_range():
+    assert Config.from_env({}).metrics_port == 9464
+    assert Config.from_env({"FRESHREC_METRICS_PORT": "off"}).metrics_port is None
+    assert Config.from_env({"FRESHREC_METRICS_PORT": "0"}).metrics_port is None
+    with pytest.raises(ConfigError, match="FRESHREC_METRICS_PORT"):
+        Config.from_env({"FRESHREC_METRICS_PORT": "70000"})
+    assert Config.from_env({}).api_token == ""
+    assert Config.from_env({"FRESHREC_API_TOKEN": "s3cret"}).api_token == "s3cret"
+
+
+def test_dead_letter_reasons_become_a_bounded_set_of_labels():
+    assert reason_class("missing field user_id") == "missing field user_id"
+    assert reason_class("not UTF-8: invalid byte at offset 3") == "not UTF-8"
+    assert reason_class("ts from the future: 90000 s ahead of its arrival") == "ts from the future"
+    assert reason_class("invalid field sparse.someone's-own-key: Expected `str`") == "invalid field sparse"
+    labels = {reason_class(f"made up reason {i}: x") for i in range(3 * MAX_REASONS)}
+    assert "other" in labels and len(labels) <= MAX_REASONS + 1
+
+
+def test_quantiles_interpolate_inside_a_bucket():
+    edges = [0.1, 0.2, 0.5, float("inf")]
+    assert quantile(edges, [0, 10, 0, 0], 0.5) == pytest.approx(0.15)
+    assert quantile(edges, [0, 0, 0, 5], 0.99) == 0.5  # beyond the last edge: its lower bound
+    assert quantile(edges, [0, 0, 0, 0], 0.5) is None
+
+
+def test_a_process_serves_its_metrics_and_the_dataflows_graph(tmp_path):
+    config = Config.from_env({"FRESHREC_DATA_DIR": str(tmp_path / "d"), "FRESHREC_STATE_DIR": str(tmp_path / "s")})
+    flow = build_flow(config)
+    server = MetricsServer(0, graph_of(flow), process=1)
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        text = urllib.request.urlopen(base + "/metrics").read().decode()
+        assert "freshrec_source_events" in text and "freshrec_join_matched" in text
+        graph = json.loads(urllib.request.urlopen(base + "/graph").read())
+        names = {n["id"] for n in graph["nodes"]}
+        assert {"in_features", "join", "out_examples"} <= names
+        assert {"from": "route", "to": "join", "port": "up"} in graph["edges"]
+        assert "flowchart" in graph["mermaid"]
+        assert json.loads(urllib.request.urlopen(base + "/info").read())["process"] == 1
+        assert server.httpd.server_address[0] == "127.0.0.1"
+    finally:
+        server.close()
+
+
+def test_kafka_lag_is_the_high_watermark_minus_the_next_offset_to_read():
+    asked = []
+
+    def watermarks(tps):
+        asked.append(list(tps))
+        return {("features", 0): 120, ("features", 1): 40}
+
+    m = LagMonitor(watermarks, interval_s=3600)  # its thread never fires within the test
+    m.note("features", 0, 100)
+    m.note("features", 1, 40)
+    m.note("features", 0, 105)  # positions move per batch; only the newest counts
+    assert m.refresh() == {("features", 0): 15, ("features", 1): 0}
+    assert asked == [[("features", 0), ("features", 1)]]
+    assert REGISTRY.get_sample_value("freshrec_source_kafka_lag", {"topic": "features", "partition": "0"}) == 15
+    m.stop()
+
+
+PROCESS = """# TYPE freshrec_source_events counter
+freshrec_source_events_total{{stream="features"}} {ev}
+# TYPE freshrec_join_matched counter
+freshrec_join_matched_total{{worker="w{p}"}} {m}
+# TYPE freshrec_join_waiting_impressions gauge
+freshrec_join_waiting_impressions{{worker="w{p}",bucket="0",where="memory"}} 7
+freshrec_join_waiting_impressions{{worker="w{p}",bucket="0",where="disk"}} 3
+# TYPE freshrec_source_dead_letters counter
+freshrec_source_dead_letters_total{{stream="actions",reason="not JSON"}} {p}
+# TYPE freshrec_sync_freshness_seconds histogram
+freshrec_sync_freshness_seconds_bucket{{store="primary",le="0.1"}} {f1}
+freshrec_sync_freshness_seconds_bucket{{store="primary",le="1.0"}} {f2}
+freshrec_sync_freshness_seconds_bucket{{store="primary",le="+Inf"}} {f2}
+freshrec_sync_freshness_seconds_count{{store="primary"}} {f2}
+freshrec_sync_freshness_seconds_sum{{store="primary"}} 1.0
+"""
+
+
+def test_the_dashboard_merges_processes_into_rates_and_serves_them_behind_its_token():
+    async def scenario():
+        counts = {0: [100, 10], 1: [50, 5]}
+
+        def app_for(p):
+            async def metrics(_r):
+                ev, m = counts[p]
+                return web.Response(text=PROCESS.format(p=p, ev=ev, m=m, f1=m, f2=2 * m))
+            app = web.Application()
+            app.router.add_get("/metrics", metrics)
+            return app
+
+        servers = [TestServer(app_for(p)) for p in (0, 1)]
+        for s in servers:
+            await s.start_server()
+        targets = [Target(f"http://127.0.0.1:{s.port}") for s in servers] + [Target("http://127.0.0.1:9/metrics")]
+        scraper = Scraper(targets, interval_s=1.0)
+        async with ClientSession() as session:
+            first = await scraper.scrape(session)
+            counts[0] = [400, 30]
+            counts[1] = [150, 25]
+            second = await scraper.scrape(session)
+        assert "rate/events/features" not in first  # a rate needs two scrapes
+        dt = scraper.times[1] - scraper.times[0]
+        assert second["rate/events/features"] == pytest.approx((550 - 150) / dt)
+        assert second["rate/join/matched"] == pytest.approx((55 - 15) / dt)
+        assert second["waiting/memory"] == 14 and second["waiting/disk"] == 6
+        assert scraper.totals["dead"] == {"not JSON": 1.0}
+        # Freshness over the window: 40 new observations, half under 0.1 s.
+        assert 0.0 < second["freshness/primary/p50"] <= 0.1 < second["freshness/primary/p99"] <= 1.0
+        up = [t.up for t in scraper.targets]
+        assert up == [True, True, False] and scraper.targets[2].error
+        assert [t.kind for t in scraper.targets[:2]] == ["flow", "flow"]
+
+        client = TestClient(TestServer(make_app(scraper, token="s3cret")))
+        await client.start_server()
+        try:
+            assert (await client.get("/api/state")).status == 401
+            assert (await client.get("/api/state", headers={"Authorization": "Bearer nope"})).status == 401
+            r = await client.get("/api/state", headers={"Authorization": "Bearer s3cret"})
+            assert r.status == 200
+            state = await r.json()
+            assert len(state["t"]) >= 2 and state["series"]["rate/events/features"][1] > 0
+            page = await client.get("/")
+            body = await page.text()
+            assert page.status == 200 and "<svg" in body and "http" not in body.split("<script>")[1].split("NS =")[0]
+        finally:
+            await client.close()
+            for s in servers:
+                await s.close()
+
+    asyncio.run(scenario())
+
+
+def test_default_targets_are_one_port_per_process_and_the_model_server():
+    assert default_targets(9464, 2, False) == ["http://127.0.0.1:9464/metrics", "http://127.0.0.1:9465/metrics",
+                                               "http://127.0.0.1:8000/metrics"]
+    assert default_targets(None, 1, True) == ["http://127.0.0.1:8000/metrics", "http://127.0.0.1:3030/metrics"]
