@@ -136,9 +136,11 @@ class Config:
     join_cache: int = _setting("FRESHREC_JOIN_CACHE", "50000", _number(int, 1),
                                "join keys held in memory per bucket; the rest wait in LMDB")
     undo_keep: int = _setting("FRESHREC_UNDO_KEEP", "12", _number(int, 3),
-                              "flushes of undo records kept per bucket; at least ceil(-b / -s) + 2 "
-                              "of Bytewax's recovery intervals")
+                              "flushes of undo records kept per bucket (and snapshots of count history per catalog "
+                              "entry); at least ceil(-b / -s) + 2 of Bytewax's recovery intervals")
     train: bool = _setting("FRESHREC_TRAIN", "1", _flag, "`1`: the online trainer step trains on the examples")
+    user_recent: int = _setting("FRESHREC_USER_RECENT", "50", _number(int, 1, 100_000),
+                                "actions kept per user (the newest) in the serving store's `user/<id>` entries")
     train_batch: int = _setting("FRESHREC_TRAIN_BATCH", "256", _number(int, 1, 1 << 16),
                                 "examples per training mini-batch")
     train_max_wait_ms: float = _setting("FRESHREC_TRAIN_MAX_WAIT_MS", "200", _number(float, 0),

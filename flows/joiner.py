@@ -11,7 +11,7 @@ import hashlib
 import heapq
 import math
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 
@@ -104,6 +104,18 @@ def _load(b: bytes) -> _Entry:
     return s.waiting if s.waiting is not None else s.pending  # type: ignore[return-value]
 
 
+def positive_rule(watch_positive_s: Optional[float]) -> Callable[[ActionEvent], bool]:
+    """Whether an action is positive (CONTRACT.md): the positive actions, and `watch` of at least
+    `watch_positive_s` when that is set. The joiner and the catalog count by the same rule."""
+
+    def is_positive(a: ActionEvent) -> bool:
+        if a.action in POSITIVE_ACTIONS:
+            return True
+        return watch_positive_s is not None and a.action == "watch" and (a.value or 0.0) >= watch_positive_s
+
+    return is_positive
+
+
 def keep_fraction(key: Key) -> float:
     """A uniform number in [0, 1) fixed by the join key: the same in every process and run."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2.0**64
@@ -139,19 +151,9 @@ class JoinBucket:
         self._resolved: OrderedDict[Key, tuple] = OrderedDict()
         self._stored = len(store)
         self._tag = store.last_tag()
-        self._is_positive = self._positive_rule()
+        self._is_positive = positive_rule(settings.watch_positive_s)
 
     # -- state access: cache first, then the store -------------------------------------------
-
-    def _positive_rule(self):
-        threshold = self.s.watch_positive_s
-
-        def is_positive(a: ActionEvent) -> bool:
-            if a.action in POSITIVE_ACTIONS:
-                return True
-            return threshold is not None and a.action == "watch" and (a.value or 0.0) >= threshold
-
-        return is_positive
 
     def _prefetch(self, keys: Iterable[Key]) -> None:
         """Bring the stored entries of `keys` into the cache with one read transaction."""

@@ -38,7 +38,33 @@ CACHE_HIT_RATIO = Gauge("freshrec_join_cache_hit_ratio", "join key lookups answe
                         ["worker"])
 DEAD_LETTERS = Counter("freshrec_source_dead_letters", "inputs dead-lettered, by stream and kind of reason",
                        ["stream", "reason"])
+CATALOG = {
+    "items_loaded": Counter("freshrec_sync_catalog_items_loaded",
+                            "catalog entries read from the serving store the first time the flow touched them", ["worker"]),
+    "users_loaded": Counter("freshrec_sync_catalog_users_loaded",
+                            "users' recent actions read from the serving store on first touch", ["worker"]),
+    "rewound": Counter("freshrec_sync_catalog_rewound",
+                       "catalog entries whose counts a resume set back to its snapshot's", ["worker"]),
+    "inexact": Counter("freshrec_sync_catalog_inexact",
+                       "catalog entries whose counts a resume could not set back exactly (their history was "
+                       "shorter than the resume's distance; raise FRESHREC_UNDO_KEEP)", ["worker"]),
+}
 EVENTS_READ = Counter("freshrec_source_events", "valid events read, by stream", ["stream"])
+
+
+class CatalogPublisher:
+    """Publishes the growth of a catalog's counts since the last call."""
+
+    def __init__(self, worker: str):
+        self.worker = worker
+        self.last: dict[str, int] = {}
+
+    def publish(self, counts: dict[str, int]) -> None:
+        for name, counter in CATALOG.items():
+            delta = counts[name] - self.last.get(name, 0)
+            if delta > 0:
+                counter.labels(self.worker).inc(delta)
+        self.last = dict(counts)
 
 
 class JoinPublisher:

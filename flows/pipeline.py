@@ -2,7 +2,9 @@
 
 Reads the three input streams and validates them (dead letters to their stream), routes feature
 and action events to join buckets with the clock's markers in band, and joins them in each bucket
-into training examples (to the examples stream, and on to the steps after the join).
+into training examples (to the examples stream, and on to the steps after the join). Every source
+batch also leaves one catalog delta for the writer step, which keeps the catalog and users' recent
+actions in the serving store (and trains, unless FRESHREC_TRAIN=0).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
+from flows.catalog import catalog_delta
 from flows.clock import BucketBatch, BucketClock, SourceBatch, route
 from flows.config import Config, ConfigError, ensure_state_dir
 from flows.events import DeadLetter, Example
-from flows.joiner import JoinBucket, JoinSettings
+from flows.joiner import JoinBucket, JoinSettings, positive_rule
 from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher, reason_class
 from flows.observe import serve_metrics
 from flows.sinks import make_sink
@@ -162,8 +165,8 @@ def _request_id(x: Example) -> str:
     return x.request_id
 
 
-def _trainer_key(_example: Example) -> str:
-    return "trainer"  # one model: every example goes to one trainer
+def _trainer_key(_example: Any) -> str:
+    return "trainer"  # one model and one serving store writer: everything goes to one step
 
 
 def _quiet(_step_id: str, _item: Any) -> None:
@@ -177,7 +180,8 @@ def train_step_config(config: Config) -> TrainStepConfig:
         dim=config.embedding_dim, sync_interval_s=config.sync_interval_ms / 1000.0,
         dense_interval_s=config.dense_sync_s,
         deltas_brokers=config.brokers if config.source == "kafka" else None,
-        deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()))
+        deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()),
+        train=config.train, user_recent=config.user_recent, undo_keep=config.undo_keep)
 
 
 def join_settings(config: Config) -> JoinSettings:
@@ -212,13 +216,16 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     op.output("out_dead_letter", dead, make_sink("dead-letter", config))
     if tap is not None:
         op.output("tap", examples, tap)
-    if config.train:
-        to_trainer = op.key_on("to_trainer", op.merge("train_in", examples, split.falses), _trainer_key)
-        tcfg = train_step_config(config)
-        reports = op.stateful_batch("train", to_trainer, lambda state: TrainerLogic(tcfg, state))
-        op.inspect("trained", reports, _quiet)
-    # Item events are read and validated (their dead letters above); the catalog they update in the
-    # serving store comes with the model server.
+    # One catalog delta per source batch, made before the key exchange: the writer step merges
+    # them, never one Bytewax item per event.
+    deltas = op.flat_map("catalog_delta", everything,
+                         partial(catalog_delta, is_positive=positive_rule(config.watch_positive_s)))
+    to_writer = op.merge("train_in", deltas, examples, split.falses) if config.train else deltas
+    tcfg = train_step_config(config)
+    # The step keeps its id "train" with or without training, so a recovery store stays valid.
+    reports = op.stateful_batch("train", op.key_on("to_trainer", to_writer, _trainer_key),
+                                lambda state: TrainerLogic(tcfg, state))
+    op.inspect("trained", reports, _quiet)
     return flow
 
 

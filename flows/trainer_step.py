@@ -1,9 +1,13 @@
-"""The online trainer step of the dataflow: mini-batches of fresh examples through the train step,
-gradients to the training tables, changed rows to the serving store within the sync interval.
+"""The writer step of the dataflow: the one owner of the serving store's writer. It merges the
+catalog's deltas and, when the flow trains, runs the online trainer: mini-batches of fresh examples
+through the train step, gradients to the training tables; changed rows and catalog entries go to
+the serving store together within the sync interval.
 
-All examples go to one trainer (one key), so with `-w 2` the joiner's buckets keep running on the
-other worker while a step trains (TensorFlow releases the GIL inside its ops). The trainer's
-Bytewax snapshot is a manifest: the tag of the table checkpoint written at that snapshot.
+All examples and catalog deltas go to this one step (one key), so with `-w 2` the joiner's buckets
+keep running on the other worker while a step trains (TensorFlow releases the GIL inside its ops).
+Its Bytewax snapshot is a manifest: the tag of the table checkpoint written at that snapshot, and
+the run the catalog's count history belongs to. With FRESHREC_TRAIN=0 it imports no TensorFlow and
+keeps no training tables: it writes the catalog only.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,7 +27,9 @@ import numpy as np
 from bytewax.operators import StatefulBatchLogic
 from prometheus_client import Counter, Gauge
 
+from flows.catalog import Catalog, CatalogDelta
 from flows.events import Example
+from flows.metrics import CatalogPublisher
 
 log = logging.getLogger("freshrec.trainer")
 
@@ -54,6 +61,9 @@ class TrainStepConfig:
     deltas_brokers: Optional[str] = None
     deltas_topic: str = "param-deltas"
     kafka_settings: tuple[tuple[str, str], ...] = ()
+    train: bool = True  # False: no trainer, no tables; the step writes the catalog only
+    user_recent: int = 50  # actions kept per user in the catalog
+    undo_keep: int = 12  # snapshots back a resume can set the catalog's counts to
 
 
 @dataclass
@@ -96,13 +106,18 @@ class TrainedKeysLog:
         self._file.close()
 
 
-class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
-    """Mini-batches by size or by the longest wait, whichever comes first."""
+class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
+    """The writer step: catalog deltas into the `Catalog`; examples (when it trains) into
+    mini-batches by size or by the longest wait, whichever comes first."""
 
     def __init__(self, cfg: TrainStepConfig, state: Optional[dict]):
         self.cfg = cfg
         self.resumed = state is not None
         self.seq = (state or {}).get("seq", 0)
+        # The catalog's count history is kept per run: a resume sets back only this run's counts.
+        self.run = (state or {}).get("run") or uuid.uuid4().hex
+        self.catalog: Optional[Catalog] = None
+        self.catalog_metrics = CatalogPublisher(threading.current_thread().name)
         self.buffer: list[Example] = []
         self.first_at: Optional[float] = None
         self.last_dense = 0.0
@@ -113,10 +128,29 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
         self._parts: Optional[tuple[Any, Any, Any, Any]] = None
 
     def _open(self):
-        from model.features import FeatureSpec
-        from model.trainer import OnlineTrainer, parameter_store
         from paramserver.serving import KafkaDeltaProducer, LmdbServingStore, ServingWriter
         from paramserver.sync import DeltaSync
+
+        cfg = self.cfg
+        params = trainer = keys = None
+        if cfg.train:
+            params, trainer, keys = self._open_trainer()
+        store = LmdbServingStore(cfg.state_dir / "serving", writer=True)
+        deltas = None
+        if cfg.deltas_brokers:
+            deltas = KafkaDeltaProducer(cfg.deltas_brokers, cfg.deltas_topic, dict(cfg.kafka_settings))
+        self.catalog = Catalog(store.read_items, store.read_users, cfg.user_recent, run=self.run, seq=self.seq,
+                               resumed_at=self.seq if self.resumed else None, keep=cfg.undo_keep)
+        sync = DeltaSync(params, ServingWriter(store, deltas), interval_s=cfg.sync_interval_s,
+                         dense_interval_s=cfg.dense_interval_s, extra=self.catalog.take_dirty)
+        self._parts = (params, trainer, sync, keys)
+        log.info("writer step ready at snapshot %s (%s, %s)", self.seq, "resumed" if self.resumed else "fresh flow",
+                 "training" if cfg.train else "catalog only")
+        return self._parts
+
+    def _open_trainer(self):
+        from model.features import FeatureSpec
+        from model.trainer import OnlineTrainer, parameter_store
 
         cfg = self.cfg
         ckpt = cfg.state_dir / "params"
@@ -135,17 +169,14 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
         dense = params.dense()
         if dense.arrays:
             trainer.load_dense_state(dense.arrays)
-        store = LmdbServingStore(cfg.state_dir / "serving", writer=True)
-        deltas = None
-        if cfg.deltas_brokers:
-            deltas = KafkaDeltaProducer(cfg.deltas_brokers, cfg.deltas_topic, dict(cfg.kafka_settings))
-        sync = DeltaSync(params, ServingWriter(store, deltas), interval_s=cfg.sync_interval_s,
-                         dense_interval_s=cfg.dense_interval_s)
         keys = TrainedKeysLog(cfg.state_dir / "trainer" / "trained-keys.log")
         keys.cut_after(self.seq)
-        self._parts = (params, trainer, sync, keys)
-        log.info("trainer ready at checkpoint %s (%s)", self.seq, "resumed" if self.resumed else "fresh flow")
-        return self._parts
+        return params, trainer, keys
+
+    def _sync(self, now: float) -> None:
+        sync = (self._parts or self._open())[2]
+        if sync.maybe_sync(now) and self.catalog is not None:
+            self.catalog.forget_clean_users()  # written: they reload from the store when they act again
 
     def _train_buffer(self, now: float, all_of_it: bool) -> list[StepReport]:
         params, trainer, sync, keys = self._parts or self._open()
@@ -174,7 +205,7 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
         if now - self.last_dense >= self.cfg.dense_interval_s:
             params.set_dense(trainer.dense_state(), now)
             self.last_dense = now
-        sync.maybe_sync(now)
+        self._sync(now)
         return out
 
     def _score_on_arrival(self, impressions: list) -> None:
@@ -189,11 +220,20 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
 
     def on_batch(self, values: list[Any]) -> tuple[list[StepReport], bool]:
         now = time.time()
-        impressions = [e for v in values if type(v) is not Example for e in v.events]
-        if impressions:
-            self._score_on_arrival(impressions)
+        if any(type(v) is not Example for v in values):
+            deltas = [v for v in values if type(v) is CatalogDelta]
+            if deltas:
+                if self._parts is None:
+                    self._open()
+                self.catalog.merge(deltas)  # type: ignore[union-attr]
+                self.catalog_metrics.publish(self.catalog.counts.as_dict())  # type: ignore[union-attr]
+            impressions = [e for v in values if type(v) not in (Example, CatalogDelta) for e in v.events]
+            if impressions:
+                self._score_on_arrival(impressions)
             values = [v for v in values if type(v) is Example]
             if not values:
+                if deltas:
+                    self._sync(now)
                 return [], False
         if not self.buffer:
             self.first_at = now
@@ -207,14 +247,15 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
         if self.buffer:
             return self._train_buffer(now, all_of_it=True), False
         if self._parts is not None:
-            self._parts[2].maybe_sync(now)
+            self._sync(now)
         return [], False
 
     def on_eof(self) -> tuple[list[StepReport], bool]:
         out = self._train_buffer(time.time(), all_of_it=True) if self.buffer else []
         if self._parts is not None:
             params, trainer, sync, _ = self._parts
-            params.set_dense(trainer.dense_state())
+            if trainer is not None:
+                params.set_dense(trainer.dense_state())
             sync.sync(dense=True)
             sync.writer.close()  # flushes what is still on its way to param-deltas
         return out, False
@@ -233,9 +274,14 @@ class TrainerLogic(StatefulBatchLogic[Example, StepReport, dict]):
         if self.buffer:
             self._train_buffer(time.time(), all_of_it=True)
         if self._parts is not None:
-            params, trainer, _, keys = self._parts
+            params, trainer, sync, keys = self._parts
+            # The store must hold every catalog change made before this snapshot: a resume from it
+            # replays only what came after, and sets counts back by the history written with them.
+            sync.sync()
             self.seq += 1
-            params.set_dense(trainer.dense_state())
-            params.checkpoint(self.seq)
-            keys.flush()
-        return {"seq": self.seq}
+            if trainer is not None:
+                params.set_dense(trainer.dense_state())
+                params.checkpoint(self.seq)
+                keys.flush()
+            self.catalog.snapshot(self.seq)  # type: ignore[union-attr]
+        return {"seq": self.seq, "run": self.run}

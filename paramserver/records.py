@@ -36,9 +36,25 @@ Keys (UTF-8) and values:
 
   Every chunk carries the whole header, so any one of them says which blob it belongs to and how
   many chunks make it whole.
-- `item/<id>`: the catalog entry of an item, a JSON object (the item event's fields: `item_id`,
-  `ts`, `sparse`, `dense`, and popularity counters or whatever else the catalog keeps).
-- `user/<id>`: a user's recent actions, a JSON array of `[item_id, action, ts]`, oldest first.
+- `item/<id>`: the catalog entry of an item, a JSON object. The flow's catalog (flows/catalog.py)
+  writes these fields; a reader ignores fields it does not know::
+
+      item_id      the item's id
+      ts           event time it entered the catalog: its first item event's ts, else (an item
+                   only feature events describe) its first feature event's
+      updated_ts   event time of the event whose features the entry holds
+      sparse       string -> string or list of strings, as in the events
+      dense        string -> number
+      impressions  feature events seen for the item (served impressions), ever
+      positives    positive actions on the item (CONTRACT.md; `watch` per FRESHREC_WATCH_POSITIVE_S)
+      source       `items` (the items stream described it: its latest item event's features win)
+                   or `features` (only feature events have: the latest one carrying features)
+      counts_at    the flow's own bookkeeping, for exact counts through a crash: {"run", "at":
+                   [[snapshot, impressions, positives], ...], "cut"}; not for readers
+
+- `user/<id>`: a user's recent actions (any action, negatives included), a JSON array of
+  `[item_id, action, ts]` in ts order, oldest first, at most FRESHREC_USER_RECENT of the newest;
+  an action already in the list (same item, action and ts) is not repeated.
 
 An empty value (on Kafka, a null value, so that compaction removes the key) is a tombstone: the
 key is deleted (an evicted row, an array chunk no longer used, an item leaving the catalog).

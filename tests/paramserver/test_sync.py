@@ -151,3 +151,52 @@ def test_background_thread_keeps_the_store_fresh(store):
     assert got.found.all()
     assert sync.syncs >= 2 and sync.rows_pushed == 20
     assert store.stats().staleness_ms < 5000
+
+
+class FakeCatalog:
+    """Hands out what changed since its last call, as the flow's catalog does."""
+
+    def __init__(self):
+        self.items: dict = {}
+        self.users: dict = {}
+
+    def take(self):
+        items, users, self.items, self.users = self.items, self.users, {}, {}
+        return items, users
+
+
+def test_catalog_updates_go_in_the_same_transaction_as_the_rows(store):
+    params, catalog = FakeParams(), FakeCatalog()
+    sync = DeltaSync(params, ServingWriter(store), interval_s=0.2, extra=catalog.take)
+    sync.maybe_sync(now=0.0)
+    v = store.params_version()
+    params.push(["a"])
+    catalog.items["v1"] = {"item_id": "v1", "impressions": 3}
+    catalog.users["u1"] = [["v1", "like", 5.0]]
+    assert sync.maybe_sync(now=1.0) == 1
+    assert store.params_version() == v + 1  # one transaction for all three
+    assert sorted(store.changes_since(v)[1]) == [b"item/v1", b"s/a", b"user/u1"]
+    assert store.read_items(["v1"]) == [{"item_id": "v1", "impressions": 3}]
+    assert store.read_users(["u1"]) == [[("v1", "like", 5.0)]]
+    get = REGISTRY.get_sample_value
+    assert get("freshrec_sync_catalog_items_total", {"store": "sync-test"}) >= 1
+    catalog.items["v2"] = {"item_id": "v2"}  # the catalog alone makes a write
+    assert sync.maybe_sync(now=2.0) == 0 and store.params_version() == v + 2
+
+
+def test_catalog_updates_of_a_failed_sync_go_with_the_next_and_newer_ones_win(store):
+    catalog = FakeCatalog()
+    writer = ServingWriter(store)
+    sync = DeltaSync(None, writer, interval_s=0.2, extra=catalog.take)  # no training tables
+    catalog.items.update(v1={"n": 1}, v2={"n": 1})
+    catalog.users["u1"] = [["v1", "click", 1.0]]
+    real = writer.write
+    writer.write = lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone"))
+    with pytest.raises(OSError):
+        sync.maybe_sync(now=1.0)
+    writer.write = real
+    catalog.items["v2"] = {"n": 2}
+    sync.maybe_sync(now=2.0)
+    assert store.read_items(["v1", "v2"]) == [{"n": 1}, {"n": 2}]
+    assert store.read_users(["u1"]) == [[("v1", "click", 1.0)]]
+    assert store.dense_version() == 0 and store.keys(b"dense/") == []  # no params: no dense weights

@@ -1,0 +1,282 @@
+"""The catalog the model server reads: each item's features, popularity and age, and each user's
+recent actions, kept by the flow and written to the serving store through its one writer.
+
+`catalog_delta` pre-aggregates one source batch before the key exchange (one delta per batch,
+never one item per event); `Catalog` merges the deltas at the writer step, loads an entry from the
+serving store the first time it touches an id (so counts carry on across runs), and hands the
+changed entries to `DeltaSync`. Plain logic: no Bytewax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from flows.clock import SourceBatch
+from flows.events import ActionEvent
+
+_item_id = operator.attrgetter("item_id")
+_ts_of = operator.itemgetter(2)
+NO_TS = -math.inf
+COUNTS_AT = "counts_at"  # the entry's counts at recent snapshots, so a resume can rewind them
+MAX_USERS_IN_MEMORY = 200_000  # users kept in memory past a successful write (the rest reload)
+
+
+@dataclass(slots=True)
+class CatalogDelta:
+    """What one source batch says about the catalog.
+
+    - `items`: per item id, the latest item event's (ts, sparse, dense);
+    - `seen`: per item id, from feature events, [first ts, ts of the features, sparse, dense] (the
+      features of the latest event that carried any; NO_TS when none did);
+    - `impressions` / `positives`: feature events / positive actions per item id;
+    - `actions`: per user id, their actions in the batch as (item_id, action, ts).
+    """
+
+    items: dict[str, tuple[float, dict, dict]] = field(default_factory=dict)
+    seen: dict[str, list] = field(default_factory=dict)
+    impressions: dict[str, int] = field(default_factory=dict)
+    positives: dict[str, int] = field(default_factory=dict)
+    actions: dict[str, list[tuple[str, str, float]]] = field(default_factory=dict)
+
+
+def catalog_delta(batch: SourceBatch, is_positive: Callable[[ActionEvent], bool]) -> list[CatalogDelta]:
+    """The catalog delta of one source batch: [] when it holds no events, else one delta."""
+    events = batch.events
+    if not events:
+        return []
+    d = CatalogDelta()
+    if batch.stream == "items":
+        latest = d.items
+        for e in events:
+            old = latest.get(e.item_id)
+            if old is None or e.ts >= old[0]:
+                latest[e.item_id] = (e.ts, e.sparse, e.dense)
+    elif batch.stream == "features":
+        d.impressions = dict(Counter(map(_item_id, events)))
+        seen = d.seen
+        for e in events:
+            s = seen.get(e.item_id)
+            if s is None:
+                seen[e.item_id] = [e.ts, e.ts, e.sparse, e.dense] if e.sparse or e.dense else [e.ts, NO_TS, {}, {}]
+                continue
+            if e.ts < s[0]:
+                s[0] = e.ts
+            if (e.sparse or e.dense) and e.ts >= s[1]:
+                s[1], s[2], s[3] = e.ts, e.sparse, e.dense
+    elif batch.stream == "actions":
+        d.positives = dict(Counter(e.item_id for e in events if is_positive(e)))
+        users = d.actions
+        for e in events:
+            got = users.get(e.user_id)
+            if got is None:
+                users[e.user_id] = [(e.item_id, e.action, e.ts)]
+            else:
+                got.append((e.item_id, e.action, e.ts))
+    return [d]
+
+
+def new_item(item_id: str, ts: float, source: Optional[str], sparse: dict, dense: dict) -> dict:
+    """A catalog entry (paramserver/records.py documents its fields); `source` None: counted but
+    not described yet by either stream, so not written."""
+    return {"item_id": item_id, "ts": ts, "updated_ts": ts, "sparse": sparse, "dense": dense,
+            "impressions": 0, "positives": 0, "source": source}
+
+
+@dataclass
+class CatalogCounts:
+    items_loaded: int = 0  # entries read from the serving store on first touch
+    users_loaded: int = 0
+    rewound: int = 0  # entries whose counts a resume set back to the snapshot's
+    inexact: int = 0  # entries whose counts a resume could not set back exactly (history cut)
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class Catalog:
+    """The catalog state at the writer step: merges deltas, keeps what changed for the next write.
+
+    `load_items(ids)` / `load_users(ids)` read entries from the serving store (None where absent).
+    `user_recent` caps each user's list to their newest actions. Exactly-once counts through a
+    crash: each entry carries, under `counts_at`, its (impressions, positives) as they were at each
+    of the last `keep` snapshots after which they changed, with the `run` they belong to; a resume
+    at snapshot `resumed_at` sets the counts of the entries it loads back to those at that snapshot,
+    so the replayed epochs count once. `run` names the flow's run (kept in Bytewax's snapshot).
+    """
+
+    def __init__(self, load_items: Callable[[Sequence[str]], Sequence[Optional[dict]]],
+                 load_users: Callable[[Sequence[str]], Sequence[Optional[Sequence[Sequence[Any]]]]],
+                 user_recent: int, *, run: str, seq: int = 0, resumed_at: Optional[int] = None,
+                 keep: int = 12) -> None:
+        if user_recent < 1:
+            raise ValueError("user_recent must be at least 1")
+        self.load_items = load_items
+        self.load_users = load_users
+        self.user_recent = user_recent
+        self.run = run
+        self.seq = seq
+        self.resumed_at = resumed_at
+        self.keep = max(2, keep)
+        self.items: dict[str, dict] = {}
+        self.users: dict[str, list[tuple[str, str, float]]] = {}
+        self.dirty_items: set[str] = set()
+        self.dirty_users: set[str] = set()
+        self.counts = CatalogCounts()
+
+    # ------------------------------------------------------------------------------ loading
+
+    def _load(self, deltas: Sequence[CatalogDelta]) -> None:
+        """Reads the entries the deltas touch and memory lacks, in one read per kind."""
+        have = self.items
+        want: set[str] = set()
+        for d in deltas:
+            for m in (d.items, d.seen, d.impressions, d.positives):
+                want.update(k for k in m if k not in have)
+        if want:
+            ids = sorted(want)
+            for i, entry in zip(ids, self.load_items(ids), strict=True):
+                have[i] = self._adopt(i, entry)
+            self.counts.items_loaded += len(ids)
+        users = self.users
+        uwant = {u for d in deltas for u in d.actions if u not in users}
+        if uwant:
+            ids = sorted(uwant)
+            for u, got in zip(ids, self.load_users(ids), strict=True):
+                users[u] = [(str(a[0]), str(a[1]), float(a[2])) for a in got] if got else []
+            self.counts.users_loaded += len(ids)
+
+    def _adopt(self, item_id: str, entry: Optional[dict]) -> dict:
+        """A stored entry made whole, its counts set back to the resumed snapshot's if need be."""
+        if entry is None:
+            return new_item(item_id, NO_TS, None, {}, {})
+        out = new_item(item_id, float(entry.get("ts", NO_TS)), entry.get("source"), {}, {})
+        out.update(entry)
+        out["item_id"] = item_id
+        hist = out.get(COUNTS_AT)
+        if not isinstance(hist, dict) or hist.get("run") != self.run:
+            out.pop(COUNTS_AT, None)  # another run's history: nothing of it can be replayed now
+            return out
+        at = hist["at"]
+        n = self.resumed_at
+        if n is not None:
+            later = [a for a in at if a[0] >= n]
+            if later:
+                # The first change after snapshot n recorded the counts as they were at n.
+                out["impressions"], out["positives"] = later[0][1], later[0][2]
+                hist["at"] = [a for a in at if a[0] < n]
+                self.counts.rewound += 1
+                if hist.get("cut") and at[0][0] > n:
+                    self.counts.inexact += 1  # its record of snapshot n fell off: these are counts at a later one
+        return out
+
+    # ------------------------------------------------------------------------------ merging
+
+    def _before_counting(self, e: dict) -> None:
+        hist = e.get(COUNTS_AT)
+        if hist is None:
+            hist = e[COUNTS_AT] = {"run": self.run, "at": [], "cut": False}
+        at = hist["at"]
+        if not at or at[-1][0] != self.seq:
+            at.append([self.seq, e["impressions"], e["positives"]])
+            if len(at) > self.keep:
+                del at[0]
+                hist["cut"] = True
+
+    def merge(self, deltas: Sequence[CatalogDelta]) -> None:
+        """Merges deltas in arrival order. The items stream's features win; feature events only
+        describe items the items stream has not; counts add up; users keep their newest actions."""
+        if not deltas:
+            return
+        self._load(deltas)
+        items, dirty = self.items, self.dirty_items
+        for d in deltas:
+            for i, (ts, sparse, dense) in d.items.items():
+                e = items[i]
+                if e["source"] != "items":
+                    e.update(ts=ts, updated_ts=ts, sparse=sparse, dense=dense, source="items")
+                else:
+                    if ts < e["ts"]:
+                        e["ts"] = ts
+                    if ts >= e["updated_ts"]:
+                        e.update(updated_ts=ts, sparse=sparse, dense=dense)
+                dirty.add(i)
+            for i, (first, fts, sparse, dense) in d.seen.items():
+                e = items[i]
+                src = e["source"]
+                if src == "items":
+                    continue
+                if src is None:
+                    e.update(ts=first, updated_ts=max(first, fts), sparse=sparse, dense=dense, source="features")
+                else:
+                    if first < e["ts"]:
+                        e["ts"] = first
+                    if fts > NO_TS and (fts >= e["updated_ts"] or not (e["sparse"] or e["dense"])):
+                        e.update(updated_ts=max(fts, e["updated_ts"]), sparse=sparse, dense=dense)
+                dirty.add(i)
+            for counts, name in ((d.impressions, "impressions"), (d.positives, "positives")):
+                for i, n in counts.items():
+                    e = items[i]
+                    self._before_counting(e)
+                    e[name] += n
+                    dirty.add(i)
+            if d.actions:
+                self._merge_actions(d.actions)
+
+    def _merge_actions(self, actions: dict[str, list[tuple[str, str, float]]]) -> None:
+        users, cap = self.users, self.user_recent
+        for u, new in actions.items():
+            old = users[u]
+            have = set(old)
+            add = []
+            for a in new:
+                if a not in have:  # an action seen already (a replayed epoch, a retry) is not added twice
+                    have.add(a)
+                    add.append(a)
+            if not add:
+                continue
+            merged = old + add
+            merged.sort(key=_ts_of)  # stable, and linear when already in order
+            users[u] = merged[-cap:]
+            self.dirty_users.add(u)
+
+    # ------------------------------------------------------------------------------ writing
+
+    def take_dirty(self) -> tuple[dict[str, dict], dict[str, list]]:
+        """The entries changed since the last call (for `DeltaSync`'s `extra`). Items no stream
+        has described yet stay behind until one does."""
+        items = self.items
+        out_items = {}
+        held = set()
+        for i in self.dirty_items:
+            e = items[i]
+            if e["source"] is None:
+                held.add(i)
+            else:
+                out_items[i] = e
+        self.dirty_items = held
+        users = self.users
+        out_users = {u: users[u] for u in self.dirty_users}
+        self.dirty_users = set()
+        return out_items, out_users
+
+    def snapshot(self, seq: int) -> None:
+        """A Bytewax snapshot numbered `seq` was taken: later count changes record the counts at it."""
+        self.seq = seq
+
+    def forget_clean_users(self, limit: int = MAX_USERS_IN_MEMORY) -> int:
+        """Drops users beyond `limit` whose lists are written (they reload on their next action).
+        Call it only after a write succeeded; returns how many were dropped."""
+        users = self.users
+        over = len(users) - limit
+        if over <= 0:
+            return 0
+        drop = [u for u in users if u not in self.dirty_users][:over]
+        for u in drop:
+            del users[u]
+        return len(drop)
