@@ -143,17 +143,19 @@ class Config:
                                 "actions kept per user (the newest) in the serving store's `user/<id>` entries")
     train_batch: int = _setting("FRESHREC_TRAIN_BATCH", "256", _number(int, 1, 1 << 16),
                                 "examples per training mini-batch")
-    train_max_wait_ms: float = _setting("FRESHREC_TRAIN_MAX_WAIT_MS", "200", _number(float, 0),
+    train_max_wait_ms: float = _setting("FRESHREC_TRAIN_MAX_WAIT_MS", "50", _number(float, 0),
                                         "a mini-batch trains once its first example waited this long")
-    user_slots: tuple = _setting("FRESHREC_USER_SLOTS", "", _names,
-                                 "sparse fields describing the user (user tower), comma-separated", state=True)
+    user_slots: tuple = _setting("FRESHREC_USER_SLOTS", "recent_author,recent_tags", _names,
+                                 "sparse fields describing the user (user tower), comma-separated; the model "
+                                 "server fills `recent_<item field>` from the user's recent positive actions",
+                                 state=True)
     item_slots: tuple = _setting("FRESHREC_ITEM_SLOTS", "author,tags", _names,
                                  "sparse fields describing the item (item tower), comma-separated", state=True)
     dense_features: tuple = _setting("FRESHREC_DENSE_FEATURES", "", _names,
                                      "dense fields the item tower reads, comma-separated", state=True)
     embedding_dim: int = _setting("FRESHREC_EMBEDDING_DIM", "16", _number(int, 1, 1024),
                                   "embedding width of every sparse slot", state=True)
-    sync_interval_ms: float = _setting("FRESHREC_SYNC_INTERVAL_MS", "200", _number(float, 1),
+    sync_interval_ms: float = _setting("FRESHREC_SYNC_INTERVAL_MS", "50", _number(float, 1),
                                        "touched embedding rows go to the serving store this often")
     dense_sync_s: float = _setting("FRESHREC_DENSE_SYNC_S", "10", _number(float, 0.1),
                                    "dense weights go to the serving store this often")
@@ -179,7 +181,7 @@ class Config:
                                               "the model server answers 503 when Kafka has not acknowledged a "
                                               "write within this long")
     api_token: str = _setting("FRESHREC_API_TOKEN", "", _token,
-                              "(empty: none) a bearer token that `POST /actions` and the dashboard require")
+                              "a bearer token that `POST /actions` and the dashboard require (empty: none)")
     metrics_port: Optional[int] = _setting("FRESHREC_METRICS_PORT", "9464", _port,
                                            "each flow process serves /metrics and /graph on 127.0.0.1 at this "
                                            "port plus its Bytewax process id (`-i`); `off` or `0`: none")

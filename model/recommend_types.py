@@ -24,6 +24,9 @@ class Recommendation:
     items: list[Served]
     model_version: str
     cold_start: bool = False  # the user is unknown (or no model yet): popular and fresh items
+    # The user-side features the model used (e.g. `recent_author`), logged in every feature event
+    # of the request beside the item's own, so training sees what serving saw.
+    user_sparse: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

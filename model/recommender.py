@@ -523,7 +523,8 @@ class StoreRecommender:
         acted = self.store.read_users([user_id])[0] or []
         exclude = np.fromiter({snap.pos[a[0]] for a in acted if a[0] in snap.pos}, np.int64)
         model = snap.model
-        user = self._user(user_id, model) if model is not None else None
+        history = history_features(self.spec, acted, snap)
+        user = self._user(user_id, model, history) if model is not None else None
         if user is None:
             order = _top(snap.cold, k, exclude)
             scores = np.minimum(snap.cold[order], 1.0)
@@ -537,17 +538,26 @@ class StoreRecommender:
             is_ex = np.isin(candidates[best], exclude)
             best = np.concatenate([best[~is_ex], best[is_ex]])
         best = best[:k]
-        return Recommendation(self._served(snap, candidates[best], _sigmoid(rank[best])), version)
+        return Recommendation(self._served(snap, candidates[best], _sigmoid(rank[best])), version,
+                              user_sparse=history)
 
     # -- the parts ---------------------------------------------------------------------------------
 
-    def _user(self, user_id: str, model: NumpyRanker) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
+    def _user(self, user_id: str, model: NumpyRanker, history: Mapping[str, list[str]]
+              ) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
+        """The user's tower input, vector and bias; None for a user the model knows nothing of (no
+        `user_id` row and no recent positive actions): they get the cold-start list."""
         spec = self.spec
         ids = self.store.read_rows("user_id", [user_id], spec.dim)
-        if not ids.found[0]:
+        if not ids.found[0] and not any(history.values()):
             return None
-        parts = [ids.values] + [np.zeros((1, spec.dim), np.float32) for _ in spec.user_slots]
-        u_in = np.concatenate(parts, axis=1)
+        parts = [ids.values]
+        for slot in spec.user_slots:
+            values = history.get(slot) or []
+            # Mean-pooled like make_batch pools a feature event's values; ids with no row are zeros.
+            rows = self.store.read_rows(slot, values, spec.dim).values if values else None
+            parts.append(rows.mean(axis=0, keepdims=True) if rows is not None else np.zeros((1, spec.dim), np.float32))
+        u_in = np.concatenate(parts, axis=1).astype(np.float32, copy=False)
         bias = float(self.store.read_rows("user_id.bias", [user_id], 1).values[0, 0])
         return u_in, model.user_tower(u_in), bias
 
@@ -591,6 +601,39 @@ class StoreRecommender:
         if thread is not None:
             self._stop.set()
             thread.join(timeout)
+
+
+HISTORY_PREFIX = "recent_"
+MAX_HISTORY = 20
+
+
+def history_features(spec: FeatureSpec, acted: Sequence[Sequence[Any]], snap: IndexSnapshot) -> dict[str, list[str]]:
+    """The user-side features a request fills from the user's recent actions (`user/<id>`): a user
+    slot named `recent_<item slot>` (for example `recent_author`) holds that item slot's values
+    over the items of the user's recent positive actions, newest first, each value once, at most
+    MAX_HISTORY. So a like counts in the user's very next request, before any training, once the
+    model has learnt what a `recent_author` means; the server logs these values in the request's
+    feature events, so training sees exactly what serving used."""
+    from flows.events import POSITIVE_ACTIONS
+
+    wanted = [(s, s[len(HISTORY_PREFIX):]) for s in spec.user_slots if s.startswith(HISTORY_PREFIX)]
+    if not wanted or not acted:
+        return {}
+    out: dict[str, list[str]] = {s: [] for s, _ in wanted}
+    seen: dict[str, set] = {s: set() for s, _ in wanted}
+    for item_id, action, _ts in reversed(acted):
+        if action not in POSITIVE_ACTIONS:
+            continue
+        p = snap.pos.get(item_id)
+        if p is None:
+            continue
+        sparse = snap.entries[p].sparse
+        for slot, field in wanted:
+            for v in _values(sparse.get(field)):
+                if v not in seen[slot] and len(out[slot]) < MAX_HISTORY:
+                    seen[slot].add(v)
+                    out[slot].append(v)
+    return {s: vs for s, vs in out.items() if vs}
 
 
 def limit_blas_threads(n: int) -> None:

@@ -198,6 +198,7 @@ class ModelServer:
         model_version = str(rec.model_version)
         events = []
         out = []
+        user_sparse = rec.user_sparse
         for position, served in enumerate(rec.items[:k]):
             score = float(served.score)
             if not math.isfinite(score):
@@ -205,7 +206,7 @@ class ModelServer:
             out.append({"item_id": served.item_id, "score": score})
             events.append((request_id, encode(FeatureEvent(
                 request_id=request_id, user_id=user_id, item_id=served.item_id, ts=now, position=position,
-                sparse=dict(served.sparse), dense=dict(served.dense), model_version=model_version,
+                sparse={**served.sparse, **user_sparse}, dense=dict(served.dense), model_version=model_version,
                 score=score, event_id=f"{request_id}-{position}"))))
         body = msgspec.json.encode({"request_id": request_id, "user_id": user_id, "model_version": model_version,
                                     "items": out})

@@ -29,3 +29,9 @@ def test_ci_runs_the_readmes_test_command():
 def test_every_setting_is_documented_in_the_readme():
     for env, _default, _doc in Config.documented():
         assert f"`{env}`" in README, env
+
+
+def test_the_settings_table_rows_say_what_the_code_says():
+    for env, default, doc in Config.documented():
+        row = f"| `{env}` | {f'`{default}`' if default else '(empty)'} | {doc} |"
+        assert row in README, f"README's row of {env} should read: {row}"
