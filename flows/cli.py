@@ -149,8 +149,10 @@ def cmd_demo_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Progressive validation of online training against a frozen model and hashed tables."""
+    from tqdm import tqdm
+
     from model import datasets
-    from model.evaluate import frozen, hashed, online, report
+    from model.evaluate import examples_gone_through, frozen, hashed, online, report
     from model.features import FeatureSpec
 
     if args.dataset == "movielens":
@@ -163,7 +165,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{title}: {len(examples)} examples in event-time order", file=sys.stderr)
     runs = []
     for fn in (online, frozen, hashed):
-        run = fn(examples, spec, batch_size=args.batch)
+        # A bar on stderr only when it is a terminal (disable=None): logs and pipes stay clean.
+        with tqdm(total=examples_gone_through(fn, len(examples)), desc=fn.__name__, unit="ex",
+                  disable=None, leave=False) as bar:
+            run = fn(examples, spec, batch_size=args.batch, progress=bar.update)
         print(f"  {run.name:32s} AUC over the second half {run.auc_second_half:.4f}  "
               f"log loss {run.logloss_second_half:.4f}  {run.examples_per_s:,.0f} examples/s", file=sys.stderr)
         runs.append(run)
@@ -175,6 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train_batch(args: argparse.Namespace) -> int:
     """Batch training on the examples stream; online training then continues from its state."""
     import msgspec
+    from tqdm import tqdm
 
     from flows.events import Example
     from flows.streams import read_lines, stream_files
@@ -202,7 +208,13 @@ def cmd_train_batch(args: argparse.Namespace) -> int:
     if params.dense().arrays:
         trainer.load_dense_state(params.dense().arrays)
     for epoch in range(args.epochs):
-        losses = [trainer.train(examples[i:i + args.batch]).loss for i in range(0, len(examples), args.batch)]
+        losses = []
+        with tqdm(total=len(examples), desc=f"epoch {epoch + 1}/{args.epochs}", unit="ex", disable=None,
+                  leave=False) as bar:
+            for i in range(0, len(examples), args.batch):
+                step = trainer.train(examples[i:i + args.batch])
+                losses.append(step.loss)
+                bar.update(step.size)
         print(f"epoch {epoch + 1}/{args.epochs}: {len(examples)} examples, mean loss {sum(losses) / len(losses):.4f}",
               file=sys.stderr)
     params.set_dense(trainer.dense_state())

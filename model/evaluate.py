@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,12 @@ from model.features import FeatureSpec
 from model.trainer import OnlineTrainer, parameter_store
 
 POINTS = 40  # points on the curves
+
+Progress = Callable[[int], object]  # told how many more examples each step went through (a tqdm's update)
+
+
+def _quiet(n: int) -> None:
+    pass
 
 
 @dataclass
@@ -52,7 +58,7 @@ def _finish(run: Run, scores: np.ndarray, labels: np.ndarray, seconds: float, n_
 
 
 def online(examples: Sequence[Any], spec: FeatureSpec, name: str = "online", batch_size: int = 256,
-           params: Any = None) -> Run:
+           params: Any = None, progress: Progress = _quiet) -> Run:
     """Predict, then learn, batch by batch, over the whole stream."""
     trainer = OnlineTrainer(spec, params if params is not None else parameter_store(spec))
     scores = np.empty(len(examples), np.float64)
@@ -60,13 +66,16 @@ def online(examples: Sequence[Any], spec: FeatureSpec, name: str = "online", bat
     for i in range(0, len(examples), batch_size):
         step = trainer.train(examples[i:i + batch_size])
         scores[i:i + len(step.scores)] = step.scores
+        progress(step.size)
     seconds = time.perf_counter() - t0
     labels = np.array([e.label for e in examples], np.float64)
     return _finish(Run(name), scores, labels, seconds, len(examples))
 
 
-def frozen(examples: Sequence[Any], spec: FeatureSpec, batch_size: int = 256, epochs: int = 2) -> Run:
-    """Trained on the first half (progressively on its first epoch), then frozen for the second."""
+def frozen(examples: Sequence[Any], spec: FeatureSpec, batch_size: int = 256, epochs: int = 2,
+           progress: Progress = _quiet) -> Run:
+    """Trained on the first half (progressively on its first epoch), then frozen for the second.
+    `progress` counts every example gone through: half the stream per epoch, then the second half."""
     half = len(examples) // 2
     trainer = OnlineTrainer(spec, parameter_store(spec))
     scores = np.empty(len(examples), np.float64)
@@ -76,14 +85,18 @@ def frozen(examples: Sequence[Any], spec: FeatureSpec, batch_size: int = 256, ep
             step = trainer.train(examples[i:min(i + batch_size, half)])
             if epoch == 0:
                 scores[i:i + len(step.scores)] = step.scores
+            progress(step.size)
     for i in range(half, len(examples), batch_size):
-        scores[i:i + batch_size] = trainer.score(examples[i:i + batch_size])
+        chunk = examples[i:i + batch_size]
+        scores[i:i + len(chunk)] = trainer.score(chunk)
+        progress(len(chunk))
     seconds = time.perf_counter() - t0
     labels = np.array([e.label for e in examples], np.float64)
     return _finish(Run("frozen after the first half"), scores, labels, seconds, half * epochs)
 
 
-def hashed(examples: Sequence[Any], spec: FeatureSpec, fraction: float = 1 / 8, batch_size: int = 256) -> Run:
+def hashed(examples: Sequence[Any], spec: FeatureSpec, fraction: float = 1 / 8, batch_size: int = 256,
+           progress: Progress = _quiet) -> Run:
     """Online, with every slot's table hashed into `fraction` as many rows as it has ids."""
     from paramserver.store import ParameterStore
     from paramserver.table import SlotConfig
@@ -103,7 +116,12 @@ def hashed(examples: Sequence[Any], spec: FeatureSpec, fraction: float = 1 / 8, 
              for s, ids in distinct.items()}
     params = ParameterStore(slots, default=SlotConfig(dim=spec.dim))
     return online(examples, spec, name=f"hashed (1/{round(1 / fraction)} of the ids' rows)", batch_size=batch_size,
-                  params=params)
+                  params=params, progress=progress)
+
+
+def examples_gone_through(run: Callable, n: int, epochs: int = 2) -> int:
+    """How many examples `run` (online, frozen or hashed) tells its progress about, for a bar's total."""
+    return n // 2 * epochs + (n - n // 2) if run is frozen else n
 
 
 def report(runs: list[Run], out_dir: Path, title: str) -> tuple[Path, Path]:

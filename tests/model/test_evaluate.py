@@ -1,0 +1,31 @@
+"""The evaluation's runs report their progress, and `freshrec eval` shows no bar off a terminal."""
+
+from __future__ import annotations
+
+import pytest
+
+from model import datasets
+from model.evaluate import examples_gone_through, frozen, hashed, online
+from model.features import FeatureSpec
+
+SPEC = FeatureSpec((), ("genre",), (), 8)
+
+
+@pytest.mark.parametrize("run", [online, frozen, hashed])
+def test_progress_counts_every_example_each_run_goes_through(run):
+    examples = datasets.drifting_stream(n=203)
+    told: list[int] = []
+    run(examples, SPEC, batch_size=16, progress=told.append)
+    assert sum(told) == examples_gone_through(run, len(examples))
+    assert max(told) <= 16
+    assert examples_gone_through(run, len(examples)) == (101 * 2 + 102 if run is frozen else 203)
+
+
+def test_eval_prints_no_progress_bar_when_not_on_a_terminal(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["eval", "simulator", "--limit", "300", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "report:" in out
+    assert "ex/s" not in err and "\r" not in err and "%|" not in err
+    assert (tmp_path / "simulator" / "report.json").exists()
