@@ -145,9 +145,10 @@ class Config:
                                 "examples per training mini-batch")
     train_max_wait_ms: float = _setting("FRESHREC_TRAIN_MAX_WAIT_MS", "50", _number(float, 0),
                                         "a mini-batch trains once its first example waited this long")
-    user_slots: tuple = _setting("FRESHREC_USER_SLOTS", "recent_author,recent_tags", _names,
+    user_slots: tuple = _setting("FRESHREC_USER_SLOTS", "", _names,
                                  "sparse fields describing the user (user tower), comma-separated; the model "
-                                 "server fills `recent_<item field>` from the user's recent positive actions",
+                                 "server fills `recent_<item field>` (e.g. `recent_author`) from the user's "
+                                 "recent positive actions",
                                  state=True)
     item_slots: tuple = _setting("FRESHREC_ITEM_SLOTS", "author,tags", _names,
                                  "sparse fields describing the item (item tower), comma-separated", state=True)

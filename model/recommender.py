@@ -127,7 +127,19 @@ class NumpyRanker:
                              np.broadcast_to(u, (n, u.shape[1])), v, u * v], axis=1)
         x1 = x0 * (x0 @ w["cross_w"] + w["cross_b"]) + x0
         h = np.maximum(x1 @ w["head1_w"] + w["head1_b"], 0)
-        return (h @ w["head2_w"] + w["head2_b"])[:, 0]
+        return (h @ w["head2_w"] + w["head2_b"])[:, 0] + self.fm(u_in, i_in)
+
+    def fm(self, u_in: np.ndarray, i_in: np.ndarray) -> np.ndarray:
+        """The graph's factorization-machine term, the sum of <e_i, e_j> over every pair of
+        fields' pooled rows, split as <U, I> + the user's own pairs + each item's own pairs (U, I:
+        the sums of the user-side and item-side rows), so a request computes the user's part once."""
+        d = self.spec.dim
+        users = u_in.reshape(len(u_in), -1, d)
+        items = i_in[:, :len(self.spec.item_side) * d].reshape(len(i_in), -1, d)
+        big_u, big_i = users.sum(axis=1), items.sum(axis=1)
+        own_u = 0.5 * ((big_u * big_u).sum(axis=1) - (users * users).sum(axis=(1, 2)))
+        own_i = 0.5 * ((big_i * big_i).sum(axis=1) - (items * items).sum(axis=(1, 2)))
+        return big_i @ big_u[0] + own_u[0] + own_i if len(u_in) == 1 else (big_u * big_i).sum(axis=1) + own_u + own_i
 
     def forward(self, rows: Mapping[str, np.ndarray], index: Mapping[str, np.ndarray],
                 example: Mapping[str, np.ndarray], dense: np.ndarray, n: int

@@ -32,7 +32,9 @@ class ListRecommender:
                          sparse={"author": f"a{int(i[1:]) % 5}", "tags": ["t1", f"t{int(i[1:]) % 3}"]},
                          dense={"item_ctr_7d": int(i[1:]) / 100})
                   for n, i in enumerate(ranked)]
-        return Recommendation(items=served, model_version=f"m{self.version}", cold_start=cold)
+        user_sparse = {} if cold else {"recent_author": ["a1", "a2"]}
+        return Recommendation(items=served, model_version=f"m{self.version}", cold_start=cold,
+                              user_sparse=user_sparse)
 
     def refresh(self) -> int:
         with self._lock:

@@ -153,7 +153,7 @@ def test_the_head_reranks_retrievals_best_candidates(store):
     items = fill(ServingWriter(store), rng, n_items=60)
     r = StoreRecommender(store, SPEC, candidates=5)
     snap = r.index.snapshot
-    u_in, u, ub = r._user("u1", snap.model)
+    u_in, u, ub = r._user("u1", snap.model, {})
     retrieval = snap.vectors @ u[0] + snap.bias
     best5 = {snap.ids[p] for p in np.argsort(-retrieval)[:5]}
     got = r.recommend("u1", 3)
@@ -429,3 +429,61 @@ def test_the_sampled_threshold_selects_exactly_argpartitions_top(n, c):
     np.testing.assert_array_equal(np.sort(scores[got]), np.sort(scores[want]))
     top = rec._top(scores, c, np.zeros(0, np.int64))
     np.testing.assert_array_equal(scores[top], np.sort(scores[want])[::-1])
+
+
+# ------------------------------------------------------------------- user features from history
+
+HSPEC = FeatureSpec(user_slots=("recent_author", "recent_tags"), item_slots=("author", "tags"),
+                    dense=("duration_s",), dim=8)
+
+
+def test_recent_slots_hold_the_users_recent_positive_items_fields_newest_first(tmp_path):
+    store = LmdbServingStore(tmp_path / "s", writer=True)
+    try:
+        writer = ServingWriter(store)
+        items = {"v1": {"item_id": "v1", "ts": T0, "sparse": {"author": "a1", "tags": ["x", "y"]}, "dense": {}},
+                 "v2": {"item_id": "v2", "ts": T0, "sparse": {"author": "a2", "tags": ["y"]}, "dense": {}},
+                 "v3": {"item_id": "v3", "ts": T0, "sparse": {"author": "a3", "tags": ["z"]}, "dense": {}}}
+        writer.write(items=items)
+        r = StoreRecommender(store, HSPEC)
+        acted = [("v1", "like", T0), ("v3", "skip", T0 + 1), ("v2", "share", T0 + 2), ("gone", "like", T0 + 3)]
+        got = rec.history_features(HSPEC, acted, r.index.snapshot)
+        # skips are not interests; items no longer in the catalog say nothing; each value once
+        assert got == {"recent_author": ["a2", "a1"], "recent_tags": ["y", "x"]}
+        assert rec.history_features(SPEC, acted, r.index.snapshot) == {}  # no recent_ slots: nothing
+    finally:
+        store.close()
+
+
+def test_a_users_history_features_score_as_the_graph_scores_them_and_are_returned(store):
+    rng = np.random.default_rng(21)
+    writer = ServingWriter(store)
+    items = {f"v{i}": item_entry(i, rng) for i in range(30)}
+    d = HSPEC.dim
+    rows = [batch_of("item_id", list(items), rng.standard_normal((30, d))),
+            batch_of("item_id.bias", list(items), rng.standard_normal((30, 1))),
+            batch_of("author", [f"a{i}" for i in range(6)], rng.standard_normal((6, d))),
+            batch_of("tags", [f"t{i}" for i in range(9)], rng.standard_normal((9, d))),
+            batch_of("recent_author", [f"a{i}" for i in range(4)], rng.standard_normal((4, d))),  # a4, a5: none
+            batch_of("recent_tags", [f"t{i}" for i in range(9)], rng.standard_normal((9, d)))]
+    writer.write(rows, dense=DenseBlob(1, dense_arrays(HSPEC, 4), T0), items=items)
+    r = StoreRecommender(store, HSPEC, candidates=30)
+    assert r.recommend("newcomer", 5).cold_start  # no row, no history: the cold-start list
+    writer.write(users={"newcomer": [["v1", "like", T0], ["v4", "finish", T0 + 1], ["v2", "skip", T0 + 2]]})
+    got = r.recommend("newcomer", 30)
+    assert not got.cold_start  # no user_id row yet, but their likes already say something
+    history = rec.history_features(HSPEC, [("v1", "like", T0), ("v4", "finish", T0 + 1)], r.index.snapshot)
+    assert got.user_sparse == history and history["recent_author"] == [items["v4"]["sparse"]["author"],
+                                                                       items["v1"]["sparse"]["author"]]
+    # The graph, given the feature events the server logs (item features + the user's), agrees.
+    blob = store.read_dense()
+    model = TwoTowerRanker(HSPEC)
+    model.load_weights(blob.arrays)
+    norm = DenseNormalizer(1)
+    norm.load(blob.arrays)
+    shown = [s.item_id for s in got.items]
+    events = [Event("newcomer", i, {**items[i]["sparse"], **got.user_sparse}, items[i]["dense"]) for i in shown]
+    batch = make_batch(events, HSPEC)
+    rows_in = {s: store.read_rows(s, batch.slots[s].ids, HSPEC.width(s)).values for s in HSPEC.slots}
+    want = model.score(batch, rows_in, norm.apply(batch.dense))
+    np.testing.assert_allclose([s.score for s in got.items], want, atol=1e-5)

@@ -67,7 +67,8 @@ def test_recommend_answers_the_contract_and_writes_one_feature_event_per_item(se
         assert e.request_id == body["request_id"] and e.user_id == "u1"
         assert e.item_id == item["item_id"] and e.score == item["score"]
         assert e.model_version == "m3"
-        assert e.sparse == served.sparse and e.dense == served.dense
+        # The item's features and the user-side ones the model used, so training sees what serving saw.
+        assert e.sparse == {**served.sparse, "recent_author": ["a1", "a2"]} and e.dense == served.dense
         assert e.event_id and abs(e.ts - time.time()) < 3600
     assert len({e.event_id for e in events}) == 5
 
