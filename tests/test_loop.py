@@ -1,0 +1,161 @@
+"""The whole loop, end to end: users -> model server -> streams -> flow (join, online training) ->
+serving store -> model server. On the embedded default (files, follow mode) and through a real
+Kafka broker."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flows.config import Config
+from flows.processes import FlowProcess
+from flows.simulate import ClosedLoop, World
+from model.recommender import build_recommender
+from model.server import running_server
+from tests.model.serving_fakes import call
+
+pytestmark = pytest.mark.slow
+
+SEED = 11
+
+
+def loop_config(tmp_path: Path, **overrides) -> Config:
+    settings = dict(data_dir=str(tmp_path / "data"), state_dir=str(tmp_path / "state"), follow="1",
+                    join_window_s="30", lateness_s="1", idle_s="1", metrics_port="off")
+    settings.update({k: str(v) for k, v in overrides.items()})
+    return Config.from_env({}, **settings)
+
+
+@dataclass
+class Loop:
+    config: Config
+    flow: FlowProcess
+    url: str
+    recommender: object
+
+
+@contextlib.contextmanager
+def running_loop(config: Config) -> Iterator[Loop]:
+    flow = FlowProcess(config, ["-w", "1"], log_path=config.state_dir.parent / "flow.log").start()
+    recommender = None
+    try:
+        recommender = build_recommender(config)
+        with running_server(recommender, config) as server:
+            yield Loop(config, flow, server.url, recommender)
+        assert flow.running, "the flow died:\n" + flow.log_tail()
+    finally:
+        flow.stop()
+        if recommender is not None:
+            recommender.store.close()
+
+
+def world() -> World:
+    return World(seed=SEED, n_users=200, n_items=400, n_authors=30)
+
+
+def wait_until(check, timeout_s: float, what: str, loop: Loop):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        assert loop.flow.running, "the flow died:\n" + loop.flow.log_tail()
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout_s:.0f} s\n" + loop.flow.log_tail())
+
+
+def recommend(loop: Loop, user: str, k: int = 100) -> dict:
+    status, _, body = call(loop.url, "GET", f"/recommend?user_id={user}&k={k}")
+    assert status == 200, body
+    return body
+
+
+def post(loop: Loop, actions: list[dict]) -> None:
+    status, _, body = call(loop.url, "POST", "/actions", body=__import__("json").dumps(actions))
+    assert status == 202, body
+
+
+def knows(loop: Loop, user: str) -> bool:
+    return bool(loop.recommender.store.read_rows("user_id", [user], loop.config.embedding_dim).found[0])
+
+
+def mean_position(items: list[dict], wanted: set[str]) -> float:
+    pos = [i for i, it in enumerate(items) if it["item_id"] in wanted]
+    return sum(pos) / len(pos) if pos else float("inf")
+
+
+def check_a_fans_author_rises(loop: Loop, w: World) -> None:
+    """After a user likes several items of one author, that author's other items rank higher in
+    the user's next recommendations, within seconds."""
+    # Warm up: simulated users act for a while, so the model and the catalog have something.
+    warm = ClosedLoop(w, loop.url, loop.config, rate=20, k=10, seed=SEED).run(15)
+    assert warm.actions_posted > 0 and not warm.rejected and not warm.failed_requests
+    fan = f"fan-{uuid.uuid4().hex[:6]}"
+    author_of = {w.item_id(i): w.item_sparse(i)["author"] for i in range(w.n_items)}
+    # The fan's first actions: skips, so the model knows them before the likes (a list of the
+    # model's before, not the cold-start list).
+    first = recommend(loop, fan)
+    post(loop, [{"request_id": first["request_id"], "user_id": fan, "item_id": it["item_id"], "ts": time.time(),
+                 "action": "skip"} for it in first["items"][-3:]])
+    wait_until(lambda: knows(loop, fan), 30, "the fan's first actions trained", loop)
+    time.sleep(0.5)
+    before = recommend(loop, fan)
+    authors = Counter(author_of.get(it["item_id"]) for it in before["items"][:60])
+    author = next(a for a, n in authors.most_common() if a and n >= 5)
+    by_author = [it["item_id"] for it in before["items"] if author_of.get(it["item_id"]) == author]
+    liked, others = by_author[:3], set(by_author[3:])
+    start = mean_position(before["items"], others)
+    post(loop, [{"request_id": before["request_id"], "user_id": fan, "item_id": i, "ts": time.time(),
+                 "action": "like"} for i in liked])
+    posted = time.monotonic()
+
+    def risen():
+        after = recommend(loop, fan)
+        shown = {it["item_id"] for it in after["items"]}
+        return after if not shown & set(liked) and mean_position(after["items"], others) < start - 3 else None
+
+    after = wait_until(risen, 30, f"{author}'s other items rising in the fan's list (from {start:.1f})", loop)
+    took = time.monotonic() - posted
+    print(f"{author}'s other items: mean position {start:.1f} -> {mean_position(after['items'], others):.1f} "
+          f"after {took:.2f} s")
+
+
+def test_the_loop_on_files_a_fans_author_rises(tmp_path):
+    with running_loop(loop_config(tmp_path)) as loop:
+        check_a_fans_author_rises(loop, world())
+
+
+@pytest.mark.kafka
+def test_the_loop_through_kafka_a_fans_author_rises(tmp_path, kafka_bootstrap):
+    from flows.kafka_local import create_topics
+
+    prefix = f"loop{uuid.uuid4().hex[:8]}."
+    create_topics(kafka_bootstrap, {prefix + s: 2 for s in ("features", "actions", "items")})
+    create_topics(kafka_bootstrap, {prefix + s: 1 for s in ("examples", "dead-letter")})
+    create_topics(kafka_bootstrap, {prefix + "param-deltas": 1}, compacted=[prefix + "param-deltas"])
+    config = loop_config(tmp_path, source="kafka", brokers=kafka_bootstrap, topic_prefix=prefix)
+    with running_loop(config) as loop:
+        check_a_fans_author_rises(loop, world())
+
+
+def run_closed_loop(tmp_path: Path, train: bool, seconds: float) -> list[float]:
+    config = loop_config(tmp_path, train=int(train))
+    with running_loop(config) as loop:
+        stats = ClosedLoop(world(), loop.url, config, rate=20, k=10, seed=SEED).run(seconds)
+    assert not stats.rejected and not stats.failed_requests
+    return stats.by_request_count(len(stats.records) // 4)
+
+
+def test_hit_rate_rises_with_online_training_and_beats_no_training(tmp_path):
+    on = run_closed_loop(tmp_path / "on", True, 60)
+    off = run_closed_loop(tmp_path / "off", False, 60)
+    print(f"hit rate by quarter, training on: {on}; off: {off}")
+    assert on[-1] > on[0]
+    assert on[-1] > off[-1]
