@@ -17,6 +17,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -67,61 +68,86 @@ def _line(items: list[dict], authors: list[str], mark: str, n: int = 8) -> str:
                                                                                           strict=False))
 
 
-def show_one_user(base: str, world: Any, *, wait_s: float = 20.0, out=print) -> Optional[float]:
-    """One user's recommendations, before and after they like several items of one author.
+def show_one_user(base: str, world: Any, known: Callable[[str], bool], *, wait_s: float = 20.0,
+                  out=print) -> Optional[float]:
+    """One user's recommendations, before and after they like three items of one author.
 
-    Returns the seconds from their actions to a list that ranks that author's other items higher
-    (None if it did not come within `wait_s`)."""
+    The user first skips a few items, so the model knows them and "before" is the model's list, not
+    the cold-start one. Returns the seconds from the likes to a list that ranks that author's other
+    items higher (None if that did not come within `wait_s`)."""
     q = urllib.parse.urlencode
-    before = _get(f"{base}/recommend?{q({'user_id': DEMO_USER, 'k': 100})}")
-    items = before["items"]
-    if len(items) < 10:
+    first = _get(f"{base}/recommend?{q({'user_id': DEMO_USER, 'k': 100})}")
+    if len(first["items"]) < 20:
         out("  (the catalog is still filling; the demo user waits for the next run)")
         return None
+    if not known(DEMO_USER):
+        status, body = _post(f"{base}/actions", [
+            {"request_id": first["request_id"], "user_id": DEMO_USER, "item_id": it["item_id"], "ts": time.time(),
+             "action": "skip", "event_id": f"demo-skip-{it['item_id']}"} for it in first["items"][-3:]])
+        deadline = time.monotonic() + wait_s
+        while status == 202 and not known(DEMO_USER) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    before = _get(f"{base}/recommend?{q({'user_id': DEMO_USER, 'k': 100})}")
+    items = before["items"]
     authors = _authors(items, world)
-    counts = Counter(a for a in authors if a != "?")
+    counts = Counter(a for a in authors[:60] if a != "?")
     author, _ = counts.most_common(1)[0]
-    liked = [it for it, a in zip(items, authors, strict=True) if a == author][:3]
-    skipped = [it for it, a in zip(items, authors, strict=True) if a != author][:3]
-    by_author = {it["item_id"] for it, a in zip(items, authors, strict=True) if a == author}
-    others = by_author - {it["item_id"] for it in liked}
+    by_author = [it["item_id"] for it, a in zip(items, authors, strict=True) if a == author]
+    liked, others = by_author[:3], set(by_author[3:])
 
     def rank_of_others(listing: list[dict]) -> float:
         pos = [i for i, it in enumerate(listing) if it["item_id"] in others]
         return sum(pos) / len(pos) if pos else float("inf")
 
-    out(f"  {DEMO_USER} before ({'cold start' if before.get('model_version') else ''}), top 8, "
-        f"* = by {author}:")
+    out(f"  {DEMO_USER}'s list (model {before['model_version']}), top 8, * = by {author}:")
     out("    " + _line(items, authors, author))
-    now = time.time()
-    actions = [{"request_id": before["request_id"], "user_id": DEMO_USER, "item_id": it["item_id"], "ts": now,
-                "action": "like", "event_id": f"demo-like-{it['item_id']}"} for it in liked]
-    actions += [{"request_id": before["request_id"], "user_id": DEMO_USER, "item_id": it["item_id"], "ts": now,
-                 "action": "skip", "event_id": f"demo-skip-{it['item_id']}"} for it in skipped]
-    status, body = _post(f"{base}/actions", actions)
+    status, body = _post(f"{base}/actions", [
+        {"request_id": before["request_id"], "user_id": DEMO_USER, "item_id": i, "ts": time.time(),
+         "action": "like", "event_id": f"demo-like-{i}"} for i in liked])
     if status != 202:
         out(f"  POST /actions answered {status}: {body}")
         return None
-    out(f"  {DEMO_USER} likes {', '.join(it['item_id'] for it in liked)} (by {author}) and skips "
-        f"{', '.join(it['item_id'] for it in skipped)}")
+    out(f"  {DEMO_USER} likes {', '.join(liked)} (by {author})")
     start_rank = rank_of_others(items)
     t0 = time.monotonic()
     while time.monotonic() - t0 < wait_s:
-        time.sleep(0.25)
         after = _get(f"{base}/recommend?{q({'user_id': DEMO_USER, 'k': 100})}")
-        if rank_of_others(after["items"]) < start_rank:
+        if rank_of_others(after["items"]) < start_rank - 1:
             took = time.monotonic() - t0
-            a_auth = _authors(after["items"], world)
-            out(f"  {DEMO_USER} after {took:.2f} s (model {after['model_version']}), top 8:")
-            out("    " + _line(after["items"], a_auth, author))
+            out(f"  {DEMO_USER}'s list {took:.2f} s later (model {after['model_version']}), top 8:")
+            out("    " + _line(after["items"], _authors(after["items"], world), author))
             out(f"  {author}'s other items: mean position {start_rank:.1f} -> {rank_of_others(after['items']):.1f}")
             return took
+        time.sleep(0.1)
     out(f"  {DEMO_USER}'s list had not moved towards {author} after {wait_s:.0f} s")
     return None
 
 
+def wait_for_catalog(config: Config, world: Any, base: str, flow: FlowProcess, out, timeout_s: float = 300.0) -> None:
+    """Writes the world's catalog to the items stream and waits until the server has it: the
+    flow's start (TensorFlow's import included) takes a while on a small machine."""
+    from flows.outputs import open_output, stamp
+
+    output = open_output(config, "demo-items")
+    try:
+        catalog = world.catalog()
+        stamp(catalog)
+        output.write("items", catalog)
+    finally:
+        output.close()
+    out("waiting for the flow to take in the catalog ...")
+    t0 = time.monotonic()
+    while not _get(f"{base}/healthz").get("items"):
+        if not flow.running:
+            raise RuntimeError("the flow stopped:\n" + flow.log_tail())
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"the flow did not take in the catalog within {timeout_s:.0f} s:\n" + flow.log_tail())
+        time.sleep(0.2)
+    out(f"the catalog is in the serving store after {time.monotonic() - t0:.1f} s")
+
+
 def _watch(flow: FlowProcess, sim: threading.Thread, loop: Any, base: str, world: Any, opts: DemoOptions,
-           out) -> None:
+           known: Callable[[str], bool], out) -> None:
     out(f"simulator: {opts.users} users, {opts.items} items by {opts.authors} authors, "
         f"{opts.rate:g} requests/s, k={opts.k}; Ctrl-C stops")
     t0 = time.monotonic()
@@ -143,7 +169,7 @@ def _watch(flow: FlowProcess, sim: threading.Thread, loop: Any, base: str, world
         last_n = n
         if not shown and elapsed >= opts.show_user_at_s:
             shown = True
-            show_one_user(base, world, out=out)
+            show_one_user(base, world, known, out=out)
 
 
 def run_demo(config: Config, opts: DemoOptions, out=print) -> int:
@@ -169,6 +195,7 @@ def run_demo(config: Config, opts: DemoOptions, out=print) -> int:
         with running_server(recommender, config) as server:
             base = server.url
             out(f"model server: {base} (GET /recommend, POST /actions, /healthz, /metrics)")
+            wait_for_catalog(config, world, base, flow, out)
             loop = ClosedLoop(world, base, config, rate=opts.rate, k=opts.k, seed=opts.seed)
             result: dict[str, Any] = {}
 
@@ -182,7 +209,10 @@ def run_demo(config: Config, opts: DemoOptions, out=print) -> int:
             sim = threading.Thread(target=simulate, name="closed-loop", daemon=True)
             sim.start()
             try:
-                _watch(flow, sim, loop, base, world, opts, out)
+                def known(user: str) -> bool:
+                    return bool(recommender.store.read_rows("user_id", [user], config.embedding_dim).found[0])
+
+                _watch(flow, sim, loop, base, world, opts, known, out)
             finally:
                 stop.set()  # the simulator first: no request reaches a server that is stopping
                 sim.join(30.0)
@@ -199,6 +229,6 @@ def run_demo(config: Config, opts: DemoOptions, out=print) -> int:
         stop.set()
         if recommender is not None:
             recommender.store.close()
-        code = flow.stop()
-        out(f"the flow stopped (exit {code}); nothing is left running")
+        flow.stop()
+        out("the flow stopped; nothing is left running")
     return 0

@@ -27,7 +27,7 @@ class StepResult:
     size: int
 
 
-USER_ID_LR = 1.0
+USER_ID_LR = 0.3
 
 
 def parameter_store(spec: FeatureSpec, checkpoint_dir: Any = None, **slot_options: Any) -> Any:
@@ -41,8 +41,9 @@ def parameter_store(spec: FeatureSpec, checkpoint_dir: Any = None, **slot_option
     # Tuned on MovieLens-100K's progressive validation (model/evaluate.py): biases learn fastest.
     slots = {s: SlotConfig(dim=1, init="zeros", min_count=1, optimizer=Adagrad(lr=0.3)) for s in BIAS_SLOTS}
     default = SlotConfig(dim=spec.dim, **{"min_count": 2, "optimizer": Adagrad(lr=0.05), **slot_options})
-    # A user's own row learns fast: a few actions move their recommendations (the point of training
-    # online), and it scored better on the simulator and MovieLens than the other slots' rate.
+    # A user's own row learns faster than the other slots: a few actions move that user's list (the
+    # point of training online). MovieLens-100K online AUC over the second half, by this rate:
+    # 0.05 (the other slots') 0.7690, 0.3 0.7714, 1.0 0.7682.
     slots["user_id"] = msgspec.structs.replace(default, min_count=1, optimizer=Adagrad(lr=USER_ID_LR))
     return ParameterStore(slots, default=default, checkpoint_dir=checkpoint_dir)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import Config
+from flows.demo import wait_for_catalog
 from flows.processes import FlowProcess
 from flows.simulate import ClosedLoop, World
 from model.recommender import build_recommender
@@ -48,6 +49,8 @@ def running_loop(config: Config) -> Iterator[Loop]:
     try:
         recommender = build_recommender(config)
         with running_server(recommender, config) as server:
+            # The catalog first, so no simulated request meets an empty one while the flow starts.
+            wait_for_catalog(config, world(), server.url, flow, print)
             yield Loop(config, flow, server.url, recommender)
         assert flow.running, "the flow died:\n" + flow.log_tail()
     finally:
