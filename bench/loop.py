@@ -265,7 +265,7 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
                           compacted=[prefix + t for t in COMPACTED_TOPICS])
             settings.update(brokers=brokers, topic_prefix=prefix)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
-        config = Config.from_env(env, **settings, **{k: v for k, v in (overrides or {}).items()})
+        config = Config.from_env(env, **{**settings, **(overrides or {})})
         log = (log_dir or tmp_path) / f"flow-{source}.log"
         flow = FlowProcess(config, ["-w", str(workers)], log_path=log)
         sim = reader = None
@@ -291,7 +291,9 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
             after, t_b = _scrape(port), time.time()
             reader.join(30)
             if not flow.running:
-                raise RuntimeError(f"the flow stopped during the run: {flow.log_tail()}")
+                raise RuntimeError(f"the flow stopped during the run (exit {flow.proc.returncode}): {flow.log_tail()}")
+            if sim.exitcode != 0 or reader.exitcode != 0:
+                raise RuntimeError(f"the simulator or the reader failed (exit {sim.exitcode}, {reader.exitcode})")
             simmed = json.loads(Path(sim_out).read_text())
             users = np.load(read_out + ".users.npy")
             rows = np.load(read_out + ".rows.npy")
