@@ -363,7 +363,7 @@ def _broker() -> tuple[Optional[str], Any]:
 
 @benchmark("serve.freshness_p50", "serve.freshness_p99", "serve.rate_held")
 def loop(quick: bool) -> Iterator[Figure]:
-    rate, warmup, measure = (1000.0, 8.0, 10.0) if quick else (5000.0, 15.0, 60.0)
+    rate, warmup, measure = (1000.0, 15.0, 10.0) if quick else (5000.0, 15.0, 60.0)
     overrides = json.loads(os.environ.get("FRESHREC_BENCH_LOOP_ENV", "{}"))
     fields = {f.metadata["env"]: f.name for f in Config.__dataclass_fields__.values()}
     overrides = {fields.get(k, k): str(v) for k, v in overrides.items()}
