@@ -233,6 +233,11 @@ def main_flow() -> Dataflow:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = Config.from_env()
+        if config.train:
+            # TensorFlow is imported here, in the main thread, before Bytewax starts its workers:
+            # imported lazily by the trainer's worker while another worker ran, it crashed the
+            # process now and then (SIGSEGV, or "take_gil: PyMUTEX_LOCK failed") with -w 2.
+            import model.graph  # noqa: F401
         flow = build_flow(config)
         serve_metrics(config.metrics_port, flow, config.metrics_host)  # one port per process: bytewax.run imports this in each
         return flow
