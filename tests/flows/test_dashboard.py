@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
 
 import pytest
@@ -79,14 +80,21 @@ def test_kafka_lag_is_the_high_watermark_minus_the_next_offset_to_read():
         asked.append(list(tps))
         return {("features", 0): 120, ("features", 1): 40}
 
-    m = LagMonitor(watermarks, interval_s=3600)  # its thread never fires within the test
+    m = LagMonitor(watermarks, interval_s=3600)  # no timed reading within the test: only wake-ups
     m.note("features", 0, 100)
+    # A partition's first note wakes the thread at once: a backlog shows before the first batch.
+    deadline = time.monotonic() + 10
+    while not asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert asked and asked[0][0] == ("features", 0)
     m.note("features", 1, 40)
     m.note("features", 0, 105)  # positions move per batch; only the newest counts
     assert m.refresh() == {("features", 0): 15, ("features", 1): 0}
-    assert asked == [[("features", 0), ("features", 1)]]
+    assert asked[-1] == [("features", 0), ("features", 1)]
     assert REGISTRY.get_sample_value("freshrec_source_kafka_lag", {"topic": "features", "partition": "0"}) == 15
     m.stop()
+    m._thread.join(5)
+    assert not m._thread.is_alive()
 
 
 PROCESS = """# TYPE freshrec_source_events counter
