@@ -99,6 +99,11 @@ def quantile(edges: list[float], counts: list[float], q: float) -> Optional[floa
     return lo
 
 
+def _worker(label: str) -> str:
+    """A worker label as the page lists it: Bytewax's index (ours and its own) as `worker N`."""
+    return f"worker {label}" if label.isdigit() else label
+
+
 def _short_step(step_id: str) -> str:
     """Bytewax's `flow.step.inner_op` as the top-level step name the graph shows."""
     parts = step_id.split(".")
@@ -140,9 +145,10 @@ class Scraper:
             t.kind = ("bytewax" if any(n.startswith("bytewax_") for n in names)
                       else "flow" if any(n.startswith(("freshrec_join_", "freshrec_source_")) for n in names)
                       else "server" if any(n.startswith("freshrec_serve_") for n in names) else "other")
-            t.workers = sorted({lab["worker"] for n, lab, _ in t.samples if "worker" in lab and
+            t.workers = sorted({_worker(lab["worker"]) for n, lab, _ in t.samples if "worker" in lab and
                                 n.startswith("freshrec_")} |
-                               {f"worker {lab['worker_index']}" for n, lab, _ in t.samples if "worker_index" in lab})
+                               {_worker(lab["worker_index"]) for n, lab, _ in t.samples if "worker_index" in lab},
+                               key=lambda w: (len(w), w))
             if t.kind == "flow" and self.graph is None:
                 async with session.get(t.base + "/graph") as r:
                     if r.status == 200:

@@ -50,6 +50,37 @@ def process_id(argv: Optional[list[str]] = None, env: Optional[dict] = None) -> 
     return 0
 
 
+def workers_per_process(argv: Optional[list[str]] = None) -> int:
+    """Bytewax's `-w`/`--workers-per-process`, else 1."""
+    argv = sys.argv if argv is None else argv
+    for i, a in enumerate(argv):
+        if a in ("-w", "--workers-per-process") and i + 1 < len(argv) and argv[i + 1].isdigit():
+            return int(argv[i + 1])
+        if a.startswith("--workers-per-process=") and a.split("=", 1)[1].isdigit():
+            return int(a.split("=", 1)[1])
+        if a.startswith("-w") and a[2:].isdigit():
+            return int(a[2:])
+    return 1
+
+
+def worker_label() -> str:
+    """The calling Bytewax worker's index in the whole cluster, as Bytewax counts it (`worker_index`).
+
+    Bytewax tells a stateful step nothing of its worker, and its threads are not Python's (their
+    Python name is `Dummy-N`, different in every process). Timely names each worker thread
+    `timely:work-<index in its process>` at the OS level; with the process id and the workers per
+    process, that is Bytewax's global index. Elsewhere (tests, run_main): the Python thread name.
+    """
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            name = f.read().strip()
+    except OSError:
+        name = ""
+    if name.startswith("timely:work-") and name[12:].isdigit():
+        return str(process_id() * workers_per_process() + int(name[12:]))
+    return threading.current_thread().name
+
+
 def graph_of(flow: Any) -> dict:
     """The top-level steps of a dataflow and the streams between them, from `bytewax.visualize`."""
     from bytewax.visualize import to_mermaid, to_rendered

@@ -16,7 +16,7 @@ from flows.config import Config, ConfigError
 from flows.dashboard import Scraper, Target, default_targets, make_app, quantile
 from flows.lag import LagMonitor
 from flows.metrics import MAX_REASONS, reason_class
-from flows.observe import MetricsServer, graph_of, process_id
+from flows.observe import MetricsServer, graph_of, process_id, workers_per_process
 from flows.pipeline import build_flow
 
 
@@ -26,6 +26,13 @@ def test_the_process_id_comes_from_bytewax_flags_then_its_variables():
     assert process_id(["bytewax.run", "-w", "2"], {"BYTEWAX_PROCESS_ID": "2"}) == 2
     assert process_id([], {"BYTEWAX_POD_NAME": "freshrec-4", "BYTEWAX_STATEFULSET_NAME": "freshrec"}) == 4
     assert process_id(["bytewax.run", "-w", "2"], {}) == 0
+
+
+def test_workers_per_process_come_from_bytewax_flags():
+    assert workers_per_process(["bytewax.run", "flows.pipeline:flow", "-w", "2"]) == 2
+    assert workers_per_process(["bytewax.run", "--workers-per-process=3"]) == 3
+    assert workers_per_process(["bytewax.run", "-w4"]) == 4
+    assert workers_per_process(["bytewax.run", "-i", "1"]) == 1
 
 
 def test_the_metrics_port_setting_takes_off_and_checks_its_range():
