@@ -180,3 +180,52 @@ def test_default_targets_are_one_port_per_process_and_the_model_server():
     assert default_targets(9464, 2, False) == ["http://127.0.0.1:9464/metrics", "http://127.0.0.1:9465/metrics",
                                                "http://127.0.0.1:8000/metrics"]
     assert default_targets(None, 1, True) == ["http://127.0.0.1:8000/metrics", "http://127.0.0.1:3030/metrics"]
+
+
+SERVER = """# TYPE freshrec_serve_requests counter
+freshrec_serve_requests_total{{endpoint="/recommend",status="200"}} {n}
+freshrec_serve_requests_total{{endpoint="/actions",status="202"}} 4
+freshrec_serve_requests_total{{endpoint="/recommend",status="500"}} {e}
+# TYPE freshrec_serve_request_latency_seconds histogram
+freshrec_serve_request_latency_seconds_bucket{{endpoint="/recommend",le="0.005"}} {fast}
+freshrec_serve_request_latency_seconds_bucket{{endpoint="/recommend",le="0.05"}} {n}
+freshrec_serve_request_latency_seconds_bucket{{endpoint="/recommend",le="+Inf"}} {n}
+freshrec_serve_request_latency_seconds_count{{endpoint="/recommend"}} {n}
+freshrec_serve_request_latency_seconds_sum{{endpoint="/recommend"}} 1.0
+# TYPE freshrec_serve_index_items gauge
+freshrec_serve_index_items {items}
+# TYPE freshrec_serve_params_version gauge
+freshrec_serve_params_version {version}
+"""
+
+
+def test_the_dashboard_shows_the_model_servers_rate_latency_index_and_version():
+    async def scenario():
+        now = {"n": 100, "e": 0, "fast": 100, "items": 500, "version": 7}
+
+        async def metrics(_r):
+            return web.Response(text=SERVER.format(**now))
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        server = TestServer(app)
+        await server.start_server()
+        scraper = Scraper([Target(f"http://127.0.0.1:{server.port}/metrics")], interval_s=1.0)
+        try:
+            async with ClientSession() as session:
+                await scraper.scrape(session)
+                # 200 more /recommend, of which 4 took 5 to 50 ms; one 500; the index grew.
+                now.update(n=300, e=1, fast=296, items=600, version=9)
+                point = await scraper.scrape(session)
+        finally:
+            await server.close()
+        dt = scraper.times[1] - scraper.times[0]
+        assert scraper.targets[0].kind == "server"
+        assert point["rate/serve/recommend"] == pytest.approx((301 - 100) / dt)
+        assert point["rate/serve_errors"] == pytest.approx(1 / dt)
+        assert point["rate/serve/actions"] == 0
+        # Over the window (the two scrapes), 196 of 200 new requests under 5 ms: p50 there, p99 above.
+        assert point["latency/recommend/p50"] <= 0.005 < point["latency/recommend/p99"] <= 0.05
+        assert point["serve/index_items"] == 600 and point["serve/params_version"] == 9
+
+    asyncio.run(scenario())
