@@ -248,11 +248,15 @@ class Scraper:
     def _serving(self, samples: list, counters: dict[str, float], point: dict[str, float]) -> None:
         """The model server's requests by endpoint, its latency quantiles (over the same window as
         freshness), its index and the serving store version it has applied."""
+        # /metrics is the dashboard's (and Prometheus's) own scraping: not the server's work.
         for endpoint, v in total(samples, "freshrec_serve_requests_total", "endpoint").items():
-            counters[f"serve/{endpoint.strip('/') or 'root'}"] = v
+            if endpoint != "/metrics":
+                counters[f"serve/{endpoint.strip('/') or 'root'}"] = v
         counters["serve_errors"] = sum(v for n, lab, v in samples if n == "freshrec_serve_requests_total"
                                        and lab.get("status", "").startswith("5"))
         for endpoint, qs in self._windowed(samples, "freshrec_serve_request_latency_seconds", "endpoint").items():
+            if endpoint == "/metrics":
+                continue
             for name, x in qs.items():
                 point[f"latency/{endpoint.strip('/')}/{name}"] = x
         for name, key in (("freshrec_serve_index_items", "serve/index_items"),

@@ -69,16 +69,16 @@ def worker_label() -> str:
     Bytewax tells a stateful step nothing of its worker, and its threads are not Python's (their
     Python name is `Dummy-N`, different in every process). Timely names each worker thread
     `timely:work-<index in its process>` at the OS level; with the process id and the workers per
-    process, that is Bytewax's global index. Elsewhere (tests, run_main): the Python thread name.
+    process, that is Bytewax's global index. A single worker runs in the calling thread (`-w 1`,
+    `run_main`): it is the process's first.
     """
     try:
         with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
             name = f.read().strip()
     except OSError:
         name = ""
-    if name.startswith("timely:work-") and name[12:].isdigit():
-        return str(process_id() * workers_per_process() + int(name[12:]))
-    return threading.current_thread().name
+    local = int(name[12:]) if name.startswith("timely:work-") and name[12:].isdigit() else 0
+    return str(process_id() * workers_per_process() + local)
 
 
 def graph_of(flow: Any) -> dict:

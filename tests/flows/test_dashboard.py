@@ -185,6 +185,7 @@ def test_default_targets_are_one_port_per_process_and_the_model_server():
 SERVER = """# TYPE freshrec_serve_requests counter
 freshrec_serve_requests_total{{endpoint="/recommend",status="200"}} {n}
 freshrec_serve_requests_total{{endpoint="/actions",status="202"}} 4
+freshrec_serve_requests_total{{endpoint="/metrics",status="200"}} {n}
 freshrec_serve_requests_total{{endpoint="/recommend",status="500"}} {e}
 # TYPE freshrec_serve_request_latency_seconds histogram
 freshrec_serve_request_latency_seconds_bucket{{endpoint="/recommend",le="0.005"}} {fast}
@@ -224,6 +225,7 @@ def test_the_dashboard_shows_the_model_servers_rate_latency_index_and_version():
         assert point["rate/serve/recommend"] == pytest.approx((301 - 100) / dt)
         assert point["rate/serve_errors"] == pytest.approx(1 / dt)
         assert point["rate/serve/actions"] == 0
+        assert not any("metrics" in k for k in point), "the scrapes themselves are not the server's work"
         # Over the window (the two scrapes), 196 of 200 new requests under 5 ms: p50 there, p99 above.
         assert point["latency/recommend/p50"] <= 0.005 < point["latency/recommend/p99"] <= 0.05
         assert point["serve/index_items"] == 600 and point["serve/params_version"] == 9
