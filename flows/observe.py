@@ -2,7 +2,10 @@
 
 `FRESHREC_METRICS_PORT` plus the process's Bytewax process id (`-i`): one port per process, so a
 cluster's processes on one host never collide and the dashboard merges them. The server is a
-daemon thread of the standard library's HTTP server; it costs nothing between scrapes.
+daemon thread of the standard library's HTTP server; it costs nothing between scrapes. Each scrape
+renders the registry afresh (about 1 ms, `dashboard.scrape_ms`): a body cached for a scrape
+interval would hand a faster scraper the same counters twice, and its rates would read 0 then
+double.
 
 - `GET /metrics`: Prometheus text format (every collector in this process).
 - `GET /graph`: the dataflow's graph from `bytewax.visualize`, as JSON nodes and edges, plus
