@@ -339,6 +339,13 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             default_targets(config.metrics_port, args.processes, bool(os.environ.get("BYTEWAX_DATAFLOW_API_ENABLED"))))
     scraper = Scraper([Target(u) for u in urls], interval_s=args.interval, history=args.history,
                       token=config.api_token, serving_dir=config.state_dir / "serving")
+    if args.nice > 0:
+        # The dashboard watches; the flow and the model server are the work. Where CPU is short,
+        # its scrapes may come late, never the flow's events.
+        try:
+            os.nice(args.nice)
+        except OSError as e:
+            print(f"freshrec dashboard: --nice {args.nice}: {e.strerror}; running at normal priority", file=sys.stderr)
     try:
         asyncio.run(serve(scraper, args.host, args.port, config.api_token))
     except OSError as e:
@@ -536,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1, help="flow processes (-i 0..N-1) to scrape by default")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
     p.add_argument("--history", type=int, default=600, help="scrapes kept (the charts' width)")
+    p.add_argument("--nice", type=int, default=10,
+                   help="run this much below normal priority (os.nice), so a busy machine serves the flow first; 0: "
+                        "as is")
     p.set_defaults(func=cmd_dashboard)
 
 

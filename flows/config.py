@@ -174,6 +174,9 @@ class Config:
                                  "a file sink starts a new file past this size")
     topic_prefix: str = _setting("FRESHREC_TOPIC_PREFIX", "", _topic_prefix,
                                  "prefix of every Kafka topic name (several deployments on one cluster)")
+    kafka_lag_s: float = _setting("FRESHREC_KAFKA_LAG_S", "5", _number(float, 0.05),
+                                  "each flow process reads its Kafka partitions' high watermarks this often "
+                                  "for `freshrec_source_kafka_lag`")
     kafka_config: str = _setting("FRESHREC_KAFKA_CONFIG", "{}", _text,
                                  "JSON object of extra librdkafka settings (SASL, TLS), passed through")
     serve_refresh_ms: float = _setting("FRESHREC_SERVE_REFRESH_MS", "100", _number(float, 1),

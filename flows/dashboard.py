@@ -99,6 +99,11 @@ def quantile(edges: list[float], counts: list[float], q: float) -> Optional[floa
     return lo
 
 
+def _worker(label: str) -> str:
+    """A worker label as the page lists it: Bytewax's index (ours and its own) as `worker N`."""
+    return f"worker {label}" if label.isdigit() else label
+
+
 def _short_step(step_id: str) -> str:
     """Bytewax's `flow.step.inner_op` as the top-level step name the graph shows."""
     parts = step_id.split(".")
@@ -140,9 +145,10 @@ class Scraper:
             t.kind = ("bytewax" if any(n.startswith("bytewax_") for n in names)
                       else "flow" if any(n.startswith(("freshrec_join_", "freshrec_source_")) for n in names)
                       else "server" if any(n.startswith("freshrec_serve_") for n in names) else "other")
-            t.workers = sorted({lab["worker"] for n, lab, _ in t.samples if "worker" in lab and
+            t.workers = sorted({_worker(lab["worker"]) for n, lab, _ in t.samples if "worker" in lab and
                                 n.startswith("freshrec_")} |
-                               {f"worker {lab['worker_index']}" for n, lab, _ in t.samples if "worker_index" in lab})
+                               {_worker(lab["worker_index"]) for n, lab, _ in t.samples if "worker_index" in lab},
+                               key=lambda w: (len(w), w))
             if t.kind == "flow" and self.graph is None:
                 async with session.get(t.base + "/graph") as r:
                     if r.status == 200:
@@ -184,10 +190,11 @@ class Scraper:
             counters[f"dead/{reason or 'unknown'}"] = v
         counters["dead/orphan"] = counters["join/orphan_actions"]
         counters["train/examples"] = sum(total(samples, "freshrec_train_examples_total").values())
+        point: dict[str, float] = {}
+        self._serving(samples, counters, point)
         for step, v in total(samples, "bytewax_item_out_count_total", "step_id").items():
             short = _short_step(step)
             counters[f"step/{short}"] = counters.get(f"step/{short}", 0.0) + v
-        point: dict[str, float] = {}
         if self._prev is not None:
             t_prev, prev = self._prev
             dt = max(now - t_prev, 1e-6)
@@ -234,26 +241,55 @@ class Scraper:
 
     def _freshness(self, samples: list, point: dict[str, float]) -> None:
         """p50/p99 of `freshrec_sync_freshness_seconds` over the last FRESHNESS_WINDOW scrapes, by store."""
-        by_store: dict[str, dict[float, float]] = {}
+        for store, qs in self._windowed(samples, "freshrec_sync_freshness_seconds", "store").items():
+            for name, x in qs.items():
+                point[f"freshness/{store}/{name}"] = x
+
+    def _serving(self, samples: list, counters: dict[str, float], point: dict[str, float]) -> None:
+        """The model server's requests by endpoint, its latency quantiles (over the same window as
+        freshness), its index and the serving store version it has applied."""
+        # /metrics is the dashboard's (and Prometheus's) own scraping: not the server's work.
+        for endpoint, v in total(samples, "freshrec_serve_requests_total", "endpoint").items():
+            if endpoint != "/metrics":
+                counters[f"serve/{endpoint.strip('/') or 'root'}"] = v
+        counters["serve_errors"] = sum(v for n, lab, v in samples if n == "freshrec_serve_requests_total"
+                                       and lab.get("status", "").startswith("5"))
+        for endpoint, qs in self._windowed(samples, "freshrec_serve_request_latency_seconds", "endpoint").items():
+            if endpoint == "/metrics":
+                continue
+            for name, x in qs.items():
+                point[f"latency/{endpoint.strip('/')}/{name}"] = x
+        for name, key in (("freshrec_serve_index_items", "serve/index_items"),
+                          ("freshrec_serve_params_version", "serve/params_version")):
+            vals = [v for n, _, v in samples if n == name and not math.isnan(v)]
+            if vals:  # several replicas: the smallest is what every one of them serves at least
+                point[key] = min(vals)
+
+    def _windowed(self, samples: list, name: str, by: str) -> dict[str, dict[str, float]]:
+        """p50/p99 of histogram `name` over the last FRESHNESS_WINDOW scrapes, grouped by label `by`
+        and summed over processes: what happened lately, not since each process started."""
+        groups: dict[str, dict[float, float]] = {}
         for n, lab, v in samples:
-            if n == "freshrec_sync_freshness_seconds_bucket":
+            if n == name + "_bucket":
                 le = float(lab["le"])
-                d = by_store.setdefault(lab.get("store", ""), {})
+                d = groups.setdefault(lab.get(by, ""), {})
                 d[le] = d.get(le, 0.0) + v
-        for store, cum in by_store.items():
+        out: dict[str, dict[str, float]] = {}
+        for key, cum in groups.items():
             edges = sorted(cum)
             vec = [cum[e] for e in edges]
-            hist = self._fresh.setdefault(store, deque(maxlen=FRESHNESS_WINDOW + 1))
+            hist = self._fresh.setdefault(f"{name}/{key}", deque(maxlen=FRESHNESS_WINDOW + 1))
             hist.append((edges, vec))
             old_edges, old = hist[0]
             if old_edges != edges or len(hist) < 2:
                 old = [0.0] * len(vec)
             window = [max(0.0, a - b) for a, b in zip(vec, old, strict=True)]
             counts = [window[0]] + [max(0.0, window[i] - window[i - 1]) for i in range(1, len(window))]
-            for q, name in ((0.5, "p50"), (0.99, "p99")):
+            for q, label in ((0.5, "p50"), (0.99, "p99")):
                 x = quantile(edges, counts, q)
                 if x is not None:
-                    point[f"freshness/{store}/{name}"] = x
+                    out.setdefault(key, {})[label] = x
+        return out
 
     async def run(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}

@@ -3,8 +3,10 @@
 Bytewax's Kafka source keeps its offsets in its recovery state and commits nothing, so Kafka's
 own tools show no lag for the flow. Here each partition of the flow's Kafka source notes the next
 offset it will read (a dict assignment per batch); one daemon thread per process asks the broker
-for the high watermarks of those partitions every `interval_s` (network calls, never per event)
-and sets the gauge to high watermark minus that offset.
+for the high watermarks of those partitions at once, then every `interval_s`
+(`FRESHREC_KAFKA_LAG_S`; network calls, never per event), and sets the gauge to high watermark
+minus that offset. A partition noted for the first time wakes the thread at once, so a flow
+started behind shows its whole backlog from its first batch, not nothing for an interval.
 """
 
 from __future__ import annotations
@@ -34,14 +36,19 @@ class LagMonitor:
         self.interval_s = interval_s
         self.positions: dict[tuple[str, int], int] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a partition noted for the first time: read its lag now
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
 
     def note(self, topic: str, partition: int, next_offset: int) -> None:
         """The next offset the flow will read from `topic`/`partition` (cheap: call it per batch)."""
-        self.positions[(topic, partition)] = next_offset
-        if self._thread is None:
-            self._start()
+        tp = (topic, partition)
+        new = tp not in self.positions
+        self.positions[tp] = next_offset
+        if new:
+            self._wake.set()
+            if self._thread is None:
+                self._start()
 
     def refresh(self) -> dict[tuple[str, int], int]:
         """Query the high watermarks now and set the gauge; returns the lags."""
@@ -51,6 +58,8 @@ class LagMonitor:
         highs = self.watermarks(sorted(positions))
         lags = {}
         for tp, high in highs.items():
+            if tp not in positions:
+                continue
             lag = max(0, high - positions[tp])
             KAFKA_LAG.labels(tp[0], str(tp[1])).set(lag)
             lags[tp] = lag
@@ -63,14 +72,19 @@ class LagMonitor:
                 self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._wake.clear()  # before reading, so a partition noted meanwhile wakes the next round
             try:
                 self.refresh()
             except Exception as e:  # a broker hiccup must not stop the flow  # noqa: BLE001
                 log.warning("Kafka lag: cannot read high watermarks (%s)", e)
+            self._wake.wait(self.interval_s)
+            if self._stop.is_set():
+                return
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
 
 def broker_watermarks(brokers: str, settings: dict[str, str], timeout_s: float = 5.0) -> Watermarks:
@@ -94,10 +108,10 @@ _MONITORS: dict[str, LagMonitor] = {}
 _MONITORS_LOCK = threading.Lock()
 
 
-def monitor_for(brokers: str, settings: dict[str, str]) -> LagMonitor:
+def monitor_for(brokers: str, settings: dict[str, str], interval_s: float = INTERVAL_S) -> LagMonitor:
     """One monitor (one thread, one consumer) per process and cluster."""
     with _MONITORS_LOCK:
         m = _MONITORS.get(brokers)
         if m is None:
-            m = _MONITORS[brokers] = LagMonitor(broker_watermarks(brokers, settings))
+            m = _MONITORS[brokers] = LagMonitor(broker_watermarks(brokers, settings), interval_s)
         return m

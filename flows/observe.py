@@ -2,7 +2,10 @@
 
 `FRESHREC_METRICS_PORT` plus the process's Bytewax process id (`-i`): one port per process, so a
 cluster's processes on one host never collide and the dashboard merges them. The server is a
-daemon thread of the standard library's HTTP server; it costs nothing between scrapes.
+daemon thread of the standard library's HTTP server; it costs nothing between scrapes. Each scrape
+renders the registry afresh (about 1 ms, `dashboard.scrape_ms`): a body cached for a scrape
+interval would hand a faster scraper the same counters twice, and its rates would read 0 then
+double.
 
 - `GET /metrics`: Prometheus text format (every collector in this process).
 - `GET /graph`: the dataflow's graph from `bytewax.visualize`, as JSON nodes and edges, plus
@@ -48,6 +51,37 @@ def process_id(argv: Optional[list[str]] = None, env: Optional[dict] = None) -> 
     if pod and sts and pod.startswith(sts + "-") and pod[len(sts) + 1:].isdigit():
         return int(pod[len(sts) + 1:])
     return 0
+
+
+def workers_per_process(argv: Optional[list[str]] = None) -> int:
+    """Bytewax's `-w`/`--workers-per-process`, else 1."""
+    argv = sys.argv if argv is None else argv
+    for i, a in enumerate(argv):
+        if a in ("-w", "--workers-per-process") and i + 1 < len(argv) and argv[i + 1].isdigit():
+            return int(argv[i + 1])
+        if a.startswith("--workers-per-process=") and a.split("=", 1)[1].isdigit():
+            return int(a.split("=", 1)[1])
+        if a.startswith("-w") and a[2:].isdigit():
+            return int(a[2:])
+    return 1
+
+
+def worker_label() -> str:
+    """The calling Bytewax worker's index in the whole cluster, as Bytewax counts it (`worker_index`).
+
+    Bytewax tells a stateful step nothing of its worker, and its threads are not Python's (their
+    Python name is `Dummy-N`, different in every process). Timely names each worker thread
+    `timely:work-<index in its process>` at the OS level; with the process id and the workers per
+    process, that is Bytewax's global index. A single worker runs in the calling thread (`-w 1`,
+    `run_main`): it is the process's first.
+    """
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            name = f.read().strip()
+    except OSError:
+        name = ""
+    local = int(name[12:]) if name.startswith("timely:work-") and name[12:].isdigit() else 0
+    return str(process_id() * workers_per_process() + local)
 
 
 def graph_of(flow: Any) -> dict:

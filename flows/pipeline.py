@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,7 +29,7 @@ from flows.config import Config, ConfigError, ensure_state_dir
 from flows.events import DeadLetter, Example
 from flows.joiner import JoinBucket, JoinSettings, positive_rule
 from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher, reason_class
-from flows.observe import serve_metrics
+from flows.observe import serve_metrics, worker_label
 from flows.sinks import make_sink
 from flows.sources import make_source, partition_names
 from flows.spill import LmdbSpillStore
@@ -77,7 +76,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         self.bucket: Optional[JoinBucket] = None
         self.clock = BucketClock.resume(cfg.partitions, cfg.lateness_s, (state or {}).get("clock"))
         self.seq = (state or {}).get("seq", 0)
-        self.publisher = JoinPublisher(threading.current_thread().name)
+        self.publisher = JoinPublisher(worker_label())
 
     def _open(self, key: str) -> JoinBucket:
         # Bytewax tells a builder no key: the bucket opens its store when its first batch comes.

@@ -291,7 +291,7 @@ class KafkaStreamSource(FixedPartitionedSource[SourceBatch, Optional[int]]):
         inner = self.inner.build_part(step_id, for_part, resume_state)
         bounds = None if self.config.follow else self.bounds(part_idx)
         c = self.config
-        lag = (monitor_for(c.brokers, self.settings), self.topic, part_idx)
+        lag = (monitor_for(c.brokers, self.settings, c.kafka_lag_s), self.topic, part_idx)
         return _KafkaPartition(self.stream, f"{self.stream}-{part_idx}", inner, bounds, c.idle_s,
                                c.max_future_s, self.now, lag)
 

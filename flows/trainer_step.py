@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from prometheus_client import Counter, Gauge
 from flows.catalog import Catalog, CatalogDelta
 from flows.events import Example
 from flows.metrics import CatalogPublisher
+from flows.observe import worker_label
 
 log = logging.getLogger("freshrec.trainer")
 
@@ -117,11 +117,11 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         # The catalog's count history is kept per run: a resume sets back only this run's counts.
         self.run = (state or {}).get("run") or uuid.uuid4().hex
         self.catalog: Optional[Catalog] = None
-        self.catalog_metrics = CatalogPublisher(threading.current_thread().name)
+        self.catalog_metrics = CatalogPublisher(worker_label())
         self.buffer: list[Example] = []
         self.first_at: Optional[float] = None
         self.last_dense = 0.0
-        self.worker = threading.current_thread().name
+        self.worker = worker_label()
         # Scores of impressions taken when they arrived (in memory only: after a resume, examples
         # of impressions scored before it use the score at training).
         self.arrival_scores: OrderedDict[str, float] = OrderedDict()

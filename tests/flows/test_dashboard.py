@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
 
 import pytest
@@ -15,7 +16,7 @@ from flows.config import Config, ConfigError
 from flows.dashboard import Scraper, Target, default_targets, make_app, quantile
 from flows.lag import LagMonitor
 from flows.metrics import MAX_REASONS, reason_class
-from flows.observe import MetricsServer, graph_of, process_id
+from flows.observe import MetricsServer, graph_of, process_id, workers_per_process
 from flows.pipeline import build_flow
 
 
@@ -25,6 +26,13 @@ def test_the_process_id_comes_from_bytewax_flags_then_its_variables():
     assert process_id(["bytewax.run", "-w", "2"], {"BYTEWAX_PROCESS_ID": "2"}) == 2
     assert process_id([], {"BYTEWAX_POD_NAME": "freshrec-4", "BYTEWAX_STATEFULSET_NAME": "freshrec"}) == 4
     assert process_id(["bytewax.run", "-w", "2"], {}) == 0
+
+
+def test_workers_per_process_come_from_bytewax_flags():
+    assert workers_per_process(["bytewax.run", "flows.pipeline:flow", "-w", "2"]) == 2
+    assert workers_per_process(["bytewax.run", "--workers-per-process=3"]) == 3
+    assert workers_per_process(["bytewax.run", "-w4"]) == 4
+    assert workers_per_process(["bytewax.run", "-i", "1"]) == 1
 
 
 def test_the_metrics_port_setting_takes_off_and_checks_its_range():
@@ -79,14 +87,21 @@ def test_kafka_lag_is_the_high_watermark_minus_the_next_offset_to_read():
         asked.append(list(tps))
         return {("features", 0): 120, ("features", 1): 40}
 
-    m = LagMonitor(watermarks, interval_s=3600)  # its thread never fires within the test
+    m = LagMonitor(watermarks, interval_s=3600)  # no timed reading within the test: only wake-ups
     m.note("features", 0, 100)
+    # A partition's first note wakes the thread at once: a backlog shows before the first batch.
+    deadline = time.monotonic() + 10
+    while not asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert asked and asked[0][0] == ("features", 0)
     m.note("features", 1, 40)
     m.note("features", 0, 105)  # positions move per batch; only the newest counts
     assert m.refresh() == {("features", 0): 15, ("features", 1): 0}
-    assert asked == [[("features", 0), ("features", 1)]]
+    assert asked[-1] == [("features", 0), ("features", 1)]
     assert REGISTRY.get_sample_value("freshrec_source_kafka_lag", {"topic": "features", "partition": "0"}) == 15
     m.stop()
+    m._thread.join(5)
+    assert not m._thread.is_alive()
 
 
 PROCESS = """# TYPE freshrec_source_events counter
@@ -165,3 +180,54 @@ def test_default_targets_are_one_port_per_process_and_the_model_server():
     assert default_targets(9464, 2, False) == ["http://127.0.0.1:9464/metrics", "http://127.0.0.1:9465/metrics",
                                                "http://127.0.0.1:8000/metrics"]
     assert default_targets(None, 1, True) == ["http://127.0.0.1:8000/metrics", "http://127.0.0.1:3030/metrics"]
+
+
+SERVER = """# TYPE freshrec_serve_requests counter
+freshrec_serve_requests_total{{endpoint="/recommend",status="200"}} {n}
+freshrec_serve_requests_total{{endpoint="/actions",status="202"}} 4
+freshrec_serve_requests_total{{endpoint="/metrics",status="200"}} {n}
+freshrec_serve_requests_total{{endpoint="/recommend",status="500"}} {e}
+# TYPE freshrec_serve_request_latency_seconds histogram
+freshrec_serve_request_latency_seconds_bucket{{endpoint="/recommend",le="0.005"}} {fast}
+freshrec_serve_request_latency_seconds_bucket{{endpoint="/recommend",le="0.05"}} {n}
+freshrec_serve_request_latency_seconds_bucket{{endpoint="/recommend",le="+Inf"}} {n}
+freshrec_serve_request_latency_seconds_count{{endpoint="/recommend"}} {n}
+freshrec_serve_request_latency_seconds_sum{{endpoint="/recommend"}} 1.0
+# TYPE freshrec_serve_index_items gauge
+freshrec_serve_index_items {items}
+# TYPE freshrec_serve_params_version gauge
+freshrec_serve_params_version {version}
+"""
+
+
+def test_the_dashboard_shows_the_model_servers_rate_latency_index_and_version():
+    async def scenario():
+        now = {"n": 100, "e": 0, "fast": 100, "items": 500, "version": 7}
+
+        async def metrics(_r):
+            return web.Response(text=SERVER.format(**now))
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        server = TestServer(app)
+        await server.start_server()
+        scraper = Scraper([Target(f"http://127.0.0.1:{server.port}/metrics")], interval_s=1.0)
+        try:
+            async with ClientSession() as session:
+                await scraper.scrape(session)
+                # 200 more /recommend, of which 4 took 5 to 50 ms; one 500; the index grew.
+                now.update(n=300, e=1, fast=296, items=600, version=9)
+                point = await scraper.scrape(session)
+        finally:
+            await server.close()
+        dt = scraper.times[1] - scraper.times[0]
+        assert scraper.targets[0].kind == "server"
+        assert point["rate/serve/recommend"] == pytest.approx((301 - 100) / dt)
+        assert point["rate/serve_errors"] == pytest.approx(1 / dt)
+        assert point["rate/serve/actions"] == 0
+        assert not any("metrics" in k for k in point), "the scrapes themselves are not the server's work"
+        # Over the window (the two scrapes), 196 of 200 new requests under 5 ms: p50 there, p99 above.
+        assert point["latency/recommend/p50"] <= 0.005 < point["latency/recommend/p99"] <= 0.05
+        assert point["serve/index_items"] == 600 and point["serve/params_version"] == 9
+
+    asyncio.run(scenario())

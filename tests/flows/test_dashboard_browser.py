@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -83,12 +84,24 @@ class DevTools:
 LOOK = """(() => {
   const paths = [...document.querySelectorAll('svg[data-chart] path[data-series]')].map(p => p.getAttribute('d'));
   const kpis = [...document.querySelectorAll('.kpi .v')].map(e => e.textContent);
-  return {scrapes: Number(document.body.dataset.scrapes || 0), paths, kpis,
+  const labels = [...document.querySelectorAll('.kpi .l')].map(e => e.textContent);
+  return {scrapes: Number(document.body.dataset.scrapes || 0), paths, kpis, labels,
           charts: [...document.querySelectorAll('svg[data-chart]')].filter(s => s.querySelector('path[data-series]'))
                     .map(s => s.dataset.chart),
           steps: document.querySelectorAll('#graph g[data-step]').length,
           up: document.querySelectorAll('#targets .dot.up').length};
 })()"""
+
+
+def ask_for_lists(url: str, stop: threading.Event) -> None:
+    """GET /recommend for the sample's users, about 20 a second, until `stop`."""
+    for i in itertools.count():
+        if stop.wait(0.05):
+            return
+        try:
+            urllib.request.urlopen(f"{url}/recommend?user_id=u{i % 200}&k=10", timeout=5).read()
+        except OSError:  # the server is stopping: the test is over
+            return
 
 
 @pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true", reason="no chromium (CI installs it)")
@@ -101,16 +114,27 @@ def test_the_dashboard_shows_a_running_flow_live_in_chromium(tmp_path):
     flow = subprocess.Popen([sys.executable, "-m", "bytewax.run", "flows.pipeline:flow", "-s", "1"], env=env,
                             cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    dash = subprocess.Popen([sys.executable, "-m", "flows.cli", "dashboard", "--port", "0", "--interval", "0.5",
-                             "--targets", f"http://127.0.0.1:{metrics_port}/metrics"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    chrome = None
+    # The model server on the same state, asked for lists all along: its panels show live figures too.
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", "0"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dash = chrome = None
+    stop = threading.Event()
     try:
+        line = server.stdout.readline()
+        assert line.startswith("serving on http://127.0.0.1:"), line + (server.stderr.read() if server.poll() else "")
+        server_url = line.split()[2].rstrip("/")
+        asker = threading.Thread(target=ask_for_lists, args=(server_url, stop), daemon=True)
+        asker.start()
+        dash = subprocess.Popen([sys.executable, "-m", "flows.cli", "dashboard", "--port", "0", "--interval", "0.5",
+                                 "--targets", f"http://127.0.0.1:{metrics_port}/metrics,{server_url}/metrics"],
+                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = dash.stdout.readline()
         assert line.startswith("dashboard on http://127.0.0.1:"), line + dash.stderr.read()
         url = line.split()[2]
         wait_for(lambda: api_state(url)["targets"][0]["up"] and api_state(url)["graph"], what="the flow's metrics")
         wait_for(lambda: "train/loss" in api_state(url)["series"], 180, "a training step")
+        wait_for(lambda: "latency/recommend/p99" in api_state(url)["series"], 60, "the model server's figures")
+        assert [t["workers"] for t in api_state(url)["targets"]] == [["worker 0"], []]
 
         profile = tmp_path / "chrome"
         chrome = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -147,14 +171,19 @@ def test_the_dashboard_shows_a_running_flow_live_in_chromium(tmp_path):
         print(f"first paint: {dict(paint)} ms; screenshot {tmp_path / 'dashboard.png'}")
         assert errors == []
         assert first["steps"] >= 10, "the dataflow's graph is drawn"
-        assert first["up"] == 1
-        assert {"events", "outcomes", "waiting", "loss"} <= set(first["charts"])
+        assert first["up"] == 2
+        assert {"events", "outcomes", "waiting", "loss", "serve", "latency", "version"} <= set(first["charts"])
+        # The model server's KPIs and freshness hold figures, not dashes.
+        kpis = dict(zip(second["labels"], second["kpis"], strict=True))
+        for name in ("recommend rate", "recommend p50 / p99", "server: index items · version", "freshness p50 / p99"):
+            assert "–" not in kpis[name], (name, kpis[name])
         assert second["scrapes"] > first["scrapes"]
         assert second["paths"] != first["paths"], "the charts moved"
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
         assert flow.poll() is None, flow.stderr.read().decode()[-3000:]
     finally:
-        for p in (chrome, dash, flow):
+        stop.set()
+        for p in (chrome, dash, server, flow):
             if p is not None:
                 p.kill()
                 p.wait()
