@@ -47,8 +47,13 @@ class LagMonitor:
         self.positions[tp] = next_offset
         if new:
             self._wake.set()
-            if self._thread is None:
-                self._start()
+            self._start()
+
+    def forget(self, topic: str, partition: int) -> None:
+        """A partition that is closed; when none is left, the thread stops (and closes its consumer)."""
+        self.positions.pop((topic, partition), None)
+        if not self.positions:
+            self.stop()
 
     def refresh(self) -> dict[tuple[str, int], int]:
         """Query the high watermarks now and set the gauge; returns the lags."""
@@ -67,20 +72,26 @@ class LagMonitor:
 
     def _start(self) -> None:
         with self._lock:
-            if self._thread is None:
+            if self._thread is not None and self._thread.is_alive() and self._stop.is_set():
+                self._thread.join()  # stopping (a flow ended, another starts in this process): let it end
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="freshrec-kafka-lag", daemon=True)
                 self._thread.start()
 
     def _run(self) -> None:
-        while True:
-            self._wake.clear()  # before reading, so a partition noted meanwhile wakes the next round
-            try:
-                self.refresh()
-            except Exception as e:  # a broker hiccup must not stop the flow  # noqa: BLE001
-                log.warning("Kafka lag: cannot read high watermarks (%s)", e)
-            self._wake.wait(self.interval_s)
-            if self._stop.is_set():
-                return
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()  # before reading, so a partition noted meanwhile wakes the next round
+                try:
+                    self.refresh()
+                except Exception as e:  # a broker hiccup must not stop the flow  # noqa: BLE001
+                    log.warning("Kafka lag: cannot read high watermarks (%s)", e)
+                self._wake.wait(self.interval_s)
+        finally:
+            close = getattr(self.watermarks, "close", None)
+            if close is not None:
+                close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,6 +112,12 @@ def broker_watermarks(brokers: str, settings: dict[str, str], timeout_s: float =
         return {(t, p): c.get_watermark_offsets(TopicPartition(t, p), timeout=timeout_s, cached=False)[1]
                 for t, p in tps}
 
+    def close() -> None:
+        c = state.pop("consumer", None)
+        if c is not None:
+            c.close()
+
+    query.close = close  # type: ignore[attr-defined]
     return query
 
 

@@ -251,6 +251,9 @@ class _KafkaPartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, Op
 
     def close(self) -> None:
         self.inner.close()
+        if self.lag is not None:
+            monitor, topic, part = self.lag
+            monitor.forget(topic, part)  # the last partition gone: the monitor's thread and consumer end
 
 
 class KafkaStreamSource(FixedPartitionedSource[SourceBatch, Optional[int]]):

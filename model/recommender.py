@@ -555,11 +555,12 @@ class StoreRecommender:
 
     # -- the parts ---------------------------------------------------------------------------------
 
-    def _user(self, user_id: str, model: NumpyRanker, history: Mapping[str, list[str]]
+    def _user(self, user_id: str, model: NumpyRanker, history: Optional[Mapping[str, list[str]]] = None
               ) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
         """The user's tower input, vector and bias; None for a user the model knows nothing of (no
         `user_id` row and no recent positive actions): they get the cold-start list."""
         spec = self.spec
+        history = history or {}
         ids = self.store.read_rows("user_id", [user_id], spec.dim)
         if not ids.found[0] and not any(history.values()):
             return None
