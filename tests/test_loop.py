@@ -114,7 +114,8 @@ def check_a_fans_author_rises(loop: Loop, w: World) -> None:
     author = next(a for a, n in authors.most_common() if a and n >= 5)
     by_author = [it["item_id"] for it in before["items"] if author_of.get(it["item_id"]) == author]
     liked, others = by_author[:3], set(by_author[3:])
-    start = mean_position(before["items"], others)
+    # Positions counted without the liked items (they leave the list), so that alone moves nothing.
+    start = mean_position([it for it in before["items"] if it["item_id"] not in liked], others)
     post(loop, [{"request_id": before["request_id"], "user_id": fan, "item_id": i, "ts": time.time(),
                  "action": "like"} for i in liked])
     posted = time.monotonic()
