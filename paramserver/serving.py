@@ -10,7 +10,6 @@ the same records to Kafka for replicas.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from paramserver.idmap import IdIndex, encode, key_hash, zeros
 from paramserver.records import (
     DENSE_CHUNK_BYTES,
     Records,
@@ -647,6 +647,10 @@ class RowCache:
     `refresh()` re-reads only the rows changed since the version it holds (all of them when the
     log no longer reaches back). Reads then cost no LMDB lookup, the way Monolith's serving
     parameter servers hold their embeddings in memory. Thread-safe: a read sees each row whole.
+
+    Ids map to rows through paramserver.idmap's `IdIndex` (as in the training tables), so a batch
+    of ids is encoded, hashed and looked up in numpy, with no Python work per id. Row 0 of each
+    slot stays zero: it is what an id without a row reads.
     """
 
     def __init__(self, store: ServingStore, slots: Mapping[str, int]) -> None:
@@ -655,10 +659,9 @@ class RowCache:
         self.version = -1
         self.reloads = 0
         self._lock = threading.Lock()
-        self._index: dict[str, dict[str, int]] = {s: {} for s in self.dims}
-        self._values = {s: np.zeros((0, d), np.float32) for s, d in self.dims.items()}
-        self._versions = {s: np.zeros(0, np.uint64) for s in self.dims}
-        self._free: dict[str, list[int]] = {s: [] for s in self.dims}
+        self._index = {s: IdIndex(first_row=1, capacity=16) for s in self.dims}
+        self._values = {s: np.zeros((self._index[s].capacity, d), np.float32) for s, d in self.dims.items()}
+        self._versions = {s: np.zeros(self._index[s].capacity, np.uint64) for s in self.dims}
         self.refresh()
 
     def refresh(self) -> int:
@@ -668,7 +671,7 @@ class RowCache:
             return self._reload()
         version, keys = got
         by_slot: dict[str, list[str]] = {}
-        for k in keys:
+        for k in keys:  # distinct: the change log's keys come deduplicated
             slot, sep, id_ = k.partition(b"/")
             s = slot.decode()
             if sep and s in self.dims:
@@ -690,56 +693,62 @@ class RowCache:
             cut = len(slot) + 1
             ids = [k[cut:].decode() for k, _ in pairs]
             rows = decode_rows([v for _, v in pairs], dim)
+            index = IdIndex(first_row=1, capacity=len(ids) + 1)
+            keys = encode(ids, 1)
+            at = index.insert(keys, key_hash(keys))
+            values = zeros((index.capacity, dim), np.float32)
+            versions = zeros(index.capacity, np.uint64)
+            values[at] = rows.values
+            versions[at] = rows.versions
             with self._lock:
-                self._index[slot] = dict(zip(ids, range(len(ids)), strict=True))
-                self._values[slot] = rows.values
-                self._versions[slot] = rows.versions
-                self._free[slot] = []
+                self._index[slot], self._values[slot], self._versions[slot] = index, values, versions
             n += len(ids)
         self.version = version
         self.reloads += 1
         return n
 
     def _put(self, slot: str, ids: list[str], rows: RowsRead) -> None:
-        index, free = self._index[slot], self._free[slot]
-        where = np.empty(len(ids), np.int64)
-        for j, (id_, present) in enumerate(zip(ids, rows.found.tolist(), strict=True)):
-            at = index.get(id_)
-            if not present:
-                if at is not None:
-                    free.append(index.pop(id_))
-                where[j] = -1
-                continue
-            if at is None:
-                at = free.pop() if free else len(index) + len(free)
-                index[id_] = at
-            where[j] = at
-        need = int(where.max(initial=-1)) + 1
-        values = self._values[slot]
-        if need > len(values):
-            size = max(need, 2 * len(values), 1024)
-            grown = np.zeros((size, values.shape[1]), np.float32)
-            grown[:len(values)] = values
-            versions = np.zeros(size, np.uint64)
-            versions[:len(values)] = self._versions[slot]
-            self._values[slot], self._versions[slot] = grown, versions
-        keep = where >= 0
-        self._values[slot][where[keep]] = rows.values[keep]
-        self._versions[slot][where[keep]] = rows.versions[keep]
+        """Store the rows read for `ids` (distinct); ids the store no longer holds leave."""
+        index = self._index[slot]
+        keys = encode(ids, index.words)
+        h = key_hash(keys)
+        where = index.lookup(keys, h)
+        found = rows.found
+        gone = where[~found & (where >= 0)]
+        if len(gone):
+            index.remove(gone)
+            self._values[slot][gone] = 0
+            self._versions[slot][gone] = 0
+        new = np.flatnonzero(found & (where < 0))
+        if len(new):
+            where[new] = index.insert(keys[new], h[new])
+        values, versions = self._values[slot], self._versions[slot]
+        if index.capacity > len(values):
+            grown = zeros((index.capacity, values.shape[1]), np.float32)
+            grown[: len(values)] = values
+            grown_v = zeros(index.capacity, np.uint64)
+            grown_v[: len(versions)] = versions
+            self._values[slot], self._versions[slot] = values, versions = grown, grown_v
+        sel = np.flatnonzero(found)
+        values[where[sel]] = rows.values[sel]
+        versions[where[sel]] = rows.versions[sel]
 
     def read_rows(self, slot: str, ids: Sequence[str]) -> RowsRead:
-        where = np.fromiter(map(self._index[slot].get, ids, itertools.repeat(-1)), np.int64, len(ids))
-        found = where >= 0
+        ids = ids if type(ids) is list else list(ids)
         with self._lock:
-            values = self._values[slot][where]
-            versions = self._versions[slot][where]
-        if not found.all():
-            values[~found] = 0
-            versions[~found] = 0
-        return RowsRead(values, found, versions)
+            index = self._index[slot]
+            keys = encode(ids, index.words)
+            where = index.lookup(keys, key_hash(keys))
+            found = where >= 0
+            np.maximum(where, 0, out=where)  # row 0: zeros
+            v = self._values[slot]
+            # Whole rows as single items: numpy gathers those several times faster.
+            values = v.view(np.dtype((np.void, v.shape[1] * 4))).reshape(len(v)).take(where)
+            versions = self._versions[slot].take(where)
+        return RowsRead(values.view(np.float32).reshape(len(where), v.shape[1]), found, versions)
 
     def __len__(self) -> int:
-        return sum(len(i) for i in self._index.values())
+        return sum(i.live for i in self._index.values())
 
 
 # ---------------------------------------------------------------------------------- the writer

@@ -329,3 +329,19 @@ def test_an_empty_value_deletes_however_the_records_were_built(store):
     w.apply(recs)
     assert store.get([b"item/a", b"item/b", b"item/c"]) == [None, b"{}", b"{}"]
     assert store.keys(b"item/") == [b"item/b", b"item/c"]
+
+
+def test_a_row_cache_keys_any_id_and_grows_past_its_first_size(tmp_path):
+    s = LmdbServingStore(tmp_path / "s", writer=True)
+    w = ServingWriter(s)
+    odd = ["", "a\x00", "a", "é/ü", "x" * 100, "\x00", "日本"]
+    w.write([batch("s", odd, 1)])
+    cache = RowCache(s, {"s": 4})
+    many = [f"id{i}" for i in range(5000)]
+    w.write([batch("s", many, 2, evicted=["a"])])
+    assert cache.refresh() == 5001 and cache.reloads == 1 and len(cache) == 5006
+    ids = [*odd, *many[::7], "missing"]
+    want, got = s.read_rows("s", ids, dim=4), cache.read_rows("s", ids)
+    assert np.array_equal(want.found, got.found) and np.array_equal(want.versions, got.versions)
+    assert np.array_equal(want.values, got.values) and not got.found[2] and not got.found[-1]
+    s.close()
