@@ -15,13 +15,37 @@ log-odds shift of the logit.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 import tensorflow as tf
 
 from model.features import Batch, FeatureSpec
 
+log = logging.getLogger(__name__)
+
 TOWER_DIM = 32
 HIDDEN = 64
+
+
+@dataclass
+class Packed:
+    """A batch's slots as the step takes them (`TwoTowerRanker.pack`)."""
+
+    emb: np.ndarray  # float32 (rows of every embedding slot, dim), slot after slot in field order
+    emb_index: np.ndarray  # int32, per occurrence: its row in emb
+    emb_segment: np.ndarray  # int32, per occurrence: example * fields + its slot's field
+    bias_rows: np.ndarray  # float32 (user bias rows + item bias rows, 1)
+    bias_index: np.ndarray  # int32 (2, n): each example's user bias row, item bias row
+    dense: np.ndarray
+    offsets: list[int]  # field k's rows are emb[offsets[k]:offsets[k + 1]]
+    user_bias_rows: int
+
+    @property
+    def inputs(self) -> tuple:
+        return self.emb, self.emb_index, self.emb_segment, self.bias_rows, self.bias_index, self.dense
 
 
 def _dense_layer(name: str, fan_in: int, fan_out: int, seed: int) -> tuple[tf.Variable, tf.Variable]:
@@ -30,10 +54,64 @@ def _dense_layer(name: str, fan_in: int, fan_out: int, seed: int) -> tuple[tf.Va
             tf.Variable(tf.zeros((fan_out,), tf.float32), name=f"{name}_b"))
 
 
+def limit_tf_threads(n: int) -> bool:
+    """At most `n` threads for TensorFlow's ops and between ops in this process. Only possible
+    before TensorFlow's first op; returns whether the setting holds.
+
+    A step's ops are tiny: on a busy 2-core machine, threads that wait for a core made the train
+    step at batch 8 about twice as slow as one thread, and batch 256 no faster (2026, TF 2.21)."""
+    threading = tf.config.threading
+    if threading.get_intra_op_parallelism_threads() == n and threading.get_inter_op_parallelism_threads() == n:
+        return True
+    try:
+        threading.set_intra_op_parallelism_threads(n)
+        threading.set_inter_op_parallelism_threads(n)
+    except RuntimeError:  # TensorFlow is running already: its threads stay as they are
+        log.debug("TensorFlow already started: its thread settings stay as they are")
+        return False
+    return True
+
+
+def _tensors(*arrays) -> list[tf.Tensor]:
+    return [tf.constant(a) for a in arrays]
+
+
+class _FusedAdam(tf.Module):
+    """Keras's Adam (same defaults, same update) with one fused op per variable.
+
+    Keras's Adam spends about ten small ops per variable each step, which at a batch of 8 cost
+    more than the model itself. Its slots are made here, before the step is traced, so the step
+    traces once."""
+
+    def __init__(self, variables, learning_rate: float, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-7):
+        super().__init__(name="adam")
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+        self.learning_rate = tf.Variable(learning_rate, dtype=tf.float32, trainable=False, name="learning_rate")
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+        self.m = [tf.Variable(tf.zeros_like(v), trainable=False, name="m") for v in variables]
+        self.v = [tf.Variable(tf.zeros_like(v), trainable=False, name="v") for v in variables]
+
+    def apply(self, grads, variables) -> None:
+        step = tf.cast(self.iterations + 1, tf.float32)
+        b1, b2 = tf.constant(self.beta_1), tf.constant(self.beta_2)
+        b1_power, b2_power = tf.pow(b1, step), tf.pow(b2, step)
+        for var, m, v, g in zip(variables, self.m, self.v, grads, strict=True):
+            # var -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon), as Keras.
+            tf.raw_ops.ResourceApplyAdam(var=var.handle, m=m.handle, v=v.handle, beta1_power=b1_power,
+                                         beta2_power=b2_power, lr=self.learning_rate, beta1=b1, beta2=b2,
+                                         epsilon=tf.constant(self.epsilon), grad=g)
+        self.iterations.assign_add(1)
+
+
 class TwoTowerRanker(tf.Module):
     """user tower · item tower (retrieval) + cross-network head (ranking)."""
 
-    def __init__(self, spec: FeatureSpec, learning_rate: float = 2e-3, seed: int = 1):
+    def __init__(self, spec: FeatureSpec, learning_rate: float = 2e-3, seed: int = 1, threads: Optional[int] = 1):
+        """`threads` (default 1) sets TensorFlow's intra- and inter-op threads for the whole
+        process, if TensorFlow has not started yet (None: leave them): see `limit_tf_threads`."""
+        if threads is not None:
+            limit_tf_threads(threads)
         super().__init__(name="freshrec")
         self.spec = spec
         d, f = spec.dim, len(spec.dense)
@@ -47,77 +125,132 @@ class TwoTowerRanker(tf.Module):
         self.head1 = _dense_layer("head1", x0, HIDDEN, seed + 5)
         self.head2 = _dense_layer("head2", HIDDEN, 1, seed + 6)
         self.global_bias = tf.Variable(0.0, name="global_bias")
-        self.optimizer = tf.keras.optimizers.Adam(learning_rate)
-        # One trace for every batch: shapes vary, so say which dimensions do.
-        rows = {s: tf.TensorSpec([None, spec.width(s)], tf.float32) for s in spec.slots}
-        ints = {s: tf.TensorSpec([None], tf.int32) for s in spec.slots}
-        dense_spec = tf.TensorSpec([None, f], tf.float32)
+        self.optimizer = _FusedAdam(self.trainable_variables, learning_rate)
+        # Fields in tower order: the user side's slots, then the item side's.
+        self._field_slots = (*spec.user_side, *spec.item_side)
+        self._fields = len(self._field_slots)
+        self._user_width = n_user * d
+        # The step takes every slot packed into a few tensors (see `Packed`): one gather and one
+        # segment mean, and few inputs to convert per call. One trace for every batch.
+        floats, ints = tf.TensorSpec([None, d], tf.float32), tf.TensorSpec([None], tf.int32)
+        packed = [floats, ints, ints, tf.TensorSpec([None, 1], tf.float32), tf.TensorSpec([2, None], tf.int32),
+                  tf.TensorSpec([None, f], tf.float32)]
         vec = tf.TensorSpec([None], tf.float32)
-        self._step = tf.function(self._train, input_signature=[rows, ints, ints, dense_spec, vec, vec])
-        self._score = tf.function(self._forward, input_signature=[rows, ints, ints, dense_spec,
+        self._step = tf.function(self._train, input_signature=[*packed, vec, vec])
+        self._score_packed = tf.function(self._forward_packed, input_signature=[*packed, tf.TensorSpec([], tf.int32)])
+        self._concrete_fns: dict = {}
+        # The exported signature keeps its per-slot inputs (rows, indices, example ids by slot).
+        rows = {s: tf.TensorSpec([None, spec.width(s)], tf.float32) for s in spec.slots}
+        by_slot = {s: ints for s in spec.slots}
+        self._score = tf.function(self._forward, input_signature=[rows, by_slot, by_slot, tf.TensorSpec([None, f], tf.float32),
                                                                   tf.TensorSpec([], tf.int32)])
 
     # -- the graph ---------------------------------------------------------------------------
 
-    def _pool(self, rows, index, example, n):
-        return tf.math.unsorted_segment_mean(tf.gather(rows, index), example, n)
-
-    def _forward(self, rows: dict, index: dict, example: dict, dense, n):
-        spec = self.spec
-        pooled = {s: self._pool(rows[s], index[s], example[s], n) for s in spec.embedding_slots}
-        bias = (tf.squeeze(tf.gather(rows["user_id.bias"], index["user_id.bias"]), axis=1)
-                + tf.squeeze(tf.gather(rows["item_id.bias"], index["item_id.bias"]), axis=1) + self.global_bias)
-        u_in = tf.concat([pooled[s] for s in spec.user_side], axis=1)
-        i_in = tf.concat([pooled[s] for s in spec.item_side] + [dense], axis=1)
+    def _forward_packed(self, emb, emb_index, emb_segment, bias_rows, bias_index, dense, n):
+        """(rank, dot, u, v) from packed inputs (see `Packed`): `emb` holds every embedding slot's
+        rows, `emb_index` each occurrence's row in it and `emb_segment` its example * fields + field;
+        `bias_rows` the user then item bias rows, `bias_index` (2, n) each example's."""
+        d, k = self.spec.dim, self._fields
+        pooled = tf.math.unsorted_segment_mean(tf.gather(emb, emb_index), emb_segment, n * k)
+        # Segments run example-major in tower order (user side, then item side), so each example's
+        # fields are one row of (n, k * d): the towers' inputs are its two halves.
+        flat = tf.reshape(pooled, [n, k * d])
+        bias = tf.reduce_sum(tf.reshape(tf.gather(bias_rows, bias_index), [2, n]), axis=0) + self.global_bias
+        u_in, i_emb = flat[:, :self._user_width], flat[:, self._user_width:]
+        i_in = tf.concat([i_emb, dense], axis=1)
         u = tf.nn.relu(u_in @ self.user1[0] + self.user1[1]) @ self.user2[0] + self.user2[1]
         v = tf.nn.relu(i_in @ self.item1[0] + self.item1[1]) @ self.item2[0] + self.item2[1]
         dot = tf.reduce_sum(u * v, axis=1) + bias
-        x0 = tf.concat([u_in, i_in, u, v, u * v], axis=1)
+        x0 = tf.concat([flat, dense, u, v, u * v], axis=1)  # = [u_in, i_in, u, v, u * v]
         x1 = x0 * (x0 @ self.cross[0] + self.cross[1]) + x0  # one DCN-v2 cross layer
         h = tf.nn.relu(x1 @ self.head1[0] + self.head1[1])
         rank = tf.squeeze(h @ self.head2[0] + self.head2[1], axis=1) + dot
         # FM's pairwise term over every field's pooled row: sum over pairs i<j of <e_i, e_j>.
         # No weights of its own; it lifted MovieLens's online AUC from 0.765 to 0.769.
-        fields = tf.stack([pooled[s] for s in spec.embedding_slots], axis=1)
+        fields = tf.reshape(pooled, [n, k, d])
         fm = 0.5 * tf.reduce_sum(tf.square(tf.reduce_sum(fields, 1)) - tf.reduce_sum(tf.square(fields), 1), 1)
         rank = rank + fm
         return rank, dot, u, v
 
-    def _train(self, rows: dict, index: dict, example: dict, dense, labels, weights):
+    def _forward(self, rows: dict, index: dict, example: dict, dense, n):
+        """(rank, dot, u, v) from each slot's rows, row indices and example ids: packs them and
+        runs `_forward_packed`."""
+        emb, idx, seg, offset = [], [], [], 0
+        for k, s in enumerate(self._field_slots):
+            emb.append(rows[s])
+            idx.append(index[s] + offset)
+            seg.append(example[s] * self._fields + k)
+            offset += tf.shape(rows[s])[0]
+        u_bias, i_bias = rows["user_id.bias"], rows["item_id.bias"]
+        bias_index = tf.stack([index["user_id.bias"], index["item_id.bias"] + tf.shape(u_bias)[0]])
+        return self._forward_packed(tf.concat(emb, 0), tf.concat(idx, 0), tf.concat(seg, 0),
+                                    tf.concat([u_bias, i_bias], 0), bias_index, dense, n)
+
+    def _train(self, emb, emb_index, emb_segment, bias_rows, bias_index, dense, labels, weights):
         n = tf.shape(labels)[0]
         with tf.GradientTape() as tape:
-            tape.watch(list(rows.values()))
-            rank, dot, _, _ = self._forward(rows, index, example, dense, n)
+            tape.watch([emb, bias_rows])
+            rank, dot, _, _ = self._forward_packed(emb, emb_index, emb_segment, bias_rows, bias_index, dense, n)
             bce = tf.nn.sigmoid_cross_entropy_with_logits
             # Importance weights (1/rate) correct the sampled-out negatives; nothing else does.
             per_example = weights * (bce(labels=labels, logits=rank) + bce(labels=labels, logits=dot))
             loss = tf.reduce_sum(per_example) / tf.cast(n, tf.float32)
         variables = self.trainable_variables
-        grads = tape.gradient(loss, list(rows.values()) + list(variables))
-        row_grads = grads[: len(rows)]
-        self.optimizer.apply_gradients(zip(grads[len(rows):], variables, strict=True))
-        return loss, tf.sigmoid(rank), [tf.convert_to_tensor(g) for g in row_grads]
+        grads = tape.gradient(loss, [emb, bias_rows, *variables])
+        self.optimizer.apply(grads[2:], variables)
+        return loss, tf.sigmoid(rank), tf.convert_to_tensor(grads[0]), tf.convert_to_tensor(grads[1])
 
     # -- numpy in, numpy out -----------------------------------------------------------------
 
+    def pack(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray) -> Packed:
+        """The batch's slots packed for the step: rows one slot after another, indices shifted by
+        each slot's offset, segments by example and field; `offsets` splits the gradients back."""
+        spec = self.spec
+        emb, idx, seg, offsets, at = [], [], [], [], 0
+        for k, s in enumerate(self._field_slots):
+            slot = batch.slots[s]
+            emb.append(rows[s].reshape(-1, spec.dim))
+            idx.append(slot.index + at)
+            seg.append(slot.example * self._fields + k)
+            offsets.append(at)
+            at += len(slot.ids)
+        offsets.append(at)
+        u_bias, i_bias = rows["user_id.bias"].reshape(-1, 1), rows["item_id.bias"].reshape(-1, 1)
+        bias_index = np.stack([batch.slots["user_id.bias"].index, batch.slots["item_id.bias"].index + len(u_bias)])
+        return Packed(np.concatenate(emb), np.concatenate(idx), np.concatenate(seg), np.concatenate([u_bias, i_bias]),
+                      bias_index.astype(np.int32, copy=False), np.asarray(dense, np.float32), offsets, len(u_bias))
+
+    def train(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray
+              ) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
+        """One step: (loss, scores before the update, gradient of each slot's rows)."""
+        p = self.pack(batch, rows, dense)
+        loss, scores, g_emb, g_bias = self._concrete("_step")(*_tensors(*p.inputs, batch.labels, batch.weights))
+        g_emb, g_bias = g_emb.numpy(), g_bias.numpy()
+        grads = {s: g_emb[p.offsets[k]:p.offsets[k + 1]] for k, s in enumerate(self._field_slots)}
+        grads["user_id.bias"], grads["item_id.bias"] = g_bias[:p.user_bias_rows], g_bias[p.user_bias_rows:]
+        return float(loss), scores.numpy(), grads
+
+    def score(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarray:
+        p = self.pack(batch, rows, dense)
+        rank, _, _, _ = self._concrete("_score_packed")(*_tensors(*p.inputs, np.int32(batch.size)))
+        return tf.sigmoid(rank).numpy()
+
+    def _concrete(self, name: str):
+        # Calling the traced graph with tensors skips tf.function's argument binding and numpy
+        # conversion, about as long as the graph itself at a batch of 8.
+        fn = self._concrete_fns.get(name)
+        if fn is None:
+            fn = self._concrete_fns[name] = getattr(self, name).get_concrete_function()
+        return fn
+
     def _inputs(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray):
+        """The per-slot inputs of `_forward` and the exported `score` signature."""
         spec = self.spec
         r = {s: tf.constant(rows[s].reshape(-1, spec.width(s)), tf.float32) for s in spec.slots}
         idx = {s: tf.constant(batch.slots[s].index) for s in spec.slots}
         ex = {s: tf.constant(batch.slots[s].example) for s in spec.slots}
         return r, idx, ex, tf.constant(dense, tf.float32)
-
-    def train(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray
-              ) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
-        """One step: (loss, scores before the update, gradient of each slot's rows)."""
-        r, idx, ex, d = self._inputs(batch, rows, dense)
-        loss, scores, grads = self._step(r, idx, ex, d, tf.constant(batch.labels), tf.constant(batch.weights))
-        return float(loss), scores.numpy(), {s: g.numpy() for s, g in zip(self.spec.slots, grads, strict=True)}
-
-    def score(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarray:
-        r, idx, ex, d = self._inputs(batch, rows, dense)
-        rank, _, _, _ = self._score(r, idx, ex, d, tf.constant(batch.size))
-        return tf.sigmoid(rank).numpy()
 
     def export(self, path) -> None:
         """The dense graph as a SavedModel, apart from the parameters: its `score` signature takes

@@ -83,14 +83,20 @@ class OnlineTrainer:
         loss, scores, grads = self.model.train(batch, rows, dense)
         arrivals = np.array([e.label_received_at if e.label_received_at is not None else np.nan
                              for e in examples], np.float64)
+        earliest_by_slot: dict[int, np.ndarray] = {}  # the bias slots share their ids' SlotIds
         for s in self.spec.slots:
             slot = batch.slots[s]
             if not slot.ids:
                 continue
-            # The earliest arrival behind each row's update: min over the examples that hold it.
-            earliest = np.full(len(slot.ids), np.inf)
-            np.fmin.at(earliest, slot.index, arrivals[slot.example])
-            earliest[np.isinf(earliest)] = np.nan
+            earliest = earliest_by_slot.get(id(slot))
+            if earliest is not None:
+                earliest = earliest.copy()  # the store may keep what it is given
+            else:
+                # The earliest arrival behind each row's update: min over the examples that hold it.
+                earliest = np.full(len(slot.ids), np.inf)
+                np.fmin.at(earliest, slot.index, arrivals[slot.example])
+                earliest[np.isinf(earliest)] = np.nan
+                earliest_by_slot[id(slot)] = earliest.copy()
             # Rows get the gradient of the summed loss (per-example scale): a row sits in a few
             # examples of a batch, and the batch mean would shrink its steps by the batch size.
             self.params.push(s, slot.ids, grads[s] * len(examples), now=now, arrival=earliest)
