@@ -12,7 +12,7 @@ import heapq
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import msgspec
@@ -65,7 +65,7 @@ class JoinCounts:
     flushes: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return dict(self.__dict__)  # the fields, in order: read once per batch, so no `fields()` walk
 
 
 class _Waiting(msgspec.Struct, array_like=True, gc=False):
@@ -190,84 +190,142 @@ class JoinBucket:
 
     # -- events ------------------------------------------------------------------------------
 
-    def on_features(self, events: list[FeatureEvent]) -> list[Example]:
-        keys = [f"{e.request_id}\x00{e.item_id}" for e in events]
-        self._prefetch(keys)
+    def on_features(self, events: list[FeatureEvent], keys: Optional[list[Key]] = None) -> list[Example]:
+        """A batch of feature events in arrival order; `keys` are their join keys if known (route
+        makes them to hash the events to their bucket)."""
+        if keys is None:
+            keys = [f"{e.request_id}\x00{e.item_id}" for e in events]
+        if self._stored:
+            self._prefetch(keys)
         out: list[Example] = []
-        cache, counts = self._cache, self.counts
-        window = self.s.window_s
+        cache, resolved, fifo = self._cache, self._resolved, self._fifo
+        cache_get, dirty_add, fifo_append = cache.get, self._dirty.add, fifo.append
+        window, watermark = self.s.window_s, self.watermark
+        # The hot path (a new impression) is inlined: counts are kept in locals and added once, and
+        # the FIFO's last due is tracked here instead of read back.
+        last_due = fifo[-1][0] if fifo else -math.inf
+        hits = misses = duplicates = 0
         for key, f in zip(keys, events, strict=True):
-            entry = cache.get(key)
+            entry = cache_get(key)
             if entry is None:
-                if key in self._resolved:
-                    counts.duplicate_features += 1
+                if key in resolved:
+                    duplicates += 1
                     continue
-                counts.cache_misses += 1
-                counts.impressions += 1
-                waiting = _Waiting(f, [], f.ts + window)
-                self._put(key, waiting)
-                if waiting.due <= self.watermark:
+                misses += 1
+                due = f.ts + window
+                waiting = _Waiting(f, [], due)
+                cache[key] = waiting
+                dirty_add(key)
+                if due >= last_due:
+                    fifo_append((due, key))
+                    last_due = due
+                else:
+                    heapq.heappush(self._heap, (due, key))
+                if due <= watermark:
                     self._expire(key, waiting, out, [])  # came after its window closed
                 continue
-            counts.cache_hits += 1
+            hits += 1
             if type(entry) is _Waiting:
-                counts.duplicate_features += 1
+                duplicates += 1
                 continue
             # Its actions came first: replay them in arrival order now that the impression is here.
-            counts.impressions += 1
+            self.counts.impressions += 1
             waiting = _Waiting(f, [], f.ts + window)
             pending = entry.actions
-            counts.actions_pending -= len(pending)
+            self.counts.actions_pending -= len(pending)
             self._put(key, waiting)
+            last_due = fifo[-1][0] if fifo else -math.inf
             for i, a in enumerate(pending):
                 ex = self._apply(key, waiting, a)
                 if ex is not None:
                     out.append(ex)
                     # Actions that came after the deciding one find their key resolved.
-                    counts.after_example += len(pending) - i - 1
+                    self.counts.after_example += len(pending) - i - 1
                     break
             else:
-                if waiting.due <= self.watermark:
+                if waiting.due <= watermark:
                     self._expire(key, waiting, out, [])
+        counts = self.counts
+        counts.cache_hits += hits
+        counts.cache_misses += misses
+        counts.impressions += misses
+        counts.duplicate_features += duplicates
         return out
 
-    def on_actions(self, events: list[ActionEvent]) -> list[Example]:
-        keys = [f"{e.request_id}\x00{e.item_id}" for e in events]
-        self._prefetch(keys)
+    def on_actions(self, events: list[ActionEvent], keys: Optional[list[Key]] = None) -> list[Example]:
+        """A batch of action events in arrival order; `keys` as in `on_features`."""
+        if keys is None:
+            keys = [f"{e.request_id}\x00{e.item_id}" for e in events]
+        if self._stored:
+            self._prefetch(keys)
         out: list[Example] = []
-        cache, counts, resolved = self._cache, self.counts, self._resolved
-        hold = self.s.orphan_hold_s
+        cache, counts, resolved, on_disk, dirty = self._cache, self.counts, self._resolved, self._on_disk, self._dirty
+        cache_get, dirty_add = cache.get, dirty.add
+        hold, watermark = self.s.orphan_hold_s, self.watermark
+        resolved_size = self.s.resolved_size
+        positive, watch_s = POSITIVE_ACTIONS, self.s.watch_positive_s
+        hits = misses = duplicates = after = late = pending_n = joined = positives = negatives = 0
         for key, a in zip(keys, events, strict=True):
-            entry = cache.get(key)
+            entry = cache_get(key)
             if entry is None:
                 ids = resolved.get(key)
                 if ids is not None:
                     if _action_id(a) in ids:
-                        counts.duplicates += 1
+                        duplicates += 1
                     else:
-                        counts.after_example += 1
+                        after += 1
                     continue
-                counts.cache_misses += 1
-                if a.ts + hold <= self.watermark:
-                    counts.late += 1  # its impression, if any, was resolved and forgotten
+                misses += 1
+                if a.ts + hold <= watermark:
+                    late += 1  # its impression, if any, was resolved and forgotten
                     continue
-                counts.actions_pending += 1
+                pending_n += 1
                 self._put(key, _Pending([a], a.ts + hold))
                 continue
-            counts.cache_hits += 1
-            if entry.actions:
+            hits += 1
+            actions = entry.actions
+            if actions:
                 aid = _action_id(a)
-                if any(_action_id(b) == aid for b in entry.actions):
-                    counts.duplicates += 1
+                if any(_action_id(b) == aid for b in actions):
+                    duplicates += 1
                     continue
             if type(entry) is _Pending:
-                counts.actions_pending += 1
-                entry.actions.append(a)
-                self._dirty.add(key)
+                pending_n += 1
+                actions.append(a)
+                dirty_add(key)
                 continue
-            ex = self._apply(key, entry, a)
-            if ex is not None:
-                out.append(ex)
+            # `_apply` and `_resolve`, inlined for the common case: one action decides the label.
+            joined += 1
+            actions.append(a)
+            action = a.action
+            if action in positive or (watch_s is not None and action == "watch" and (a.value or 0.0) >= watch_s):
+                positives += 1
+                label = 1
+            elif action in NEGATIVE_ACTIONS:
+                negatives += 1
+                label = 0
+            else:
+                dirty_add(key)  # a neutral action waits with its impression
+                continue
+            if key in on_disk:
+                cache[key] = None
+                dirty_add(key)
+            else:
+                del cache[key]
+                dirty.discard(key)
+            resolved[key] = tuple(map(_action_id, actions))
+            if len(resolved) > resolved_size:
+                resolved.popitem(last=False)  # the oldest; its late actions count as late
+            out.append(_example(entry, label, a.ts, 1.0, a.received_at))
+        counts.cache_hits += hits
+        counts.cache_misses += misses
+        counts.duplicates += duplicates
+        counts.after_example += after
+        counts.late += late
+        counts.actions_pending += pending_n
+        counts.actions_joined += joined
+        counts.positives += positives
+        counts.explicit_negatives += negatives
         return out
 
     def _apply(self, key: Key, w: _Waiting, a: ActionEvent) -> Optional[Example]:
@@ -415,9 +473,13 @@ class JoinBucket:
 def _example(w: _Waiting, label: int, label_ts: float, weight: float,
              received_at: Optional[float]) -> Example:
     f = w.feature
-    return Example(
-        request_id=f.request_id, user_id=f.user_id, item_id=f.item_id, ts=f.ts, label_ts=label_ts,
-        label=label, actions=[ExampleAction(a.action, a.ts, a.value) for a in w.actions],
-        weight=weight, position=f.position, score=f.score, model_version=f.model_version,
-        sparse=f.sparse, dense=f.dense, label_received_at=received_at)
+    # Positional (in Example's field order): a quarter faster than by keyword, once per example.
+    acts = w.actions
+    if len(acts) == 1:  # the common case, without a comprehension's frame
+        a = acts[0]
+        actions = [ExampleAction(a.action, a.ts, a.value)]
+    else:
+        actions = [ExampleAction(a.action, a.ts, a.value) for a in acts]
+    return Example(f.request_id, f.user_id, f.item_id, f.ts, label_ts, label, actions, weight, f.position,
+                   f.score, f.model_version, f.sparse, f.dense, received_at)
 
