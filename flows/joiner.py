@@ -364,16 +364,18 @@ class JoinBucket:
         examples: list[Example] = []
         dead: list[DeadLetter] = []
         heap, fifo, cache = self._heap, self._fifo, self._cache
+        # Every impression passes the FIFO once (most already resolved): bound methods, no lookups.
+        cache_get, fifo_popleft, expire = cache.get, fifo.popleft, self._expire
         while fifo and fifo[0][0] <= watermark:
-            due, key = fifo.popleft()
-            entry = cache.get(key)
+            due, key = fifo_popleft()
+            entry = cache_get(key)
             if entry is not None and entry.due == due:
-                self._expire(key, entry, examples, dead)
+                expire(key, entry, examples, dead)
         while heap and heap[0][0] <= watermark:
             due, key = heapq.heappop(heap)
-            entry = cache.get(key)
+            entry = cache_get(key)
             if entry is not None and entry.due == due:
-                self._expire(key, entry, examples, dead)
+                expire(key, entry, examples, dead)
         if self._stored:
             while True:
                 due_keys = self.store.due(watermark, self._scan_from)
