@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -146,9 +146,12 @@ class JoinBucket:
         self._heap: list[tuple[float, Key]] = []
         self._fifo: deque[tuple[float, Key]] = deque()
         self._scan_from: Optional[tuple[float, bytes]] = None  # store's due index read up to here
-        # key -> ids of its actions, oldest first (OrderedDict: popping the oldest is O(1); a dict's
-        # next(iter()) walks every deleted slot at its front)
-        self._resolved: OrderedDict[Key, tuple] = OrderedDict()
+        # key -> ids of its actions, with the keys in the order they were resolved so that the oldest
+        # is forgotten first: a dict and a deque cost half an OrderedDict's insert, and popping the
+        # oldest stays O(1) (a dict's next(iter()) walks every deleted slot at its front). A key is
+        # resolved again only after it was forgotten, so it is in the deque once.
+        self._resolved: dict[Key, tuple] = {}
+        self._resolved_order: deque[Key] = deque()
         self._stored = len(store)
         self._tag = store.last_tag()
         self._is_positive = positive_rule(settings.watch_positive_s)
@@ -263,6 +266,7 @@ class JoinBucket:
         cache_get, dirty_add = cache.get, dirty.add
         hold, watermark = self.s.orphan_hold_s, self.watermark
         resolved_size = self.s.resolved_size
+        order_append, order_popleft = self._resolved_order.append, self._resolved_order.popleft
         positive, watch_s = POSITIVE_ACTIONS, self.s.watch_positive_s
         hits = misses = duplicates = after = late = pending_n = joined = positives = negatives = 0
         for key, a in zip(keys, events, strict=True):
@@ -313,9 +317,14 @@ class JoinBucket:
             else:
                 del cache[key]
                 dirty.discard(key)
-            resolved[key] = tuple(map(_action_id, actions))
-            if len(resolved) > resolved_size:
-                resolved.popitem(last=False)  # the oldest; its late actions count as late
+            if len(actions) == 1:
+                eid = a.event_id
+                resolved[key] = (eid,) if eid is not None else ((action, a.ts, a.value),)
+            else:
+                resolved[key] = tuple(map(_action_id, actions))
+            order_append(key)
+            while len(resolved) > resolved_size:
+                resolved.pop(order_popleft(), None)  # the oldest; its late actions count as late
             out.append(_example(entry, label, a.ts, 1.0, a.received_at))
         counts.cache_hits += hits
         counts.cache_misses += misses
@@ -344,10 +353,11 @@ class JoinBucket:
     def _resolve(self, key: Key, w: _Waiting, label: int, label_ts: float, weight: float,
                  received_at: Optional[float]) -> Example:
         self._drop(key)
-        resolved = self._resolved
+        resolved, order = self._resolved, self._resolved_order
         resolved[key] = tuple(map(_action_id, w.actions))
-        if len(resolved) > self.s.resolved_size:
-            resolved.popitem(last=False)  # the oldest; its late actions count as late
+        order.append(key)
+        while len(resolved) > self.s.resolved_size:
+            resolved.pop(order.popleft(), None)  # the oldest; its late actions count as late
         return _example(w, label, label_ts, weight, received_at)
 
     # -- the clock ---------------------------------------------------------------------------
@@ -463,6 +473,7 @@ class JoinBucket:
         self._heap.clear()
         self._fifo.clear()
         self._resolved.clear()
+        self._resolved_order.clear()
         self._scan_from = None
         self._stored = len(self.store)
         self._tag = tag
