@@ -139,8 +139,11 @@ class JoinBucket:
         self.counts = JoinCounts()
         self.watermark = -math.inf
         self._cache: dict[Key, Optional[_Entry]] = {}  # None: deleted, not yet flushed
-        self._dirty: set[Key] = set()
         self._on_disk: set[Key] = set()  # keys of cached entries that the store holds too
+        # Keys in `_on_disk` whose entry changed since the last flush. A cached entry not on disk is
+        # unflushed by definition, so it needs no mark: that spares a set insert and a removal per
+        # impression that lives and dies between two flushes.
+        self._dirty: set[Key] = set()
         # Due times of entries not flushed yet. Input comes nearly in ts order, so most dues come in
         # order too: those go to a FIFO (O(1)), the rest to a heap; expiry drains both.
         self._heap: list[tuple[float, Key]] = []
@@ -176,7 +179,8 @@ class JoinBucket:
 
     def _put(self, key: Key, entry: _Entry) -> None:
         self._cache[key] = entry
-        self._dirty.add(key)
+        if key in self._on_disk:
+            self._dirty.add(key)
         fifo = self._fifo
         if not fifo or entry.due >= fifo[-1][0]:
             fifo.append((entry.due, key))
@@ -189,7 +193,6 @@ class JoinBucket:
             self._dirty.add(key)
         else:
             self._cache.pop(key, None)
-            self._dirty.discard(key)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -202,7 +205,7 @@ class JoinBucket:
             self._prefetch(keys)
         out: list[Example] = []
         cache, resolved, fifo = self._cache, self._resolved, self._fifo
-        cache_get, dirty_add, fifo_append = cache.get, self._dirty.add, fifo.append
+        cache_get, fifo_append = cache.get, fifo.append
         window, watermark = self.s.window_s, self.watermark
         # The hot path (a new impression) is inlined: counts are kept in locals and added once, and
         # the FIFO's last due is tracked here instead of read back.
@@ -217,8 +220,7 @@ class JoinBucket:
                 misses += 1
                 due = f.ts + window
                 waiting = _Waiting(f, [], due)
-                cache[key] = waiting
-                dirty_add(key)
+                cache[key] = waiting  # not cached, so not on disk: unflushed, no dirty mark
                 if due >= last_due:
                     fifo_append((due, key))
                     last_due = due
@@ -296,7 +298,8 @@ class JoinBucket:
             if type(entry) is _Pending:
                 pending_n += 1
                 actions.append(a)
-                dirty_add(key)
+                if key in on_disk:
+                    dirty_add(key)
                 continue
             # `_apply` and `_resolve`, inlined for the common case: one action decides the label.
             joined += 1
@@ -309,14 +312,14 @@ class JoinBucket:
                 negatives += 1
                 label = 0
             else:
-                dirty_add(key)  # a neutral action waits with its impression
+                if key in on_disk:
+                    dirty_add(key)  # a neutral action waits with its impression
                 continue
             if key in on_disk:
                 cache[key] = None
                 dirty_add(key)
             else:
                 del cache[key]
-                dirty.discard(key)
             if len(actions) == 1:
                 eid = a.event_id
                 resolved[key] = (eid,) if eid is not None else ((action, a.ts, a.value),)
@@ -347,7 +350,8 @@ class JoinBucket:
         if a.action in NEGATIVE_ACTIONS:
             self.counts.explicit_negatives += 1
             return self._resolve(key, w, 0, a.ts, 1.0, a.received_at)
-        self._dirty.add(key)  # a neutral action waits with its impression
+        if key in self._on_disk:
+            self._dirty.add(key)  # a neutral action waits with its impression
         return None
 
     def _resolve(self, key: Key, w: _Waiting, label: int, label_ts: float, weight: float,
@@ -428,7 +432,7 @@ class JoinBucket:
         """Write what changed since the last flush in one transaction tagged `tag`; returns writes."""
         writes: dict[bytes, Optional[tuple[float, bytes]]] = {}
         cache, on_disk = self._cache, self._on_disk
-        for key in self._dirty:
+        for key in self._dirty:  # all on disk
             entry = cache.get(key)
             if entry is None:
                 writes[key.encode()] = None
@@ -436,7 +440,12 @@ class JoinBucket:
                 cache.pop(key, None)
             else:
                 writes[key.encode()] = (entry.due, _dump(entry))
-                on_disk.add(key)
+        # Entries never flushed (a None entry is always on disk).
+        new = [key for key in cache if key not in on_disk]
+        for key in new:
+            entry = cache[key]
+            writes[key.encode()] = (entry.due, _dump(entry))  # type: ignore[union-attr]
+        on_disk.update(new)
         if writes or tag > self._tag:
             self.store.flush(tag, writes)
             self._tag = tag
