@@ -42,6 +42,7 @@ class BucketBatch:
     events: list[Event]
     progress: float
     status: int
+    keys: list[str] | None = None  # the events' join keys, made once by `route` to hash them
 
 
 class PartitionClock:
@@ -104,12 +105,17 @@ def route(batch: SourceBatch, buckets: int) -> Iterator[tuple[str, BucketBatch]]
     progress in order with its events.
     """
     parts: list[list[Event]] = [[] for _ in range(buckets)]
+    key_parts: list[list[str]] = [[] for _ in range(buckets)]
     crc32 = zlib.crc32
+    # The join key is made here once and goes along with its event, so the bucket need not make it again.
     for e in batch.events:
-        parts[crc32(f"{e.request_id}\x00{e.item_id}".encode()) % buckets].append(e)
+        k = f"{e.request_id}\x00{e.item_id}"
+        b = crc32(k.encode()) % buckets
+        parts[b].append(e)
+        key_parts[b].append(k)
     for b, events in enumerate(parts):
         key = bucket_key(b)
-        yield key, BucketBatch(key, batch.partition, events, batch.progress, batch.status)
+        yield key, BucketBatch(key, batch.partition, events, batch.progress, batch.status, key_parts[b])
 
 
 @dataclass

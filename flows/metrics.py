@@ -76,8 +76,11 @@ class JoinPublisher:
 
     def publish(self, counts: JoinCounts) -> None:
         now = counts.as_dict()
+        if now == self.last:
+            return  # a batch that changed nothing (a marker alone) publishes nothing
+        last = self.last
         for name, counter in JOIN.items():
-            delta = now[name] - self.last[name]
+            delta = now[name] - last[name]
             if delta > 0:
                 counter.labels(self.worker).inc(delta)
         self.last = now

@@ -99,13 +99,13 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
                 if min(map(_ts, b.events)) < wm:  # rare: count them only then
                     behind += sum(1 for e in b.events if e.ts < wm)
                 if b.partition.startswith("features"):
-                    out += bucket.on_features(b.events)
+                    out += bucket.on_features(b.events, b.keys)
                     if self.cfg.forward_impressions:
                         unscored = [e for e in b.events if e.score is None]
                         if unscored:
                             out.append(Impressions(unscored))
                 else:
-                    out += bucket.on_actions(b.events)
+                    out += bucket.on_actions(b.events, b.keys)
             self.clock.observe(b.partition, b.progress, b.status, now)
             examples, dead = bucket.advance(self.clock.watermark)
             out += examples

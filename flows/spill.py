@@ -356,6 +356,9 @@ class LmdbSpillStore:
         return len(keys)
 
     def clear(self) -> None:
+        if self._last_tag == 0 and self._dropped == 0 and self._empty():
+            return  # nothing to remove: a fresh start pays for no write transaction (and its fsync)
+
         def work(txn: lmdb.Transaction) -> None:
             for db in (self._entries, self._due, self._undo, self._meta):
                 txn.drop(db, delete=False)
@@ -364,6 +367,10 @@ class LmdbSpillStore:
         self._write(work)
         self._last_tag = 0
         self._dropped = 0
+
+    def _empty(self) -> bool:
+        with self._env.begin() as txn:
+            return all(txn.stat(db)["entries"] == 0 for db in (self._entries, self._due, self._undo))
 
     def close(self) -> None:
         self._env.close()
