@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -180,7 +182,24 @@ def train_step_config(config: Config) -> TrainStepConfig:
         dense_interval_s=config.dense_sync_s,
         deltas_brokers=config.brokers if config.source == "kafka" else None,
         deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()),
-        train=config.train, user_recent=config.user_recent, undo_keep=config.undo_keep)
+        train=config.train, user_recent=config.user_recent, undo_keep=config.undo_keep,
+        recovery_dir=bytewax_recovery_dir())
+
+
+def bytewax_recovery_dir(argv: Optional[list[str]] = None, env: Optional[dict] = None) -> Optional[str]:
+    """The recovery directory `python -m bytewax.run` was given (-r, --recovery-directory or
+    BYTEWAX_RECOVERY_DIRECTORY), resolved; None when recovery is off or this is not bytewax.run."""
+    argv = sys.argv if argv is None else argv
+    env = os.environ if env is None else env
+    if not argv or not argv[0].replace("\\", "/").endswith("bytewax/run.py"):
+        return None
+    found = env.get("BYTEWAX_RECOVERY_DIRECTORY")
+    for i, a in enumerate(argv):
+        if a in ("-r", "--recovery-directory") and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith("--recovery-directory="):
+            found = a.split("=", 1)[1]
+    return str(Path(found).resolve()) if found else None
 
 
 def join_settings(config: Config) -> JoinSettings:

@@ -64,6 +64,9 @@ class TrainStepConfig:
     train: bool = True  # False: no trainer, no tables; the step writes the catalog only
     user_recent: int = 50  # actions kept per user in the catalog
     undo_keep: int = 12  # snapshots back a resume can set the catalog's counts to
+    # Bytewax's recovery directory (resolved) when recovery is on: it names the run, so a restart
+    # killed before its first snapshot still counts as a resume of the same run (at snapshot 0).
+    recovery_dir: Optional[str] = None
 
 
 @dataclass
@@ -115,7 +118,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         self.resumed = state is not None
         self.seq = (state or {}).get("seq", 0)
         # The catalog's count history is kept per run: a resume sets back only this run's counts.
-        self.run = (state or {}).get("run") or uuid.uuid4().hex
+        self.run = (state or {}).get("run") or (f"recovery:{cfg.recovery_dir}" if cfg.recovery_dir
+                                                 else uuid.uuid4().hex)
         self.catalog: Optional[Catalog] = None
         self.catalog_metrics = CatalogPublisher(worker_label())
         self.buffer: list[Example] = []
@@ -140,7 +144,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         if cfg.deltas_brokers:
             deltas = KafkaDeltaProducer(cfg.deltas_brokers, cfg.deltas_topic, dict(cfg.kafka_settings))
         self.catalog = Catalog(store.read_items, store.read_users, cfg.user_recent, run=self.run, seq=self.seq,
-                               resumed_at=self.seq if self.resumed else None, keep=cfg.undo_keep)
+                               resumed_at=self.seq if self.resumed else (0 if cfg.recovery_dir else None),
+                               keep=cfg.undo_keep)
         sync = DeltaSync(params, ServingWriter(store, deltas), interval_s=cfg.sync_interval_s,
                          dense_interval_s=cfg.dense_interval_s, extra=self.catalog.take_dirty)
         self._parts = (params, trainer, sync, keys)

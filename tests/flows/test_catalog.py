@@ -303,3 +303,16 @@ def test_without_training_the_writer_step_imports_no_tensorflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "False"
+
+
+def test_the_recovery_directory_names_the_run_only_under_bytewax_run(tmp_path):
+    from flows.pipeline import bytewax_recovery_dir
+
+    run_py = "/venv/lib/python3.11/site-packages/bytewax/run.py"
+    rec = tmp_path / "rec"
+    assert bytewax_recovery_dir([run_py, "flows.pipeline:flow", "-r", str(rec), "-s", "1"], {}) == str(rec.resolve())
+    assert bytewax_recovery_dir([run_py, "flows.pipeline:flow", f"--recovery-directory={rec}"], {}) == str(rec.resolve())
+    assert bytewax_recovery_dir([run_py, "flows.pipeline:flow"], {"BYTEWAX_RECOVERY_DIRECTORY": str(rec)}) == str(
+        rec.resolve())
+    assert bytewax_recovery_dir([run_py, "flows.pipeline:flow"], {}) is None  # recovery off
+    assert bytewax_recovery_dir(["/usr/bin/pytest", "-r", "a"], {}) is None  # not bytewax.run: pytest's -r

@@ -114,20 +114,13 @@ def test_sigkill_at_random_moments_loses_nothing_and_repeats_only_interrupted_ep
     assert repeats < kills * 60000 * 0.3
     dead = sorted(d["reason"] for d in read_stream(again, "dead-letter"))
     assert set(dead) == set(d["reason"] for d in read_stream(first, "dead-letter"))
-    # The catalog loses nothing through the kills: every item with its features, counts at least
-    # the straight run's (a resume rewinds the counts of the entries it replays, but not yet
-    # exactly: events of an interrupted epoch may count again; README, The catalog), and users'
-    # recent actions, which a replay cannot change twice, equal.
+    # The catalog counts each event once through the kills: a resume sets the counts of the
+    # entries it replays back to its snapshot's (to the run's start when a kill came before the
+    # first snapshot: the recovery directory names the run).
     want_items, want_users = serving_catalog(first)
     got_items, got_users = serving_catalog(again)
     assert len(want_items) == 500 and sum(e[0] for e in want_items.values()) == 60000
-    assert set(got_items) == set(want_items)
-    for key, want in want_items.items():
-        got = got_items[key]
-        assert got[0] >= want[0] and got[1] >= want[1], key  # impressions, positives
-        assert got[2:] == want[2:], key  # ts, features, source
-    over = sum(g[0] for g in got_items.values()) / 60000 - 1
-    print(f"catalog impressions counted again after the kills: {over:.1%}")
+    assert got_items == want_items
     assert got_users == want_users
 
 
