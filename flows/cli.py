@@ -328,6 +328,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store.close()
     if failed:
         print(f"freshrec serve: the replica failed: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """The live dashboard: scrapes the flow's processes and the model server, serves one page."""
     import asyncio
@@ -351,6 +355,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"freshrec dashboard: cannot listen on {args.host}:{args.port} ({e.strerror})", file=sys.stderr)
         return 1
+    return 0
 
 
 def _progress_bar(total: int, unit: str):

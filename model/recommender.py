@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from flows.events import POSITIVE_ACTIONS
 from model.features import FeatureSpec
 from model.recommend_types import Health, Recommendation, Served
 from paramserver.records import RecordError, decode_item
@@ -627,8 +628,6 @@ def history_features(spec: FeatureSpec, acted: Sequence[Sequence[Any]], snap: In
     MAX_HISTORY. So a like counts in the user's very next request, before any training, once the
     model has learnt what a `recent_author` means; the server logs these values in the request's
     feature events, so training sees exactly what serving used."""
-    from flows.events import POSITIVE_ACTIONS
-
     wanted = [(s, s[len(HISTORY_PREFIX):]) for s in spec.user_slots if s.startswith(HISTORY_PREFIX)]
     if not wanted or not acted:
         return {}
