@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 
 from flows.sample import write_sample
-from tests.flows.test_recovery import by_key, bytewax_run, flow_env, read_stream, run_with_kills
+from tests.flows.test_recovery import (by_key, bytewax_run, flow_env, lines_written, read_stream,
+                                      run_with_kills)
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +47,10 @@ def test_every_example_is_trained_once_through_sigkills_and_resumes(tmp_path):
     assert users
     store.close()
 
-    run_with_kills(flow_env(killed, FRESHREC_TRAIN="1", FRESHREC_TRAIN_BATCH="64"), killed / "recovery", 3,
-                   lambda: rng.uniform(0.5, 0.9) * straight_s)
+    targets = [int(rng.uniform(0.1, 0.9) * len(examples)) for _ in range(3)]
+    kills = run_with_kills(flow_env(killed, FRESHREC_TRAIN="1", FRESHREC_TRAIN_BATCH="64"),
+                           killed / "recovery", targets, lambda: lines_written(killed))
+    assert kills == 3, f"the flow ended before its kills ({straight_s:.1f} s straight)"
     keys = trained_keys(killed)
     assert set(keys) == set(examples), "an example was never trained"
     assert set(keys.values()) == {1}, f"trained twice: {[k for k, n in keys.items() if n > 1][:5]}"
