@@ -77,7 +77,7 @@ class FileEventLog:
     async def append(self, records: Sequence[Record], sync: bool = True) -> None:
         if not records:
             return
-        data = b"".join(value + b"\n" for _key, value in records)
+        data = b"\n".join([value for _key, value in records]) + b"\n"
         await asyncio.get_running_loop().run_in_executor(self._pool, self._write, data, sync)
 
     def healthy(self) -> bool:

@@ -467,9 +467,12 @@ def _cold(live: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def _grown(a: np.ndarray, cap: int, fill: Any = 0.0) -> np.ndarray:
     """A copy of `a` with `cap` rows (new rows `fill`): the snapshot readers hold stays as it is."""
-    out = np.full((cap, *a.shape[1:]), fill, a.dtype)
+    if cap == len(a):
+        return a.copy()  # the common case (only rows changed): no fill pass over the whole array
+    out = np.empty((cap, *a.shape[1:]), a.dtype)
     n = min(cap, len(a))
     out[:n] = a[:n]
+    out[n:] = fill
     return out
 
 

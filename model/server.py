@@ -1,9 +1,11 @@
 """The model server's HTTP layer (CONTRACT.md, Model server HTTP API): recommendations from a
 `Recommender`, one feature event per item served, and action events accepted into their stream.
 
-The ranking runs in a thread pool (numpy releases the GIL), so the event loop keeps answering
-while it computes; stream writes are asynchronous (flows/eventlog.py). Client input never gets a
-5xx: every bad parameter or body is a 4xx with a JSON reason.
+Recommendations and index refreshes run in a thread pool (numpy releases the GIL), so the event
+loop keeps answering while they compute. Feature events are assembled
+from bytes kept per item (model/served_events.py) and go to their stream in one asynchronous
+write per FEATURE_BATCH_S (flows/eventlog.py). Client input never gets a 5xx: every bad parameter
+or body is a 4xx with a JSON reason.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
 import math
 import re
+import secrets
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,8 +33,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from flows.config import Config
 from flows.eventlog import EventLog, StreamDown, open_event_log
-from flows.events import DEFAULT_MAX_FUTURE_S, ActionEvent, DeadLetter, FeatureEvent, encode, parse
+from flows.events import DEFAULT_MAX_FUTURE_S, ActionEvent, DeadLetter, encode, parse
 from model.recommend_types import Recommender
+from model.served_events import AnswerEncoder
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ MAX_K = 1000
 DEFAULT_K = 20
 MAX_ID_CHARS = 128
 RETRY_AFTER_S = 1
+FEATURE_BATCH_S = 0.01  # feature events of the requests in this long go to the stream in one write
 _K = re.compile(r"[0-9]{1,7}")  # ASCII digits only: int() would take " 5", "+5" and other scripts' digits
 _ENDPOINTS = ("/recommend", "/actions", "/healthz", "/metrics", "/openapi.json")
 
@@ -98,6 +103,11 @@ class ModelServer:
         self.token = config.api_token.encode() if config.api_token else None
         self._writes: set[asyncio.Task] = set()
         self._refresher: Optional[asyncio.Task] = None
+        self.encoder = AnswerEncoder()
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count()
+        self._pending: list[tuple[str, bytes]] = []  # feature events not yet handed to the stream
+        self._flush_handle: Optional[asyncio.TimerHandle] = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self, _app: web.Application) -> None:
@@ -108,6 +118,9 @@ class ModelServer:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush_features()  # every served item becomes a feature event, the last ones too
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         for stream in (self.features, self.actions):
@@ -182,35 +195,36 @@ class ModelServer:
             if not _K.fullmatch(raw_k) or not 1 <= int(raw_k) <= MAX_K:
                 return _error(400, f"k must be an integer from 1 to {MAX_K}")
             k = int(raw_k)
-        body, events = await asyncio.get_running_loop().run_in_executor(self.pool, self._answer, user_id, k)
-        if events:
-            task = asyncio.create_task(self._write_features(events))
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
+        # In the pool: numpy releases the GIL, so the event loop keeps moving HTTP meanwhile.
+        request_id, body, lines = await asyncio.get_running_loop().run_in_executor(self.pool, self._answer, user_id, k)
+        if lines:
+            self._log_features(request_id, lines)
         return web.Response(body=body, content_type="application/json")
 
-    def _answer(self, user_id: str, k: int) -> tuple[bytes, list[tuple[str, bytes]]]:
-        """The response body and the feature events of one request. In the pool, beside the
-        ranking: encoding k events was the event loop's largest own cost per request."""
+    def _answer(self, user_id: str, k: int) -> tuple[str, bytes, list[bytes]]:
+        """The request id, response body and feature event lines of one request."""
         rec = self.recommender.recommend(user_id, k)
-        request_id = "r-" + uuid.uuid4().hex
-        now = self.clock()
-        model_version = str(rec.model_version)
-        events = []
-        out = []
-        user_sparse = rec.user_sparse
-        for position, served in enumerate(rec.items[:k]):
-            score = float(served.score)
-            if not math.isfinite(score):
-                score = None
-            out.append({"item_id": served.item_id, "score": score})
-            events.append((request_id, encode(FeatureEvent(
-                request_id=request_id, user_id=user_id, item_id=served.item_id, ts=now, position=position,
-                sparse={**served.sparse, **user_sparse}, dense=dict(served.dense), model_version=model_version,
-                score=score, event_id=f"{request_id}-{position}"))))
-        body = msgspec.json.encode({"request_id": request_id, "user_id": user_id, "model_version": model_version,
-                                    "items": out})
-        return body, events
+        # Unique without a system call per request: a random prefix per server, then a counter.
+        request_id = f"r-{self._id_prefix}{next(self._ids):016x}"
+        body, lines = self.encoder.encode(request_id, user_id, str(rec.model_version), self.clock(),
+                                          rec.items[:k], rec.user_sparse)
+        return request_id, body, lines
+
+    def _log_features(self, request_id: str, lines: list[bytes]) -> None:
+        """Queues a request's feature events; the queue goes to the stream in one append every
+        FEATURE_BATCH_S (one file write for every request in that time, not one per request)."""
+        self._pending.extend([(request_id, line) for line in lines])
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(FEATURE_BATCH_S, self._flush_features)
+
+    def _flush_features(self) -> None:
+        self._flush_handle = None
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        task = asyncio.create_task(self._write_features(batch))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     async def _write_features(self, events: list[tuple[str, bytes]]) -> None:
         # The client does not wait for this: a stream that is down costs the feature events (counted),
