@@ -126,7 +126,20 @@ class NumpyRanker:
         w = self.w
         x0 = np.concatenate([np.broadcast_to(u_in, (n, u_in.shape[1])), i_in,
                              np.broadcast_to(u, (n, u.shape[1])), v, u * v], axis=1)
-        x1 = x0 * (x0 @ w["cross_w"] + w["cross_b"]) + x0
+        if len(u_in) == 1 and len(u) == 1:
+            # One user: x0 @ cross_w by blocks of x0 = [u_in, i_in, u, v, u*v], the user's blocks
+            # computed once, and (u*v) @ W_uv = v @ (u^T * W_uv) folded into v's block, so the
+            # product runs over the item's columns only (half the multiply-adds of the full one).
+            a, b, t = u_in.shape[1], i_in.shape[1], u.shape[1]
+            cw = w["cross_w"]
+            const = u_in[0] @ cw[:a] + u[0] @ cw[a + b:a + b + t] + w["cross_b"]
+            item_w = np.concatenate([cw[a:a + b], cw[a + b + t:a + b + 2 * t] + u[0][:, None] * cw[a + b + 2 * t:]])
+            xw = np.concatenate([i_in, v], axis=1) @ item_w
+            xw += const
+            xw += 1.0
+            x1 = x0 * xw  # x0 * (x0 @ cross_w + cross_b) + x0
+        else:
+            x1 = x0 * (x0 @ w["cross_w"] + w["cross_b"]) + x0
         h = np.maximum(x1 @ w["head1_w"] + w["head1_b"], 0)
         return (h @ w["head2_w"] + w["head2_b"])[:, 0] + self.fm(u_in, i_in)
 
@@ -546,8 +559,9 @@ class StoreRecommender:
             scores = np.minimum(snap.cold[order], 1.0)
             return Recommendation(self._served(snap, order, scores), version, cold_start=True)
         u_in, u, user_bias = user
-        retrieval = snap.vectors @ u[0] + snap.bias
-        candidates = _top(retrieval, max(k, self.candidates), exclude, ordered=False)
+        retrieval = snap.vectors @ u[0]
+        retrieval += snap.bias
+        candidates = _top(retrieval, max(k, self.candidates), exclude, ordered=False, owned=True)
         rank = self._rank(model, snap, u_in, u, user_bias, candidates)
         best = np.argsort(-rank, kind="stable")
         if len(exclude):  # the catalog ran out: recently acted items follow the rest, in their own order
@@ -658,12 +672,15 @@ def limit_blas_threads(n: int) -> None:
     threadpool_limits(n, user_api="blas")
 
 
-def _top(scores: np.ndarray, c: int, exclude: np.ndarray, ordered: bool = True) -> np.ndarray:
+def _top(scores: np.ndarray, c: int, exclude: np.ndarray, ordered: bool = True, owned: bool = False
+         ) -> np.ndarray:
     """Positions of the best `c` finite scores (best first when `ordered`); those in `exclude`
-    only when the others run out, after them."""
+    only when the others run out, after them. `owned`: `scores` is the caller's own, and may be
+    overwritten (no copy of the whole catalog's scores)."""
     kept = None
     if len(exclude):
-        scores = scores.copy()
+        if not owned:
+            scores = scores.copy()
         kept = scores[exclude]
         scores[exclude] = -np.inf
     c = min(c, len(scores))
