@@ -336,9 +336,11 @@ class ItemIndex:
     def _update(self, snap: IndexSnapshot, version: int, keys: list[bytes]) -> int:
         spec = self.spec
         changed_items: set[str] = set()
-        touched: set[str] = set()  # items to recompute
+        # Items to recompute, by the item-side slot (or the bias) whose rows changed: only that
+        # block of their pooled rows is read again (a sync that moves item_id rows reads no
+        # author or tag rows).
+        by_slot: dict[str, set[str]] = {s: set() for s in (*spec.item_side, "item_id.bias")}
         dense_moved = False
-        side = {*spec.item_side, "item_id.bias"}
         for k in keys:
             if k.startswith(ITEM_PREFIX):
                 changed_items.add(k[len(ITEM_PREFIX):].decode())
@@ -346,17 +348,19 @@ class ItemIndex:
                 dense_moved = True
             else:
                 slot, sep, id_ = k.decode().partition("/")
-                if not sep or slot not in side:
+                if not sep or slot not in by_slot:
                     continue
                 if slot in ("item_id", "item_id.bias"):
-                    touched.add(id_)
+                    by_slot[slot].add(id_)
                 else:
-                    touched.update(self._holders[slot].get(id_, ()))
+                    by_slot[slot].update(self._holders[slot].get(id_, ()))
         model, dense_version = snap.model, snap.dense_version
         if dense_moved:
             model, dense_version = self._read_model()
             dense_moved = dense_version != snap.dense_version
-        touched = {i for i in touched if i in snap.pos or i in changed_items}
+        for slot, items in by_slot.items():
+            by_slot[slot] = {i for i in items if i in snap.pos and i not in changed_items}
+        touched = set().union(*by_slot.values())  # items to recompute (changed ones are added below)
         if not changed_items and not touched and not dense_moved:
             self.snapshot = dataclasses.replace(snap, params_version=version)
             return 0
@@ -398,8 +402,21 @@ class ItemIndex:
             live[removed] = False
             bias[removed] = -np.inf
         where = np.fromiter((pos[i] for i in sorted(touched)), np.int64, len(touched))
-        if len(where):
-            emb[where], bias[where] = self._pool([entries[p] for p in where])
+        fresh = sorted(touched & changed_items)  # new or changed entries: every slot again
+        if fresh:
+            at = np.fromiter((pos[i] for i in fresh), np.int64, len(fresh))
+            emb[at], bias[at] = self._pool([entries[p] for p in at])
+        d = spec.dim
+        for j, slot in enumerate((*spec.item_side, "item_id.bias")):
+            items = sorted(by_slot[slot] - changed_items)
+            if not items:
+                continue
+            at = np.fromiter((pos[i] for i in items), np.int64, len(items))
+            got = [entries[p] for p in at]
+            if slot == "item_id.bias":
+                bias[at] = self._bias(got)
+            else:
+                emb[at, j * d:(j + 1) * d] = self._pool_slot(slot, got)
         if changed_items:
             at = np.fromiter((pos[i] for i in sorted(changed_items & pos.keys())), np.int64)
             got = [entries[p] for p in at]
@@ -439,19 +456,24 @@ class ItemIndex:
     def _pool(self, entries: Sequence[_Entry]) -> tuple[np.ndarray, np.ndarray]:
         """(pooled item-side rows (n, n_side * dim), item biases (n,)) read from the store: a
         missing row is zeros and still counts in its slot's mean, as in training."""
-        spec, n = self.spec, len(entries)
-        parts = []
-        for s in spec.item_side:
-            per = [e.values[s] for e in entries]
-            lengths = np.fromiter(map(len, per), np.int64, n)
-            example = np.repeat(np.arange(n), lengths)
-            uniq: dict[str, int] = {}
-            index = np.fromiter((uniq.setdefault(v, len(uniq)) for vs in per for v in vs), np.int64, len(example))
-            rows = self.store.read_rows(s, list(uniq), spec.dim).values
-            parts.append(_sorted_segment_mean(rows[index], example, n))
-        emb = np.concatenate(parts, axis=1)
-        bias = self.store.read_rows("item_id.bias", [e.item_id for e in entries], 1).values[:, 0]
-        return emb, bias
+        emb = np.concatenate([self._pool_slot(s, entries) for s in self.spec.item_side], axis=1)
+        return emb, self._bias(entries)
+
+    def _pool_slot(self, slot: str, entries: Sequence[_Entry]) -> np.ndarray:
+        """One item-side slot's block of `_pool`: (n, dim)."""
+        n = len(entries)
+        if slot == "item_id":  # one value per item, its own id: no pooling to do
+            return self.store.read_rows(slot, [e.item_id for e in entries], self.spec.dim).values
+        per = [e.values[slot] for e in entries]
+        lengths = np.fromiter(map(len, per), np.int64, n)
+        example = np.repeat(np.arange(n), lengths)
+        uniq: dict[str, int] = {}
+        index = np.fromiter((uniq.setdefault(v, len(uniq)) for vs in per for v in vs), np.int64, len(example))
+        rows = self.store.read_rows(slot, list(uniq), self.spec.dim).values
+        return _sorted_segment_mean(rows[index], example, n)
+
+    def _bias(self, entries: Sequence[_Entry]) -> np.ndarray:
+        return self.store.read_rows("item_id.bias", [e.item_id for e in entries], 1).values[:, 0]
 
     def _raw_dense(self, entries: Sequence[_Entry]) -> np.ndarray:
         out = np.zeros((len(entries), len(self.spec.dense)), np.float32)
