@@ -284,7 +284,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import threading
 
-    from model.server import serve
+    from model.server import serve, serve_processes
 
     config = _config(args)
     if not 0 <= args.port <= 65535:
@@ -292,10 +292,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     factory = _recommender_factory(args.recommender)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.replica:
-        recommender = factory(config)
-        serve(recommender, config, args.host, args.port,
-              on_ready=lambda url: print(f"serving on {url}", flush=True))
+        serve_processes(factory, config, args.host, args.port, config.serve_processes,
+                        on_ready=lambda url: print(f"serving on {url}", flush=True))
         return 0
+    if config.serve_processes > 1:
+        raise ConfigError(f"FRESHREC_SERVE_PROCESSES={config.serve_processes}: a replica serves from one process "
+                          "(it writes its own serving store)")
     # A replica: the server's own serving store, fed by param-deltas, read by its recommender.
     from paramserver.replica import ParamDeltaReplica
     from paramserver.serving import LmdbServingStore
@@ -533,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the function that builds the recommender from the settings, called as "
                         f"function(config) or, with --replica, function(config, store=...) "
                         f"[default {DEFAULT_RECOMMENDER}]")
+    p.add_argument("--processes", dest="cfg_serve_processes", metavar="N",
+                   help="server processes sharing the port (the same as --serve-processes)")
     p.add_argument("--replica", action="store_true",
                    help="serve from the server's own serving store, fed by the param-deltas topic (Kafka)")
     p.add_argument("--store", default=None,

@@ -181,6 +181,9 @@ class Config:
                                  "JSON object of extra librdkafka settings (SASL, TLS), passed through")
     serve_refresh_ms: float = _setting("FRESHREC_SERVE_REFRESH_MS", "100", _number(float, 1),
                                        "the model server brings its item vectors up to the serving store this often")
+    serve_processes: int = _setting("FRESHREC_SERVE_PROCESSES", "1", _number(int, 1, 64),
+                                    "`freshrec serve` runs this many server processes on one port (SO_REUSEPORT), "
+                                    "each with its own item index and feature-event file")
     serve_delivery_timeout_ms: int = _setting("FRESHREC_SERVE_DELIVERY_TIMEOUT_MS", "5000", _number(int, 100, 600_000),
                                               "the model server answers 503 when Kafka has not acknowledged a "
                                               "write within this long")

@@ -16,9 +16,12 @@ import hmac
 import itertools
 import logging
 import math
+import multiprocessing
+import os
 import re
 import secrets
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +48,7 @@ MAX_K = 1000
 DEFAULT_K = 20
 MAX_ID_CHARS = 128
 RETRY_AFTER_S = 1
+SWITCH_INTERVAL_S = 0.001  # the GIL switch interval of a serving process (Python's default: 5 ms)
 FEATURE_BATCH_S = 0.01  # feature events of the requests in this long go to the stream in one write
 _K = re.compile(r"[0-9]{1,7}")  # ASCII digits only: int() would take " 5", "+5" and other scripts' digits
 _ENDPOINTS = ("/recommend", "/actions", "/healthz", "/metrics", "/openapi.json")
@@ -365,8 +369,14 @@ def create_app(recommender: Recommender, config: Config, *, actions_log: Optiona
 # --- running it ------------------------------------------------------------------------------
 
 def serve(recommender: Recommender, config: Config, host: str = "127.0.0.1", port: int = 8000,
-          *, on_ready: Optional[Callable[[str], None]] = None, **app_options: Any) -> None:
-    """Serves until SIGINT or SIGTERM, then stops cleanly (event logs flushed, producers closed)."""
+          *, on_ready: Optional[Callable[[str], None]] = None, reuse_port: bool = False,
+          **app_options: Any) -> None:
+    """Serves until SIGINT or SIGTERM, then stops cleanly (event logs flushed, producers closed).
+    `reuse_port`: bind with SO_REUSEPORT, so other server processes can share the port."""
+    # The process is the server's: a thread that wants the GIL (a request's pool thread, the
+    # event loop, the index refresh) waits at most 1 ms for it rather than Python's 5 ms, which
+    # a request paid at each hand-off whenever another thread was busy.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -376,7 +386,7 @@ def serve(recommender: Recommender, config: Config, host: str = "127.0.0.1", por
         runner = web.AppRunner(create_app(recommender, config, **app_options), access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port)
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
             await site.start()
             url = _base_url(runner)
             log.info("model server on %s", url)
@@ -387,6 +397,66 @@ def serve(recommender: Recommender, config: Config, host: str = "127.0.0.1", por
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def serve_processes(factory: Callable[..., Recommender], config: Config, host: str = "127.0.0.1",
+                    port: int = 8000, processes: int = 1, *, on_ready: Optional[Callable[[str], None]] = None,
+                    start_timeout_s: float = 600.0) -> None:
+    """`serve` in `processes` processes sharing one port (SO_REUSEPORT: the kernel spreads the
+    connections), each with its own recommender from `factory(config)` (a module-level function:
+    the other processes import it) and its own feature-event file. This process serves too, and
+    starts the others once it listens (so port 0 works); `on_ready` runs once all of them listen.
+    SIGINT or SIGTERM here stops them all cleanly; a server process whose parent dies stops too."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, not {processes}")
+    if processes == 1:
+        serve(factory(config), config, host, port, on_ready=on_ready)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and LMDB open
+    children: list = []
+
+    def started(url: str) -> None:
+        bound = int(url.rsplit(":", 1)[1])
+        for _ in range(processes - 1):
+            ready = ctx.Event()
+            child = ctx.Process(target=_serve_child, args=(factory, config, host, bound, ready),
+                                name="freshrec-serve", daemon=True)
+            child.start()
+            children.append((child, ready))
+        deadline = time.monotonic() + start_timeout_s
+        for child, ready in children:
+            while not ready.wait(0.1):
+                if child.exitcode is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"a model server process did not start (exit code {child.exitcode}); "
+                                       "its log is above")
+        if on_ready is not None:
+            on_ready(url)
+
+    try:
+        serve(factory(config), config, host, port, on_ready=started, reuse_port=True)
+    finally:
+        for child, _ in children:
+            if child.is_alive():
+                child.terminate()  # SIGTERM: a clean stop, pending feature events written
+        for child, _ in children:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+                child.join()
+
+
+def _serve_child(factory: Callable[..., Recommender], config: Config, host: str, port: int, ready: Any) -> None:
+    """One of `serve_processes`' other servers (in a spawned process)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parent = multiprocessing.parent_process()
+
+    def orphaned() -> None:  # the parent died without stopping us (SIGKILL): stop as on SIGTERM
+        if parent is not None:
+            parent.join()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
+    serve(factory(config), config, host, port, on_ready=lambda _url: ready.set(), reuse_port=True)
 
 
 def _base_url(runner: web.AppRunner) -> str:

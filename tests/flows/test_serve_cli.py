@@ -71,6 +71,58 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path):
     assert len(features) == 3 and [a.request_id for a in actions] == ["r1"]
 
 
+def test_serve_processes_share_the_port_and_every_served_item_is_logged(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--port", "0", "--processes", "2", "--data-dir",
+         str(tmp_path / "data"), "--state-dir", str(tmp_path / "state"),
+         "--recommender", "tests.model.serving_fakes:build_list_recommender"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
+        url = line.split()[2]
+        ids = set()
+        for i in range(40):  # a new connection each: the kernel spreads them over both processes
+            status, _, body = call(url, "GET", f"/recommend?user_id=u{i}&k=5")
+            assert status == 200 and len(body["items"]) == 5
+            ids.add(body["request_id"])
+        assert len(ids) == 40
+        children = _children(proc.pid)
+        assert len(children) >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not any(Path(f"/proc/{c}").exists() and _state(c) != "Z" for c in children)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Both processes served (each writes its own file), and stopping wrote every feature event.
+    features = [e for good, _ in read_stream(tmp_path / "data" / "features", "features") for e in good]
+    assert len(features) == 200 and {e.request_id for e in features} == ids
+    assert len(list((tmp_path / "data" / "features").glob("*.jsonl"))) == 2
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def test_a_replica_serves_from_one_process(capsys):
+    assert main(["serve", "--replica", "--processes", "2"]) == 2
+    assert "FRESHREC_SERVE_PROCESSES" in capsys.readouterr().err
+
+
 @pytest.mark.kafka
 def test_serve_as_a_replica_follows_param_deltas(tmp_path, kafka_bootstrap):
     import uuid
