@@ -624,11 +624,10 @@ class StoreRecommender:
 
     @staticmethod
     def _served(snap: IndexSnapshot, at: np.ndarray, scores: np.ndarray) -> list[Served]:
-        out = []
-        for p, s in zip(at.tolist(), scores.tolist(), strict=True):
-            e = snap.entries[p]
-            out.append(Served(e.item_id, s, e.sparse, e.dense))  # the index's own dicts: read them only
-        return out
+        entries = snap.entries
+        # the index's own dicts: read them only
+        return [Served(e.item_id, s, e.sparse, e.dense)
+                for e, s in zip(map(entries.__getitem__, at.tolist()), scores.tolist(), strict=True)]
 
     # -- background refresh ------------------------------------------------------------------------
 
