@@ -586,9 +586,13 @@ class StoreRecommender:
         candidates = _top(retrieval, max(k, self.candidates), exclude, ordered=False, owned=True)
         rank = self._rank(model, snap, u_in, u, user_bias, candidates)
         best = np.argsort(-rank, kind="stable")
-        if len(exclude):  # the catalog ran out: recently acted items follow the rest, in their own order
-            is_ex = np.isin(candidates[best], exclude)
-            best = np.concatenate([best[~is_ex], best[is_ex]])
+        if len(exclude):
+            # _top scored the excluded items -inf in `retrieval` (given it as its own), so a
+            # candidate at -inf there is one it brought back because the catalog ran out: those
+            # follow the rest, in their own order.
+            is_ex = np.isneginf(retrieval[candidates[best]])
+            if is_ex.any():
+                best = np.concatenate([best[~is_ex], best[is_ex]])
         best = best[:k]
         return Recommendation(self._served(snap, candidates[best], _sigmoid(rank[best])), version,
                               user_sparse=history)
