@@ -52,6 +52,8 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 EXIT_NOT_RUNNING = 3
 
+_SASL_WORD = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
 # Popen handles of brokers this process started: polling them reaps the child, so an in-process
 # caller (a test) never sees its stopped broker linger as a zombie that still answers kill(pid, 0).
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
@@ -238,8 +240,17 @@ class LocalKafka:
         home: str | os.PathLike[str] | None = None,
         num_partitions: int = 1,
         topic_partitions: int = DEFAULT_TOPIC_PARTITIONS,
+        sasl_users: Mapping[str, str] | None = None,
+        sasl_port: int | None = None,
     ) -> None:
         self.port = _check_port(port) if port is not None else default_port()
+        # SASL/PLAIN on a listener of its own (SASL_PLAINTEXT), beside the PLAINTEXT one that the
+        # broker's own tools and readiness checks use: for testing clients' credentials.
+        self.sasl_users = dict(sasl_users or {})
+        for name, secret in self.sasl_users.items():
+            if not (_SASL_WORD.fullmatch(name) and _SASL_WORD.fullmatch(secret)):
+                raise KafkaLocalError(f"SASL user {name!r}: names and passwords take letters, digits, '_' and '-'")
+        self.sasl_port = (sasl_port if sasl_port is not None else self.port + 2) if self.sasl_users else None
         self.controller_port = controller_port if controller_port is not None else self.port + 1
         self.home = Path(home).expanduser() if home is not None else default_home()
         self.data_dir = (
@@ -251,6 +262,11 @@ class LocalKafka:
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str | None:
+        """The SASL_PLAINTEXT listener (mechanism PLAIN), when the broker has SASL users."""
+        return f"{HOST}:{self.sasl_port}" if self.sasl_port is not None else None
 
     @property
     def libs_dir(self) -> Path:
@@ -397,7 +413,10 @@ class LocalKafka:
 
     def _launch(self, timeout: float) -> None:
         java = _java()
-        for port, role in ((self.port, "broker"), (self.controller_port, "controller")):
+        ports = [(self.port, "broker"), (self.controller_port, "controller")]
+        if self.sasl_port is not None:
+            ports.append((self.sasl_port, "SASL listener"))
+        for port, role in ports:
             if not _port_free(port):
                 raise KafkaLocalError(
                     f"port {port} on {HOST} (the {role}'s) is in use: another Kafka? "
@@ -465,6 +484,19 @@ class LocalKafka:
             # The cleaner's default 128 MiB buffer would take a quarter of the 512 MiB heap.
             "log.cleaner.dedupe.buffer.size": str(32 * 1024 * 1024),
         }
+        if self.sasl_users:
+            users = " ".join(f'user_{name}="{secret}"' for name, secret in self.sasl_users.items())
+            props.update({
+                "listeners": props["listeners"] + f",SASL_PLAINTEXT://{HOST}:{self.sasl_port}",
+                "advertised.listeners": props["advertised.listeners"] + f",SASL_PLAINTEXT://{HOST}:{self.sasl_port}",
+                "listener.security.protocol.map": props["listener.security.protocol.map"]
+                + ",SASL_PLAINTEXT:SASL_PLAINTEXT",
+                "sasl.enabled.mechanisms": "PLAIN",
+                "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "PLAIN",
+                # The listener's server side: the users it accepts (user_<name>="<password>").
+                "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                    f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+            })
         self._properties.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         log = self._server_log
         (self.data_dir / "log4j2.properties").write_text(
