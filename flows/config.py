@@ -202,11 +202,19 @@ class Config:
             raw = overrides.get(f.name, env.get(meta["env"], meta["default"]))
             values[f.name] = meta["parse"](meta["env"], str(raw))
         config = cls(**values)
-        config.kafka_settings()  # validate now, not when the first consumer starts
+        from flows.kafka_client import check_settings
+
+        check_settings(config._kafka_extra())  # validate now, not when the first consumer starts
         return config
 
     def kafka_settings(self) -> dict[str, str]:
-        """Extra librdkafka settings from FRESHREC_KAFKA_CONFIG."""
+        """What every Kafka client of freshrec gets besides its own settings: the clients' defaults
+        (flows/kafka_client.py), then FRESHREC_KAFKA_CONFIG's librdkafka settings (SASL, TLS)."""
+        from flows.kafka_client import CLIENT_DEFAULTS
+
+        return {**CLIENT_DEFAULTS, **self._kafka_extra()}
+
+    def _kafka_extra(self) -> dict[str, str]:
         try:
             extra = json.loads(self.kafka_config)
         except json.JSONDecodeError as e:
