@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -97,21 +97,20 @@ def check_broker(brokers: str, settings: Mapping[str, str], timeout_s: float = 3
 
     refused: list[str] = []
     last: list[str] = []
-    seen = threading.Event()
 
     def on_error(err: Any) -> None:
         text = err.str()
         if err.code() == KafkaError._AUTHENTICATION or "SASL" in text or "security.protocol" in text \
                 or "SSL handshake" in text:
             refused.append(text)
-            seen.set()
         last.append(text)
 
     quiet = logging.getLogger("freshrec.kafka_check")
     quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
     admin = AdminClient({"bootstrap.servers": brokers, **settings, "error_cb": on_error, "logger": quiet})
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = start + timeout_s
     while True:
         if refused:
             raise ConfigError(f"{VAR}: the broker at {brokers} refused the connection: {refused[0]} "
@@ -121,9 +120,31 @@ def check_broker(brokers: str, settings: Mapping[str, str], timeout_s: float = 3
                 return True
         except KafkaException as e:
             last.append(str(e.args[0].str() if e.args else e))
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now - start > min(SILENT_S, timeout_s) and _accepts_tcp(brokers):
+            # A listener that takes the connection and then says nothing to us speaks another
+            # protocol: SASL or TLS expected where the client sends plaintext, or the reverse.
+            protocol = settings.get("security.protocol", "plaintext")
+            raise ConfigError(f"{VAR}: the broker at {brokers} accepts connections but answers no request made "
+                              f"with security.protocol={protocol} within {now - start:.0f} s: does its listener "
+                              "expect SASL or TLS (security.protocol sasl_plaintext, ssl or sasl_ssl)?")
+        if now > deadline:
             if unreachable_ok:
                 return False
             raise ConfigError(f"FRESHREC_BROKERS={brokers!r}: no broker answered within {timeout_s:.0f} s"
                               + (f" ({last[-1]})" if last else ""))
-        seen.wait(0.1)
+        admin.poll(0.1)  # serves error_cb: the AdminClient reports errors only when polled
+
+
+SILENT_S = 10.0  # a listener that takes connections but answers nothing for this long speaks another protocol
+
+
+def _accepts_tcp(brokers: str) -> bool:
+    for address in brokers.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=1.0):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False

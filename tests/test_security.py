@@ -125,9 +125,9 @@ def test_every_kafka_client_authenticates_with_sasl_plain(tmp_path, sasl_broker)
 @pytest.mark.kafka
 @pytest.mark.slow
 @pytest.mark.parametrize("kafka_config, why", [
-    (sasl(password="wrong"), "wrong password"),
-    (sasl(user="mallory"), "unknown user"),
-    ("{}", "no SASL at all"),
+    (sasl(password="wrong"), "Invalid username or password"),
+    (sasl(user="mallory"), "Invalid username or password"),
+    ("{}", "does its listener expect SASL or TLS"),
 ])
 def test_a_flow_with_wrong_credentials_stops_naming_the_setting(tmp_path, sasl_broker, kafka_config, why):
     prefix = f"sec{uuid.uuid4().hex[:6]}."
@@ -137,9 +137,9 @@ def test_a_flow_with_wrong_credentials_stops_naming_the_setting(tmp_path, sasl_b
     env = config_env(config)
     r = subprocess.run([sys.executable, "-m", "bytewax.run", "flows.pipeline:flow"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=180)
-    assert r.returncode != 0, why
-    assert "freshrec: configuration error: FRESHREC_KAFKA_CONFIG" in r.stderr, r.stderr[-2000:]
-    assert "refused the connection" in r.stderr
+    assert r.returncode != 0, r.stderr[-2000:]
+    assert "freshrec: configuration error: FRESHREC_KAFKA_CONFIG: the broker at" in r.stderr, r.stderr[-2000:]
+    assert why in r.stderr
 
 
 @pytest.mark.kafka
