@@ -153,6 +153,7 @@ class RowReader:
                 if blob is not None:
                     self.dense_versions.append(blob.version)
             self.passes += 1
+            self.stop.wait(0.005)  # leave the 2 cores to the flow and the server between passes
 
 
 def test_the_model_server_restarted_while_the_flow_syncs_serves_on_without_torn_reads(tmp_path):
