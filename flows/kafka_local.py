@@ -50,6 +50,7 @@ PARTITIONED_TOPICS = ("features", "actions", "items", "examples")
 COMPACTED_TOPICS = ("param-deltas",)
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+PORT_WAIT_S = 5.0
 EXIT_NOT_RUNNING = 3
 
 _SASL_WORD = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -417,6 +418,11 @@ class LocalKafka:
         if self.sasl_port is not None:
             ports.append((self.sasl_port, "SASL listener"))
         for port, role in ports:
+            # A moment's wait: the ports are in the ephemeral range, and after a stop a client's
+            # reconnect attempt may hold one as its local port for an instant.
+            deadline = time.monotonic() + PORT_WAIT_S
+            while not _port_free(port) and time.monotonic() < deadline:
+                time.sleep(0.1)
             if not _port_free(port):
                 raise KafkaLocalError(
                     f"port {port} on {HOST} (the {role}'s) is in use: another Kafka? "
