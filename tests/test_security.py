@@ -215,7 +215,7 @@ def test_tls_settings_are_checked_by_librdkafka_and_passed_to_every_client(tmp_p
     build_every_client(config)
     kinds = sorted({kind for kind, _ in made})
     assert kinds == ["AdminClient", "Consumer", "Producer"]
-    assert len(made) >= 8
+    assert len(made) == 9  # event log, simulator output, sink, partition listing, source, bounds, lag, deltas, replica
     for kind, conf in made:
         missing = {k: v for k, v in tls.items() if conf.get(k) != v}
         assert not missing, (kind, missing)
