@@ -20,6 +20,11 @@ from flows.config import ConfigError
 
 VAR = "FRESHREC_KAFKA_CONFIG"
 
+# The checks' clients log their failures here, not to stderr: the ConfigError says what matters.
+_QUIET = logging.getLogger("freshrec.kafka_check")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
 # A broker that comes back is found within a second, not after librdkafka's default 10 s backoff
 # (measured: the flow's first new example 10.6 s after a restarted broker answered). A user's own
 # value in FRESHREC_KAFKA_CONFIG wins.
@@ -76,11 +81,8 @@ def _librdkafka_accepts(settings: Mapping[str, str]) -> None:
     client that is given no broker, so it connects to nothing."""
     from confluent_kafka import KafkaException, Producer
 
-    quiet = logging.getLogger("freshrec.kafka_check")
-    quiet.addHandler(logging.NullHandler())
-    quiet.propagate = False
     try:
-        Producer({**settings, "logger": quiet})
+        Producer({**settings, "logger": _QUIET})
     except (KafkaException, ValueError, TypeError) as e:
         text = e.args[0].str() if e.args and hasattr(e.args[0], "str") else str(e)
         raise ConfigError(f"{VAR}: librdkafka refuses it: {text}") from None
@@ -105,10 +107,7 @@ def check_broker(brokers: str, settings: Mapping[str, str], timeout_s: float = 3
             refused.append(text)
         last.append(text)
 
-    quiet = logging.getLogger("freshrec.kafka_check")
-    quiet.addHandler(logging.NullHandler())
-    quiet.propagate = False
-    admin = AdminClient({"bootstrap.servers": brokers, **settings, "error_cb": on_error, "logger": quiet})
+    admin = AdminClient({"bootstrap.servers": brokers, **settings, "error_cb": on_error, "logger": _QUIET})
     start = time.monotonic()
     deadline = start + timeout_s
     while True:
