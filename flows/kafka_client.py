@@ -113,7 +113,7 @@ def check_broker(brokers: str, settings: Mapping[str, str], timeout_s: float = 3
     while True:
         if refused:
             raise ConfigError(f"{VAR}: the broker at {brokers} refused the connection: {refused[0]} "
-                              "(check security.protocol, sasl.mechanism, sasl.username, sasl.password)")
+                              "(check security.protocol and the sasl.* or ssl.* settings)")
         try:
             if admin.list_topics(timeout=1.0).brokers:
                 return True

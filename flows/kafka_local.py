@@ -243,6 +243,9 @@ class LocalKafka:
         topic_partitions: int = DEFAULT_TOPIC_PARTITIONS,
         sasl_users: Mapping[str, str] | None = None,
         sasl_port: int | None = None,
+        tls_keystore: str | os.PathLike[str] | None = None,
+        tls_password: str | None = None,
+        tls_port: int | None = None,
     ) -> None:
         self.port = _check_port(port) if port is not None else default_port()
         # SASL/PLAIN on a listener of its own (SASL_PLAINTEXT), beside the PLAINTEXT one that the
@@ -252,6 +255,12 @@ class LocalKafka:
             if not (_SASL_WORD.fullmatch(name) and _SASL_WORD.fullmatch(secret)):
                 raise KafkaLocalError(f"SASL user {name!r}: names and passwords take letters, digits, '_' and '-'")
         self.sasl_port = (sasl_port if sasl_port is not None else self.port + 2) if self.sasl_users else None
+        # TLS on a listener of its own (SSL), its certificate and key in a PKCS12 keystore.
+        self.tls_keystore = Path(tls_keystore).resolve() if tls_keystore is not None else None
+        self.tls_password = tls_password
+        if self.tls_keystore is not None and not (tls_password and _SASL_WORD.fullmatch(tls_password)):
+            raise KafkaLocalError("a TLS keystore needs its password (letters, digits, '_' and '-')")
+        self.tls_port = (tls_port if tls_port is not None else self.port + 3) if self.tls_keystore else None
         self.controller_port = controller_port if controller_port is not None else self.port + 1
         self.home = Path(home).expanduser() if home is not None else default_home()
         self.data_dir = (
@@ -268,6 +277,11 @@ class LocalKafka:
     def sasl_bootstrap(self) -> str | None:
         """The SASL_PLAINTEXT listener (mechanism PLAIN), when the broker has SASL users."""
         return f"{HOST}:{self.sasl_port}" if self.sasl_port is not None else None
+
+    @property
+    def tls_bootstrap(self) -> str | None:
+        """The SSL listener, when the broker has a TLS keystore."""
+        return f"{HOST}:{self.tls_port}" if self.tls_port is not None else None
 
     @property
     def libs_dir(self) -> Path:
@@ -417,6 +431,8 @@ class LocalKafka:
         ports = [(self.port, "broker"), (self.controller_port, "controller")]
         if self.sasl_port is not None:
             ports.append((self.sasl_port, "SASL listener"))
+        if self.tls_port is not None:
+            ports.append((self.tls_port, "TLS listener"))
         for port, role in ports:
             # A moment's wait: the ports are in the ephemeral range, and after a stop a client's
             # reconnect attempt may hold one as its local port for an instant.
@@ -502,6 +518,16 @@ class LocalKafka:
                 # The listener's server side: the users it accepts (user_<name>="<password>").
                 "listener.name.sasl_plaintext.plain.sasl.jaas.config":
                     f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+            })
+        if self.tls_keystore is not None:
+            props.update({
+                "listeners": props["listeners"] + f",SSL://{HOST}:{self.tls_port}",
+                "advertised.listeners": props["advertised.listeners"] + f",SSL://{HOST}:{self.tls_port}",
+                "listener.security.protocol.map": props["listener.security.protocol.map"] + ",SSL:SSL",
+                "listener.name.ssl.ssl.keystore.type": "PKCS12",
+                "listener.name.ssl.ssl.keystore.location": str(self.tls_keystore),
+                "listener.name.ssl.ssl.keystore.password": str(self.tls_password),
+                "listener.name.ssl.ssl.key.password": str(self.tls_password),
             })
         self._properties.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         log = self._server_log

@@ -162,6 +162,75 @@ def test_the_model_server_and_a_replica_refuse_wrong_credentials_but_the_server_
     assert "FRESHREC_KAFKA_CONFIG" in r.stderr, r.stderr[-2000:]
 
 
+# --- TLS against a real broker (a keystore made with Java's keytool) ---------------------------
+
+STORE_PASSWORD = "store-pw-1"
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory):
+    import shutil
+
+    keytool = shutil.which("keytool")
+    if keytool is None:
+        pytest.skip("no keytool (Java's) to make the broker's keystore")
+    d = tmp_path_factory.mktemp("kafka-tls")
+    store, ca = d / "broker.p12", d / "ca.pem"
+    for args in (["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-validity", "2",
+                  "-dname", "CN=127.0.0.1", "-ext", "SAN=IP:127.0.0.1"],
+                 ["-exportcert", "-rfc", "-alias", "broker", "-file", str(ca)]):
+        subprocess.run([keytool, *args, "-keystore", str(store), "-storetype", "PKCS12", "-storepass", STORE_PASSWORD,
+                        *(["-keypass", STORE_PASSWORD] if args[0] == "-genkeypair" else [])],
+                       check=True, capture_output=True, timeout=120)
+    broker = kafka_local.LocalKafka(kafka_local.free_port_pair(), data_dir=d / "kafka", tls_keystore=store,
+                                    tls_password=STORE_PASSWORD, tls_port=kafka_local.free_port_pair())
+    try:
+        broker.start(topics=False)
+    except kafka_local.KafkaLocalError as exc:
+        broker.stop()
+        kafka_unavailable(f"the local broker with TLS did not start: {exc}")
+    try:
+        yield broker, ca
+    finally:
+        broker.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_flow_over_tls_runs_with_the_brokers_ca_and_stops_naming_the_setting_without(tmp_path, tls_broker):
+    from bytewax.testing import TestingSink, run_main
+
+    from flows.outputs import open_output
+    from flows.pipeline import build_flow
+
+    broker, ca = tls_broker
+    prefix = f"tls{uuid.uuid4().hex[:6]}."
+    topics(broker, prefix)
+    tls = json.dumps({"security.protocol": "SSL", "ssl.ca.location": str(ca)})
+    config = config_for(tmp_path / "ok", source="kafka", brokers=broker.tls_bootstrap, topic_prefix=prefix,
+                        kafka_config=tls, buckets=2)
+    out = open_output(config, "t")
+    out.write("features", [feature(i, T0 + i) for i in range(30)])
+    out.write("actions", [action(i, T0 + i + 1) for i in range(0, 30, 3)])
+    out.close()
+    examples = []
+    run_main(build_flow(config, tap=TestingSink(examples)))
+    assert len({(e.request_id, e.item_id) for e in examples}) == 30
+    assert count(broker.bootstrap, prefix + "examples") == 30
+    # A CA that did not sign the broker's certificate; plaintext on the TLS listener.
+    _, other_ca = self_signed(tmp_path)
+    for kafka_config, why in ((json.dumps({"security.protocol": "SSL", "ssl.ca.location": str(other_ca)}),
+                               "certificate verify failed"),
+                              ("{}", "does its listener expect SASL or TLS")):
+        bad = config_for(tmp_path / "bad", source="kafka", brokers=broker.tls_bootstrap, topic_prefix=prefix,
+                         kafka_config=kafka_config, metrics_port="off")
+        r = subprocess.run([sys.executable, "-m", "bytewax.run", "flows.pipeline:flow"], cwd=tmp_path,
+                           env=config_env(bad), capture_output=True, text=True, timeout=180)
+        assert r.returncode != 0, r.stderr[-2000:]
+        assert "freshrec: configuration error: FRESHREC_KAFKA_CONFIG: the broker at" in r.stderr, r.stderr[-2000:]
+        assert why in r.stderr, r.stderr[-2000:]
+
+
 # --- settings, without a broker ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kafka_config, message", [
