@@ -110,29 +110,34 @@ def check_broker(brokers: str, settings: Mapping[str, str], timeout_s: float = 3
     admin = AdminClient({"bootstrap.servers": brokers, **settings, "error_cb": on_error, "logger": _QUIET})
     start = time.monotonic()
     deadline = start + timeout_s
-    while True:
-        if refused:
-            raise ConfigError(f"{VAR}: the broker at {brokers} refused the connection: {refused[0]} "
-                              "(check security.protocol and the sasl.* or ssl.* settings)")
-        try:
-            if admin.list_topics(timeout=1.0).brokers:
-                return True
-        except KafkaException as e:
-            last.append(str(e.args[0].str() if e.args else e))
-        now = time.monotonic()
-        if now - start > min(SILENT_S, timeout_s) and _accepts_tcp(brokers):
-            # A listener that takes the connection and then says nothing to us speaks another
-            # protocol: SASL or TLS expected where the client sends plaintext, or the reverse.
-            protocol = settings.get("security.protocol", "plaintext")
-            raise ConfigError(f"{VAR}: the broker at {brokers} accepts connections but answers no request made "
-                              f"with security.protocol={protocol} within {now - start:.0f} s: does its listener "
-                              "expect SASL or TLS (security.protocol sasl_plaintext, ssl or sasl_ssl)?")
-        if now > deadline:
-            if unreachable_ok:
-                return False
-            raise ConfigError(f"FRESHREC_BROKERS={brokers!r}: no broker answered within {timeout_s:.0f} s"
-                              + (f" ({last[-1]})" if last else ""))
-        admin.poll(0.1)  # serves error_cb: the AdminClient reports errors only when polled
+    try:
+        while True:
+            if refused:
+                raise ConfigError(f"{VAR}: the broker at {brokers} refused the connection: {refused[0]} "
+                                  "(check security.protocol and the sasl.* or ssl.* settings)")
+            try:
+                if admin.list_topics(timeout=1.0).brokers:
+                    return True
+            except KafkaException as e:
+                last.append(str(e.args[0].str() if e.args else e))
+            now = time.monotonic()
+            if now - start > min(SILENT_S, timeout_s) and _accepts_tcp(brokers):
+                # A listener that takes the connection and then says nothing to us speaks another
+                # protocol: SASL or TLS expected where the client sends plaintext, or the reverse.
+                protocol = settings.get("security.protocol", "plaintext")
+                raise ConfigError(f"{VAR}: the broker at {brokers} accepts connections but answers no request made "
+                                  f"with security.protocol={protocol} within {now - start:.0f} s: does its listener "
+                                  "expect SASL or TLS (security.protocol sasl_plaintext, ssl or sasl_ssl)?")
+            if now > deadline:
+                if unreachable_ok:
+                    return False
+                raise ConfigError(f"FRESHREC_BROKERS={brokers!r}: no broker answered within {timeout_s:.0f} s"
+                                  + (f" ({last[-1]})" if last else ""))
+            admin.poll(0.1)  # serves error_cb: the AdminClient reports errors only when polled
+    finally:
+        # A raised ConfigError's traceback keeps this frame: without this, its client would live on
+        # and keep dialling the broker.
+        admin = None  # noqa: F841
 
 
 SILENT_S = 10.0  # a listener that takes connections but answers nothing for this long speaks another protocol
