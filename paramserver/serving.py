@@ -772,6 +772,9 @@ class KafkaDeltaProducer:
             "linger.ms": 5,
             "compression.type": "lz4",
             "queue.buffering.max.messages": 2_000_000,
+            # No delivery timeout: librdkafka's default drops a record after 5 minutes of a broker
+            # outage, and a replica would miss it for good; the queue holds them meanwhile.
+            "message.timeout.ms": 0,
             "delivery.report.only.error": True,
             "on_delivery": self._on_delivery,
         }
