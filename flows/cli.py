@@ -293,6 +293,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port={args.port}: expected 0 to 65535")
     factory = _recommender_factory(args.recommender)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.replica and config.serve_processes > 1:
+        raise ConfigError(f"FRESHREC_SERVE_PROCESSES={config.serve_processes}: a replica serves from one process "
+                          "(it writes its own serving store)")
     if config.source == "kafka" or args.replica:
         # Refused credentials stop the start; a broker that is down does not (POST /actions: 503).
         check_broker(config.brokers, config.kafka_settings(), timeout_s=30.0 if args.replica else 5.0,
@@ -301,9 +304,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve_processes(factory, config, args.host, args.port, config.serve_processes,
                         on_ready=lambda url: print(f"serving on {url}", flush=True))
         return 0
-    if config.serve_processes > 1:
-        raise ConfigError(f"FRESHREC_SERVE_PROCESSES={config.serve_processes}: a replica serves from one process "
-                          "(it writes its own serving store)")
     # A replica: the server's own serving store, fed by param-deltas, read by its recommender.
     from paramserver.replica import ParamDeltaReplica
     from paramserver.serving import LmdbServingStore
