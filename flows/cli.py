@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from flows.config import Config, ConfigError, ensure_state_dir
+from flows.config import LMDB_CAP, Config, ConfigError, ensure_state_dir
 
 
 def _config_flags() -> argparse.ArgumentParser:
@@ -200,7 +200,8 @@ def cmd_train_batch(args: argparse.Namespace) -> int:
         raise ConfigError(f"FRESHREC_DATA_DIR: no examples under {config.stream_dir('examples')}; run the flow first")
     examples.sort(key=lambda e: e.label_ts)
     spec = FeatureSpec(config.user_slots, config.item_slots, config.dense_features, config.embedding_dim)
-    params = parameter_store(spec, config.state_dir / "params")
+    params = parameter_store(spec, config.state_dir / "params", checkpoint_max_bytes=config.lmdb_max_bytes,
+                             cap_name=LMDB_CAP)
     tags = params.tags()
     if tags:
         params.restore(tags[-1])
@@ -220,7 +221,8 @@ def cmd_train_batch(args: argparse.Namespace) -> int:
     params.set_dense(trainer.dense_state())
     tag = (tags[-1] if tags else 0) + 1
     params.checkpoint(tag)
-    store = LmdbServingStore(config.state_dir / "serving", writer=True)
+    store = LmdbServingStore(config.state_dir / "serving", writer=True, max_map_size=config.lmdb_max_bytes,
+                             cap_name=LMDB_CAP)
     rows = DeltaSync(params, ServingWriter(store)).sync(dense=True)
     store.close()
     print(f"trained {len(examples)} examples x {args.epochs} epochs; tables checkpointed as {tag}; "
@@ -236,7 +238,8 @@ def cmd_replica(args: argparse.Namespace) -> int:
     from paramserver.serving import LmdbServingStore
 
     config = _config(args)
-    store = LmdbServingStore(args.store, writer=True, name="replica")
+    store = LmdbServingStore(args.store, writer=True, name="replica", max_map_size=config.lmdb_max_bytes,
+                             cap_name=LMDB_CAP)
     stop = threading.Event()
     try:
         with ParamDeltaReplica(store, config.brokers, config.topic("param-deltas"),
@@ -301,7 +304,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from paramserver.serving import LmdbServingStore
 
     store_path = Path(args.store) if args.store else config.state_dir / "serving-replica"
-    store = LmdbServingStore(store_path, writer=True, name="replica")
+    store = LmdbServingStore(store_path, writer=True, name="replica", max_map_size=config.lmdb_max_bytes,
+                             cap_name=LMDB_CAP)
     stop = threading.Event()
     failed: list[BaseException] = []
     try:

@@ -14,6 +14,9 @@ import msgspec
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_TS = 4102444800.0  # 2100-01-01: anything later is a unit mistake (milliseconds)
+# JSON integers have no bound; the spill store's msgpack, Kafka's consumers (a Java long) and numpy
+# do. A larger position would be accepted and then stop the flow where it is first stored.
+MAX_POSITION = 2**63 - 1
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 # msgspec rejects NaN/Infinity tokens and numbers that overflow a float, so every decoded float is
@@ -36,7 +39,7 @@ class FeatureEvent(msgspec.Struct, omit_defaults=True, gc=False):
     user_id: Id
     item_id: Id
     ts: Ts
-    position: Optional[Annotated[int, msgspec.Meta(ge=0)]] = None
+    position: Optional[Annotated[int, msgspec.Meta(ge=0, le=MAX_POSITION)]] = None
     sparse: Sparse = {}
     dense: Dense = {}
     model_version: Optional[str] = None

@@ -27,7 +27,7 @@ from bytewax.outputs import Sink
 
 from flows.catalog import catalog_delta
 from flows.clock import BucketBatch, BucketClock, SourceBatch, route
-from flows.config import Config, ConfigError, ensure_state_dir
+from flows.config import LMDB_CAP, Config, ConfigError, ensure_state_dir
 from flows.events import DeadLetter, Example
 from flows.joiner import JoinBucket, JoinSettings, positive_rule
 from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher, reason_class
@@ -62,6 +62,7 @@ class JoinStepConfig:
     undo_keep: int
     settings: JoinSettings
     forward_impressions: bool = False
+    lmdb_max_bytes: Optional[int] = None
 
 
 class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
@@ -83,7 +84,8 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
     def _open(self, key: str) -> JoinBucket:
         # Bytewax tells a builder no key: the bucket opens its store when its first batch comes.
         self.bucket_key = key
-        store = LmdbSpillStore(self.cfg.state_dir / "join" / key, undo_keep=self.cfg.undo_keep)
+        store = LmdbSpillStore(self.cfg.state_dir / "join" / key, undo_keep=self.cfg.undo_keep,
+                               max_map_size=self.cfg.lmdb_max_bytes, cap_name=LMDB_CAP)
         bucket = JoinBucket(self.cfg.settings, store)
         bucket.resume(self.seq)  # 0: a fresh start, so nothing of an earlier run is kept
         bucket.advance(self.clock.watermark)
@@ -183,7 +185,7 @@ def train_step_config(config: Config) -> TrainStepConfig:
         deltas_brokers=config.brokers if config.source == "kafka" else None,
         deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()),
         train=config.train, user_recent=config.user_recent, undo_keep=config.undo_keep,
-        recovery_dir=bytewax_recovery_dir())
+        recovery_dir=bytewax_recovery_dir(), lmdb_max_bytes=config.lmdb_max_bytes)
 
 
 def bytewax_recovery_dir(argv: Optional[list[str]] = None, env: Optional[dict] = None) -> Optional[str]:
@@ -223,7 +225,8 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     join_in = op.merge("join_in", *(batches[s] for s in JOIN_STREAMS))
     keyed = op.flat_map("route", join_in, partial(route, buckets=config.buckets))
     step = JoinStepConfig(partitions, config.lateness_s, config.state_dir, config.undo_keep,
-                          join_settings(config), forward_impressions=config.train)
+                          join_settings(config), forward_impressions=config.train,
+                          lmdb_max_bytes=config.lmdb_max_bytes)
     joined = op.stateful_batch("join", keyed, lambda state: JoinLogic(step, state))
     outcomes = op.map("outcome", joined, lambda kv: kv[1])
     dead_or_not = op.branch("split_dead", outcomes, _is_dead)

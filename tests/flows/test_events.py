@@ -733,3 +733,12 @@ def test_wrong_types_in_random_fields_are_dead_lettered(stream, data):
     assert r.raw == raw.decode() and r.received_at == ARRIVAL
     assert field_named(r.reason) in fields, (r.reason, fields)
     assert parse_many(stream, [raw], ARRIVAL) == ([], [r])
+
+
+@pytest.mark.parametrize("position", [2**63, 2**64, 10**30, int("9" * 400)])
+def test_position_past_a_64_bit_integer_is_dead_lettered(position):
+    # The spill store's msgpack (and Kafka's Java consumers) cannot hold it: accepted, it stopped the flow.
+    raw = with_("features", position=position)
+    dead(parse("features", raw, ARRIVAL), "invalid field position:", "<= 9223372036854775807")
+    assert parse_many("features", [raw], ARRIVAL)[1][0].reason.startswith("invalid field position:")
+    assert accepted(parse("features", with_("features", position=2**63 - 1), ARRIVAL), "features").position == 2**63 - 1

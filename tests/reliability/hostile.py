@@ -113,7 +113,10 @@ class HostileGenerator:
 
     def huge_number(self, stream: str) -> tuple[bytes, str]:
         big = self.rng.choice(["9" * self.rng.randint(310, 2000), "1e400", "-1e999", "2e308"])
-        name, _ = self._field(stream, ("ts", "float", "dense"))
+        name, _ = self._field(stream, ("ts", "float", "dense", "position"))
+        if name == "position":
+            return _obj(self._set(self._base(stream), name, self.rng.choice(["9" * 400, str(2**63), str(10**30)]))), \
+                "invalid field position: Expected `int` <= 9223372036854775807"
         if name == "dense":
             return _obj(self._set(self._base(stream), "dense", f'{{"d": {big}}}')), \
                 "invalid field dense[...]: not a finite number"
@@ -208,7 +211,7 @@ def valid_events(n_features: int, n_items: int, t0: float, rng: random.Random) -
         if i % 101 == 0:
             f["sparse"]["tags"].append(f"long{i}-" + "é" * rng.randint(300, 20_000))
         if i % 103 == 0:
-            f["position"] = 10 ** 30
+            f["position"] = 2**63 - 1  # the largest accepted: msgpack, numpy and Kafka's Java take it
         if i % 107 == 0:
             f["extra"] = json.loads("[" * 400 + "]" * 400)
         features.append(f)
