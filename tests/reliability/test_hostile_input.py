@@ -167,6 +167,7 @@ def test_hostile_input_is_dead_lettered_with_its_reason_and_valid_input_is_all_p
         "valid": {s: len(injected[s].valid) for s in STREAMS},
         "dead_letters_by_kind": {f"{s}/{k}": n for (s, k), n in sorted(per_reason.items())},
         "by_kind": dict(sorted(sum((Counter({k: n}) for (_, k), n in per_reason.items()), Counter()).items())),
+        "by_reason": dict(sorted(Counter(d["reason"].split(":")[0].split(" (")[0] for d in dead).items())),
         "examples": len(examples),
     }
     print("\nHOSTILE-INPUT REPORT " + json.dumps(report))
