@@ -193,6 +193,11 @@ class Config:
                                              "and nothing of it is written. `off`: up to what the disk holds")
     serve_refresh_ms: float = _setting("FRESHREC_SERVE_REFRESH_MS", "100", _number(float, 1),
                                        "the model server brings its item vectors up to the serving store this often")
+    serve_read_timeout_s: float = _setting("FRESHREC_SERVE_READ_TIMEOUT_S", "30", _number(float, 0, 3600, lo_open=True),
+                                           "the model server closes a connection whose request headers have not "
+                                           "all come within this long (an idle keep-alive connection too), and "
+                                           "answers 408 to a request body not all read within it: slow clients "
+                                           "cannot hold its connections")
     serve_delivery_timeout_ms: int = _setting("FRESHREC_SERVE_DELIVERY_TIMEOUT_MS", "5000", _number(int, 100, 600_000),
                                               "the model server answers 503 when Kafka has not acknowledged a "
                                               "write within this long")
