@@ -44,7 +44,18 @@ class Injected:
     """What went into one stream: hostile messages by their first 64 KiB, and valid events."""
 
     hostile: dict[bytes, tuple[str, str]] = field(default_factory=dict)  # raw[:64 KiB] -> (kind, reason prefix)
+    copies: dict[bytes, int] = field(default_factory=dict)  # raw[:64 KiB] -> how many were sent (1 but framing)
     valid: list[dict] = field(default_factory=list)
+
+    def add(self, msg: bytes, kind: str, reason: str) -> None:
+        key = msg[:MAX_MESSAGE_BYTES]
+        assert self.hostile.get(key, (kind, reason)) == (kind, reason), key[:100]
+        self.hostile[key] = (kind, reason)
+        self.copies[key] = self.copies.get(key, 0) + 1
+
+
+KAFKA_FRAMING = [  # values a Kafka message may have and a file line may not: all "not JSON"
+    b"", b" ", b"\n", b"\r\n", b"\t \n ", b'{"request_id": "r",\n', b"\n{\n", b"\n]"]
 
 
 def _obj(pairs: list[tuple[str, str]]) -> bytes:

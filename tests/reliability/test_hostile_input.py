@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from flows.events import MAX_MESSAGE_BYTES
 from flows.sources import FileStreamSource
 from paramserver.records import decode_item, item_key
 from paramserver.serving import LmdbServingStore
-from tests.reliability.hostile import DAY, HostileGenerator, Injected, expected_label, valid_events
+from tests.reliability.hostile import DAY, KAFKA_FRAMING, HostileGenerator, Injected, expected_label, valid_events
 
 ROOT = Path(__file__).resolve().parents[2]
 STREAMS = ("features", "actions", "items")
@@ -34,12 +35,13 @@ VALID_FEATURES, VALID_ITEMS = 20_000, 3_000
 SEED = 8
 
 
-def build_input(data: Path, now: float) -> dict[str, Injected]:
-    """One file per stream: its valid events in ts order, hostile messages at random places among them."""
+def build_input(now: float, kafka: bool = False) -> tuple[dict[str, Injected], dict[str, list[bytes]]]:
+    """Per stream: its valid events in ts order, hostile messages at random places among them
+    (on Kafka, also values no file line can be: empty, whitespace, newlines)."""
     rng = random.Random(SEED)
     gen = HostileGenerator(SEED, now, past=now - 3 * DAY)
     valid = valid_events(VALID_FEATURES, VALID_ITEMS, now - 3 * DAY, rng)
-    injected = {}
+    injected, messages = {}, {}
     for stream in STREAMS:
         inj = injected[stream] = Injected(valid=valid[stream])
         lines = [msgspec.json.encode(e) for e in valid[stream]]
@@ -47,8 +49,13 @@ def build_input(data: Path, now: float) -> dict[str, Injected]:
         for _ in range(HOSTILE[stream]):
             msg, kind, reason = gen.message(stream)
             assert msg[:MAX_MESSAGE_BYTES] not in inj.hostile
-            inj.hostile[msg[:MAX_MESSAGE_BYTES]] = (kind, reason)
+            inj.add(msg, kind, reason)
             hostile.append(msg)
+        if kafka:
+            for i in range(300):
+                msg = KAFKA_FRAMING[i % len(KAFKA_FRAMING)]
+                inj.add(msg, "kafka_framing", "not JSON")
+                hostile.insert(rng.randrange(len(hostile) + 1), msg)
         # Hostile messages go between valid ones; the valid ones keep their order.
         slots = sorted(rng.randrange(len(lines) + 1) for _ in hostile)
         out: list[bytes] = []
@@ -58,9 +65,8 @@ def build_input(data: Path, now: float) -> dict[str, Injected]:
             v = max(v, slot)
             out.append(msg)
         out += lines[v:]
-        (data / stream).mkdir(parents=True)
-        (data / stream / "input.jsonl").write_bytes(b"\n".join(out) + b"\n")
-    return injected
+        messages[stream] = out
+    return injected, messages
 
 
 def flow_env(base: Path) -> dict[str, str]:
@@ -90,42 +96,38 @@ def raw_of(dead: dict) -> bytes:
     return dead["raw"].encode() if dead["raw"] is not None else base64.b64decode(dead["raw_b64"])
 
 
-@pytest.mark.slow
-def test_hostile_input_is_dead_lettered_with_its_reason_and_valid_input_is_all_processed(tmp_path):
-    t_start = time.monotonic()
-    now = time.time()
-    injected = build_input(tmp_path / "data", now)
-    env = flow_env(tmp_path)
-    t_flow = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "bytewax.run", "flows.pipeline:flow"], env=env, cwd=tmp_path,
+def run_flow(env: dict[str, str], cwd: Path) -> float:
+    """Runs the flow to its end; returns its time. The flow never dies: it ends by itself, exit 0."""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bytewax.run", "flows.pipeline:flow"], env=env, cwd=cwd,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=1500)
-    flow_s = time.monotonic() - t_flow
-    # The flow never dies: it ends by itself at the end of its input.
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    return time.monotonic() - t0
 
+
+def check(injected: dict[str, Injected], dead: list[dict], examples: list[dict], state: Path) -> dict:
+    """The verdicts shared by the files and Kafka runs; returns the counts for the report."""
     # Every hostile message is in the dead-letter stream once, with its reason; nothing else is.
-    dead = read_jsonl(tmp_path / "data" / "dead-letter")
-    per_reason: Counter = Counter()
+    per_kind: Counter = Counter()
     unmatched = []
-    left = {s: dict(injected[s].hostile) for s in STREAMS}
+    left = {s: Counter(injected[s].copies) for s in STREAMS}
     for d in dead:
         raw = raw_of(d)
-        found = left[d["stream"]].pop(raw, None)
-        if found is None:
+        if left[d["stream"]][raw] <= 0:
             unmatched.append((d["stream"], d["reason"], raw[:120]))
             continue
-        kind, reason = found
+        left[d["stream"]][raw] -= 1
+        kind, reason = injected[d["stream"]].hostile[raw]
         assert d["reason"].startswith(reason), (kind, reason, d["reason"], raw[:200])
         assert d["truncated"] == (kind == "oversize")
-        per_reason[(d["stream"], kind)] += 1
-    assert unmatched == []
-    assert {s: len(v) for s, v in left.items()} == {s: 0 for s in STREAMS}
-    assert len(dead) == sum(HOSTILE.values())
+        per_kind[(d["stream"], kind)] += 1
+    assert unmatched == [], (len(unmatched), unmatched[:5])
+    assert {s: sum(c.values()) for s, c in left.items()} == {s: 0 for s in STREAMS}
+    assert len(dead) == sum(sum(injected[s].copies.values()) for s in STREAMS)
 
     # Every valid feature event has its one example, labelled by its action: positives and explicit
     # negatives decided at their action, neutral ones expired at the end. A watermark dragged
     # forward by a future ts would have expired impressions before their likes were read.
-    examples = read_jsonl(tmp_path / "data" / "examples")
     got = Counter((e["request_id"], e["item_id"], e["label"]) for e in examples)
     want = Counter((f["request_id"], f["item_id"], expected_label(i))
                    for i, f in enumerate(injected["features"].valid))
@@ -137,13 +139,34 @@ def test_hostile_input_is_dead_lettered_with_its_reason_and_valid_input_is_all_p
         assert [a["action"] for a in e["actions"]] == [("like", "click", "skip", "watch")[i % 4]]
 
     # Every valid item is in the catalog (the serving store), described by its item event.
-    with LmdbServingStore(tmp_path / "state" / "serving") as store:
+    with LmdbServingStore(state / "serving") as store:
         items = injected["items"].valid
         raws = store.get([item_key(it["item_id"]) for it in items])
         for it, raw in zip(items, raws, strict=True):
             assert raw is not None, it["item_id"]
             entry = decode_item(raw)
             assert (entry["item_id"], entry["source"], entry["sparse"]) == (it["item_id"], "items", it["sparse"])
+    return {
+        "dead_letters": len(dead),
+        "valid": {s: len(injected[s].valid) for s in STREAMS},
+        "by_kind": dict(sorted(sum((Counter({k: n}) for (_, k), n in per_kind.items()), Counter()).items())),
+        "by_stream_and_kind": {f"{s}/{k}": n for (s, k), n in sorted(per_kind.items())},
+        "by_reason": dict(sorted(Counter(d["reason"].split(":")[0].split(" (")[0] for d in dead).items())),
+        "examples": len(examples),
+    }
+
+
+@pytest.mark.slow
+def test_hostile_input_from_files_is_dead_lettered_with_its_reason_and_valid_input_is_all_processed(tmp_path):
+    t_start = time.monotonic()
+    now = time.time()
+    injected, messages = build_input(now)
+    for stream, lines in messages.items():
+        (tmp_path / "data" / stream).mkdir(parents=True)
+        (tmp_path / "data" / stream / "input.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    flow_s = run_flow(flow_env(tmp_path), tmp_path)
+    report = check(injected, read_jsonl(tmp_path / "data" / "dead-letter"),
+                   read_jsonl(tmp_path / "data" / "examples"), tmp_path / "state")
 
     # The sources' clock: each partition's progress is the largest valid ts it read, never a
     # hostile message's.
@@ -160,14 +183,53 @@ def test_hostile_input_is_dead_lettered_with_its_reason_and_valid_input_is_all_p
                 pass
             progress.append(part.clock.progress)
         assert max(progress) == newest < now
+    report.update(flow_s=round(flow_s, 1), test_s=round(time.monotonic() - t_start, 1))
+    print("\nHOSTILE-INPUT files " + json.dumps(report))
 
-    total_s = time.monotonic() - t_start
-    report = {
-        "flow_s": round(flow_s, 1), "test_s": round(total_s, 1), "hostile": sum(HOSTILE.values()),
-        "valid": {s: len(injected[s].valid) for s in STREAMS},
-        "dead_letters_by_kind": {f"{s}/{k}": n for (s, k), n in sorted(per_reason.items())},
-        "by_kind": dict(sorted(sum((Counter({k: n}) for (_, k), n in per_reason.items()), Counter()).items())),
-        "by_reason": dict(sorted(Counter(d["reason"].split(":")[0].split(" (")[0] for d in dead).items())),
-        "examples": len(examples),
-    }
-    print("\nHOSTILE-INPUT REPORT " + json.dumps(report))
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_hostile_input_from_kafka_is_dead_lettered_with_its_reason_and_valid_input_is_all_processed(
+        tmp_path, kafka_bootstrap):
+    from flows.kafka_local import create_topics
+    from tests.flows.test_kafka_flow import consume_all
+
+    t_start = time.monotonic()
+    now = time.time()
+    injected, messages = build_input(now, kafka=True)
+    prefix = f"h{uuid.uuid4().hex[:8]}."
+    create_topics(kafka_bootstrap, {prefix + s: 2 for s in (*STREAMS, "examples", "dead-letter", "param-deltas")},
+                  compacted=[prefix + "param-deltas"])
+    produce(kafka_bootstrap, prefix, messages)
+    env = flow_env(tmp_path)
+    env.update(FRESHREC_SOURCE="kafka", FRESHREC_BROKERS=kafka_bootstrap, FRESHREC_TOPIC_PREFIX=prefix)
+    flow_s = run_flow(env, tmp_path)
+    dead = [json.loads(m.value()) for m in consume_all(kafka_bootstrap, prefix + "dead-letter")]
+    examples = [json.loads(m.value()) for m in consume_all(kafka_bootstrap, prefix + "examples")]
+    report = check(injected, dead, examples, tmp_path / "state")
+    report.update(flow_s=round(flow_s, 1), test_s=round(time.monotonic() - t_start, 1))
+    print("\nHOSTILE-INPUT kafka " + json.dumps(report))
+
+
+def produce(bootstrap: str, prefix: str, messages: dict[str, list[bytes]]) -> None:
+    """Each stream's messages in order, keyed as the contract keys them (valid ones) or not at all;
+    a message of the same key stays in order on its partition."""
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 4 << 20, "linger.ms": 20,
+                  "enable.idempotence": True})  # no retry may write a message twice
+    for stream, lines in messages.items():
+        field = "item_id" if stream == "items" else "request_id"
+        for line in lines:
+            try:
+                key = msgspec.json.decode(line)[field].encode()
+            except Exception:  # a hostile message has no key: Kafka takes it all the same
+                key = None
+            while True:
+                try:
+                    p.produce(prefix + stream, line, key)
+                    break
+                except BufferError:  # the local queue is full: let it drain
+                    p.poll(0.5)
+            p.poll(0)
+    assert p.flush(120) == 0
