@@ -360,12 +360,14 @@ class ItemIndex:
 
         ids, pos, entries, live = snap.ids, snap.pos, snap.entries, snap.live
         removed: list[int] = []
+        changed_ids: set[str] = set()  # the ids of changed_items (a key may hold a digest)
         if changed_items:
             ids, pos, entries = list(ids), dict(pos), list(entries)
             order = sorted(changed_items)
             for key_id, raw in zip(order, self.store.get([ITEM_PREFIX + i.encode() for i in order]), strict=True):
                 e = _parse_entry(key_id, raw, spec) if raw is not None else None
                 item_id = e.item_id if e is not None else self._long_ids.get(key_id, key_id)
+                changed_ids.add(item_id)
                 at = pos.get(item_id)
                 if at is not None:
                     self._unhold(entries[at])
@@ -386,6 +388,10 @@ class ItemIndex:
                     pos[item_id] = at
                 ids[at], entries[at] = item_id, e
                 touched.add(item_id)
+        if any(i.startswith(LONG_ID_MARK) for i in touched):
+            # Digests of ids too long for a key, met before the entry that names them: the ids now.
+            touched = {self._long_ids.get(i, i) for i in touched}
+            touched = {i for i in touched if i in pos}
         cap = len(ids)
         # Copies of what changes, never writes into arrays a reader may hold; with only rows
         # changed, the catalog's own arrays (live, dense features, counts, cold scores) are shared.
@@ -399,7 +405,7 @@ class ItemIndex:
         if len(where):
             emb[where], bias[where] = self._pool([entries[p] for p in where])
         if changed_items:
-            at = np.fromiter((pos[i] for i in sorted(changed_items & pos.keys())), np.int64)
+            at = np.fromiter((pos[i] for i in sorted(changed_ids & pos.keys())), np.int64)
             got = [entries[p] for p in at]
             live[at] = True
             raw_dense[at] = self._raw_dense(got)
