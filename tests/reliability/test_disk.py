@@ -177,7 +177,8 @@ def run_flow(env: dict, *args: str, timeout: float = 900) -> subprocess.Complete
 
 @pytest.mark.slow
 @pytest.mark.parametrize("train, buckets, cap, fills", [("0", "1", 4 << 20, "join spill store"),
-                                                        ("1", "4", 1 << 20, "serving store")])
+                                                        ("1", "4", 1 << 20, "serving store")],
+                         ids=["spill", "serving"])
 def test_the_flow_stops_at_a_full_store_and_a_restart_with_room_resumes_without_loss(tmp_path, train, buckets,
                                                                                     cap, fills):
     # Without training, all the join state in one bucket is the largest store; with training, the
