@@ -151,6 +151,8 @@ def _reason(raw: bytes, err: Exception) -> str:
     bad_utf8 = _utf8_error(raw)
     if bad_utf8:
         return bad_utf8
+    if not raw.strip():
+        return "not JSON: empty (whitespace only)" if raw else "not JSON: empty"
     if isinstance(err, UnicodeDecodeError):
         return f"not UTF-8: invalid byte at offset {err.start}"
     if isinstance(err, RecursionError):

@@ -54,6 +54,8 @@ class Injected:
         self.copies[key] = self.copies.get(key, 0) + 1
 
 
+# Lines of whitespace only: empty messages, not JSON (an empty line, or "\r" of CRLF, is framing).
+FILE_BLANKS = [b" ", b"\t", b"  \t ", b"\x0b", b"\x0c", b" \r"]
 KAFKA_FRAMING = [  # values a Kafka message may have and a file line may not: all "not JSON"
     b"", b" ", b"\n", b"\r\n", b"\t \n ", b'{"request_id": "r",\n', b"\n{\n", b"\n]"]
 

@@ -26,7 +26,15 @@ from flows.events import MAX_MESSAGE_BYTES
 from flows.sources import FileStreamSource
 from paramserver.records import decode_item, item_key
 from paramserver.serving import LmdbServingStore
-from tests.reliability.hostile import DAY, KAFKA_FRAMING, HostileGenerator, Injected, expected_label, valid_events
+from tests.reliability.hostile import (
+    DAY,
+    FILE_BLANKS,
+    KAFKA_FRAMING,
+    HostileGenerator,
+    Injected,
+    expected_label,
+    valid_events,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 STREAMS = ("features", "actions", "items")
@@ -36,8 +44,8 @@ SEED = 8
 
 
 def build_input(now: float, kafka: bool = False) -> tuple[dict[str, Injected], dict[str, list[bytes]]]:
-    """Per stream: its valid events in ts order, hostile messages at random places among them
-    (on Kafka, also values no file line can be: empty, whitespace, newlines)."""
+    """Per stream: its valid events in ts order, hostile messages at random places among them, and
+    300 lines of whitespace only (on Kafka, values no file line can be: empty, newlines)."""
     rng = random.Random(SEED)
     gen = HostileGenerator(SEED, now, past=now - 3 * DAY)
     valid = valid_events(VALID_FEATURES, VALID_ITEMS, now - 3 * DAY, rng)
@@ -51,11 +59,11 @@ def build_input(now: float, kafka: bool = False) -> tuple[dict[str, Injected], d
             assert msg[:MAX_MESSAGE_BYTES] not in inj.hostile
             inj.add(msg, kind, reason)
             hostile.append(msg)
-        if kafka:
-            for i in range(300):
-                msg = KAFKA_FRAMING[i % len(KAFKA_FRAMING)]
-                inj.add(msg, "kafka_framing", "not JSON")
-                hostile.insert(rng.randrange(len(hostile) + 1), msg)
+        framing = KAFKA_FRAMING if kafka else FILE_BLANKS
+        for i in range(300):
+            msg = framing[i % len(framing)]
+            inj.add(msg, "kafka_framing" if kafka else "whitespace_only", "not JSON")
+            hostile.insert(rng.randrange(len(hostile) + 1), msg)
         # Hostile messages go between valid ones; the valid ones keep their order.
         slots = sorted(rng.randrange(len(lines) + 1) for _ in hostile)
         out: list[bytes] = []
