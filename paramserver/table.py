@@ -213,10 +213,12 @@ class _RowTable:
         if n == 0:
             return
         self.counts["pushes"] += n
-        if self._cache_ids is not None and ids == self._cache_ids:
+        cached, self._cache_ids = self._cache_ids, None  # one push per pull: keep no caller's ids alive
+        if cached is not None and ids == cached:
             rows = self._cache_rows
         else:
             rows = self._rows_for_push(ids)
+        del cached
         # Sorted, so that ids without a row (0 and -1) come first and repeats sit together.
         order = rows.argsort(kind="stable")
         srt = rows.take(order)
