@@ -64,7 +64,7 @@ def test_a_full_schemathesis_run_finds_no_5xx_and_no_other_issue(tmp_path):
             [SCHEMATHESIS, "run", s.url + "/openapi.json", "--checks", "all", "--mode", "all",
              "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "100", "--seed", "8",
              "--workers", "1", "--report", "junit", "--report-junit-path", str(tmp_path / "junit.xml")],
-            capture_output=True, text=True, timeout=1200)
+            capture_output=True, text=True, timeout=1200, cwd=tmp_path)  # its cache goes to tmp_path
         statuses = {k: v for k, v in _requests_by_status(s.server).items()}
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
     assert "No issues found" in run.stdout
