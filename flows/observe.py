@@ -1,11 +1,11 @@
 """Each flow process serves its own Prometheus metrics and the dataflow's graph on 127.0.0.1.
 
 `FRESHREC_METRICS_PORT` plus the process's Bytewax process id (`-i`): one port per process, so a
-cluster's processes on one host never collide and the dashboard merges them. The server is a
-daemon thread of the standard library's HTTP server; it costs nothing between scrapes. Each scrape
-renders the registry afresh (about 1 ms, `dashboard.scrape_ms`): a body cached for a scrape
-interval would hand a faster scraper the same counters twice, and its rates would read 0 then
-double.
+cluster's processes on one host never collide and the dashboard merges them. The server's
+threads wait in `accept` and `recv` and run nothing between scrapes (see `MetricsServer` for what a
+scrape costs the flow, and why). Each scrape renders the registry afresh (about 1 ms of CPU,
+`dashboard.scrape_ms`): a body cached for a scrape interval would hand a faster scraper the same
+counters twice, and its rates would read 0 then double.
 
 - `GET /metrics`: Prometheus text format (every collector in this process).
 - `GET /graph`: the dataflow's graph from `bytewax.visualize`, as JSON nodes and edges, plus
@@ -206,7 +206,8 @@ class MetricsServer:
         self.info = {"process": process, "pid": os.getpid(), "started": time.time()}
         use_process_figures()
         self._sock = socket.create_server((host, port), backlog=MAX_CONNECTIONS)
-        self.port = self._sock.getsockname()[1]
+        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+        self.port = self.address[1]
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._closed = False
