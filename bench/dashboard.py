@@ -5,7 +5,10 @@ The flow runs in this process (`run_main`, files in, examples out, no trainer st
 generated sample each time, from empty state. "On": the flow process's metrics server (the same
 `MetricsServer` `FRESHREC_METRICS_PORT` starts, with the graph) and one `freshrec dashboard` child
 process, as its defaults run it (`--nice 10`, every second), past a scrape of this run's server
-before the clock starts. "Off": no metrics server, and the dashboard process stopped (SIGSTOP: it
+before the clock starts. The dashboard runs in a session of its own, as a service or a command in
+another terminal does: with Linux's autogroup a child in this session would share the flow's
+session's CPU share, out of which every millisecond it takes comes whatever its nice value (a nice
+value weighs only within a session); `dashboard.cpu_share` is what that costs where it happens. "Off": no metrics server, and the dashboard process stopped (SIGSTOP: it
 runs nothing, scrapes nothing; it is continued for the next "on" run, so its start-up, once,
 before the first run, is not polling). The metric updates themselves run in both (the flow has no
 switch for them; they are a few hundred calls per run, once per batch): this measures serving and
@@ -113,7 +116,8 @@ def dashboard_overhead(quick: bool) -> Iterator[Figure]:
         run.mkdir()
         dash = subprocess.Popen([sys.executable, "-m", "flows.cli", "dashboard", "--port", "0",
                                  "--targets", f"http://127.0.0.1:{port}/metrics", "--state-dir", str(run / "state")],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
         line = dash.stdout.readline()
         if not line.startswith("dashboard on"):
             raise RuntimeError("freshrec dashboard did not start")

@@ -6,9 +6,12 @@ import asyncio
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession, web
@@ -21,6 +24,8 @@ from flows.lag import LagMonitor
 from flows.metrics import MAX_REASONS, reason_class
 from flows.observe import MetricsServer, ProcessFigures, graph_of, process_id, use_process_figures, workers_per_process
 from flows.pipeline import build_flow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_process_id_comes_from_bytewax_flags_then_its_variables():
@@ -305,3 +310,15 @@ def test_the_dashboard_shows_the_model_servers_rate_latency_index_and_version():
         assert point["serve/index_items"] == 600 and point["serve/params_version"] == 9
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no Linux autogroup here")
+def test_a_niced_dashboard_leading_its_session_lowers_its_autogroup_and_no_other():
+    code = ("import os, sys; from flows.cli import lower_own_autogroup; "
+            "print(lower_own_autogroup(7)); print(open('/proc/self/autogroup').read().split()[-1])")
+    own = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         start_new_session=True, cwd=ROOT)
+    assert own.stdout.split() == ["True", "7"], own.stderr
+    ours = open("/proc/self/autogroup").read().split()[-1]
+    shared = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert shared.stdout.split() == ["False", ours], shared.stderr  # the session it shares: left alone
