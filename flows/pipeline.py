@@ -149,8 +149,8 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             w, child = self.publisher.worker, self.publisher.child
             child(WAITING, w, self.bucket_key, "memory").set(memory)
             child(WAITING, w, self.bucket_key, "disk").set(disk)
-            child(WATERMARK_LAG, w, self.bucket_key).set(max(0.0, time.time() - self.clock.watermark)
-                                                         if self.clock.watermark > 0 else 0.0)
+            lag = max(0.0, time.time() - self.clock.watermark) if self.clock.watermark > 0 else 0.0
+            child(WATERMARK_LAG, w, self.bucket_key).set(lag)
         return {"seq": self.seq, "clock": self.clock.state()}
 
 
