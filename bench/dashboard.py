@@ -139,10 +139,11 @@ def dashboard_overhead(quick: bool) -> Iterator[Figure]:
                     since = time.time()
                     dash.send_signal(signal.SIGCONT)
                     _scraped_since(dash_url, since)
-                    # The run starts at a random point between two scrapes: a run of T seconds
-                    # then sees T scrapes on average, not T rounded down.
-                    time.sleep(phase.random())
-                    cpu0 = _cpu_s(dash.pid)
+                # An "on" run starts at a random point between two scrapes (a run of T seconds then
+                # sees T scrapes on average, not T rounded down); an "off" run waits as long, so
+                # neither kind gets the machine after a pause the other does not.
+                time.sleep(phase.random())
+                cpu0 = _cpu_s(dash.pid)
                 t0 = time.perf_counter()
                 run_main(flow, epoch_interval=EPOCH)
                 elapsed = time.perf_counter() - t0
