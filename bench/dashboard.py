@@ -19,6 +19,8 @@ just before and after it, so a machine that slows down or speeds up steadily hit
 the figure is the median of those ratios, with their quartiles and their number beside it. On a
 loaded machine one ratio can be off by 10 % either way: read the quartiles before the median.
 Before the measured runs, one of each warms up imports, LMDB and the dashboard's first scrapes.
+Each run starts after a random pause of up to a second: for an "on" run, a random point between
+two scrapes.
 
 Also reported: `dashboard.scrape_ms`, one `generate_latest` of the flow's registry after the runs
 (the flow process's own CPU per scrape, holding the GIL), and `dashboard.cpu_share`, the dashboard
