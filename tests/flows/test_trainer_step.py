@@ -11,8 +11,7 @@ from collections import Counter
 import pytest
 
 from flows.sample import write_sample
-from tests.flows.test_recovery import (by_key, bytewax_run, flow_env, lines_written, read_stream,
-                                      run_with_kills)
+from tests.flows.test_recovery import by_key, bytewax_run, flow_env, lines_written, read_stream, run_with_kills
 
 pytestmark = pytest.mark.slow
 
