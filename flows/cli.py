@@ -342,6 +342,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def lower_own_autogroup(nice: int) -> bool:
+    """Linux's autogroup (on by default on many distributions) shares CPU between sessions first,
+    and a nice value weighs only within its session: a dashboard in a session of its own (a
+    service, `setsid`, a launcher) competes with the flow's session as an equal whatever its nice
+    value. When this process leads its session, give the session's autogroup the nice value too.
+    In a terminal the shell leads the session: left alone (the value would reach the shell and all
+    it runs). True when set."""
+    if os.getsid(0) != os.getpid():
+        return False
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        return False  # no autogroup here (or not allowed): os.nice alone is what there is
+    return True
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """The live dashboard: scrapes the flow's processes and the model server, serves one page."""
     import asyncio
@@ -360,6 +377,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             os.nice(args.nice)
         except OSError as e:
             print(f"freshrec dashboard: --nice {args.nice}: {e.strerror}; running at normal priority", file=sys.stderr)
+        lower_own_autogroup(args.nice)
     try:
         asyncio.run(serve(scraper, args.host, args.port, config.api_token))
     except OSError as e:

@@ -14,6 +14,7 @@ import operator
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -31,7 +32,16 @@ from flows.config import LMDB_CAP, Config, ConfigError, ensure_state_dir
 from flows.events import DeadLetter, Example
 from flows.joiner import JoinBucket, JoinSettings, positive_rule
 from flows.kafka_client import check_broker
-from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher, reason_class
+from flows.metrics import (
+    DEAD_LETTERS,
+    EVENTS_BEHIND,
+    EVENTS_READ,
+    WAITING,
+    WATERMARK_LAG,
+    Children,
+    JoinPublisher,
+    reason_class,
+)
 from flows.observe import serve_metrics, worker_label
 from flows.sinks import make_sink
 from flows.sources import make_source, partition_names
@@ -119,7 +129,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             bucket.flush(self.seq + 1)
             bucket.evict(int(self.cfg.settings.cache_size * EVICT_TO))
         if behind:
-            EVENTS_BEHIND.labels(self.publisher.worker).inc(behind)
+            self.publisher.child(EVENTS_BEHIND, self.publisher.worker).inc(behind)
         self.publisher.publish(bucket.counts)
         return out, False
 
@@ -139,22 +149,28 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             self.seq += 1
             self.bucket.flush(self.seq)
             memory, disk = self.bucket.waiting()
-            w = self.publisher.worker
-            WAITING.labels(w, self.bucket_key, "memory").set(memory)
-            WAITING.labels(w, self.bucket_key, "disk").set(disk)
-            WATERMARK_LAG.labels(w, self.bucket_key).set(max(0.0, time.time() - self.clock.watermark)
-                                                         if self.clock.watermark > 0 else 0.0)
+            w, child = self.publisher.worker, self.publisher.child
+            child(WAITING, w, self.bucket_key, "memory").set(memory)
+            child(WAITING, w, self.bucket_key, "disk").set(disk)
+            lag = max(0.0, time.time() - self.clock.watermark) if self.clock.watermark > 0 else 0.0
+            child(WATERMARK_LAG, w, self.bucket_key).set(lag)
         return {"seq": self.seq, "clock": self.clock.state()}
 
 
-def _dead_letters(batch: SourceBatch) -> list:
-    # Every batch passes here once: count it by stream.
-    if batch.events:
-        EVENTS_READ.labels(batch.stream).inc(len(batch.events))
-    if batch.dead:
-        for d in batch.dead:
-            DEAD_LETTERS.labels(batch.stream, reason_class(d.reason)).inc()
-    return batch.dead
+class DeadLetterStep:
+    """Every source batch passes here once: its events are counted by stream, its dead letters by
+    stream and kind of reason (one `inc` per kind in the batch), and the dead letters go on."""
+
+    def __init__(self) -> None:
+        self.child = Children()
+
+    def __call__(self, batch: SourceBatch) -> list:
+        if batch.events:
+            self.child(EVENTS_READ, batch.stream).inc(len(batch.events))
+        if batch.dead:
+            for reason, n in Counter(reason_class(d.reason) for d in batch.dead).items():
+                self.child(DEAD_LETTERS, batch.stream, reason).inc(n)
+        return batch.dead
 
 
 def _is_example(x: Any) -> bool:
@@ -224,7 +240,7 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     batches = {s: op.input(f"in_{s}", flow, src) for s, src in made.items()}
 
     everything = op.merge("all_batches", *batches.values())
-    dead_in = op.flat_map("dead_letters", everything, _dead_letters)
+    dead_in = op.flat_map("dead_letters", everything, DeadLetterStep())
 
     partitions = tuple(p for s in JOIN_STREAMS for p in partition_names(s, config, made[s]))
     join_in = op.merge("join_in", *(batches[s] for s in JOIN_STREAMS))

@@ -197,17 +197,18 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             step = trainer.train(batch, now, arrival_scores=arrival)
             logged = sum(1 for e in batch if e.score is not None)
             on_arrival = int(np.count_nonzero(~np.isnan(arrival))) - logged
-            PV_SCORES.labels(self.worker, "logged").inc(logged)
-            PV_SCORES.labels(self.worker, "on_arrival").inc(max(0, on_arrival))
-            PV_SCORES.labels(self.worker, "at_training").inc(len(batch) - logged - max(0, on_arrival))
+            child, w = self.catalog_metrics.child, self.worker
+            child(PV_SCORES, w, "logged").inc(logged)
+            child(PV_SCORES, w, "on_arrival").inc(max(0, on_arrival))
+            child(PV_SCORES, w, "at_training").inc(len(batch) - logged - max(0, on_arrival))
             keys.write(self.seq + 1, batch)
             auc = trainer.validation.auc()
-            TRAIN_EXAMPLES.labels(self.worker).inc(step.size)
-            TRAIN_STEPS.labels(self.worker).inc()
-            TRAIN_LOSS.labels(self.worker).set(step.loss)
+            child(TRAIN_EXAMPLES, w).inc(step.size)
+            child(TRAIN_STEPS, w).inc()
+            child(TRAIN_LOSS, w).set(step.loss)
             if auc == auc:
-                TRAIN_AUC.labels(self.worker).set(auc)
-            TRAIN_LOGLOSS.labels(self.worker).set(trainer.validation.log_loss())
+                child(TRAIN_AUC, w).set(auc)
+            child(TRAIN_LOGLOSS, w).set(trainer.validation.log_loss())
             out.append(StepReport(step.size, step.loss, auc))
         self.first_at = now if self.buffer else None
         if now - self.last_dense >= self.cfg.dense_interval_s:
