@@ -10,7 +10,6 @@ actions in the serving store (and trains, unless FRESHREC_TRAIN=0).
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import sys
 import time
@@ -38,7 +37,6 @@ from flows.spill import LmdbSpillStore
 from flows.trainer_step import TrainerLogic, TrainStepConfig
 
 log = logging.getLogger("freshrec.flow")
-_ts = operator.attrgetter("ts")
 
 JOIN_STREAMS = ("features", "actions")
 FREE_RUN_TICK_S = 1.0  # how often a bucket wakes itself while its watermark follows the wall clock
@@ -94,12 +92,10 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         self.bucket = bucket
         now = time.time()
         out: list[Any] = []
-        behind = 0
         for b in values:
             if b.events:
-                wm = self.clock.watermark
-                if min(map(_ts, b.events)) < wm:  # rare: count them only then
-                    behind += sum(1 for e in b.events if e.ts < wm)
+                # The bucket's watermark is the clock's (advanced after every batch): it counts the
+                # events behind it in its own loop, so this step touches no event.
                 if b.partition.startswith("features"):
                     out += bucket.on_features(b.events, b.keys)
                     if self.cfg.forward_impressions:
@@ -115,8 +111,9 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         if bucket.over_capacity():
             bucket.flush(self.seq + 1)
             bucket.evict(int(self.cfg.settings.cache_size * EVICT_TO))
-        if behind:
-            EVENTS_BEHIND.labels(self.publisher.worker).inc(behind)
+        if bucket.behind:
+            EVENTS_BEHIND.labels(self.publisher.worker).inc(bucket.behind)
+            bucket.behind = 0
         self.publisher.publish(bucket.counts)
         return out, False
 
