@@ -16,6 +16,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import cython
@@ -35,6 +36,20 @@ from flows.spill import SpillStore
 
 Key = str  # request_id + "\x00" + item_id
 COMPILED: bool = cython.compiled
+_BUILT_FROM: Optional[str] = None  # when compiled: the sha256 of the source it was compiled from (setup.py)
+
+
+def _check_built_from_source() -> None:
+    """A compiled module built from another version of this file must not run in its place."""
+    source = Path(__file__).with_name("joiner.py")
+    if source.exists() and hashlib.sha256(source.read_bytes()).hexdigest() != _BUILT_FROM:
+        raise ImportError(
+            f"{__file__} was compiled from another version of {source}: rebuild it "
+            f"(`pip install -e .`, or `python setup.py build_ext --inplace`) or delete it to run the source")
+
+
+if COMPILED:
+    _check_built_from_source()
 
 
 @dataclass(frozen=True)
