@@ -364,9 +364,9 @@ class _CountingStore:
     def __len__(self) -> int:
         return len(self.inner)
 
-    def flush(self, tag: int, writes: dict) -> None:
+    def flush(self, tag: int, writes: dict, **kw: Any) -> None:
         self.written.update(k for k, v in writes.items() if v is not None)
-        self.inner.flush(tag, writes)
+        self.inner.flush(tag, writes, **kw)
 
 
 class _CountingLogic(JoinLogic):
@@ -439,7 +439,7 @@ def memory_child(n: int, directory: Path, progress: bool = False) -> dict:
             bucket.on_features(parts[b])
             bucket.advance(watermark)
             if bucket.over_capacity():
-                bucket.flush(seqs[b] + 1)
+                bucket.flush(seqs[b] + 1, durable=False)
                 bucket.evict(int(settings.cache_size * EVICT_TO))
             if r % epoch_rounds == epoch_rounds - 1:
                 seqs[b] += 1

@@ -605,8 +605,9 @@ class JoinBucket:
     def over_capacity(self) -> bool:
         return len(self._cache) > self.s.cache_size
 
-    def flush(self, tag: int) -> int:
-        """Write what changed since the last flush in one transaction tagged `tag`; returns writes."""
+    def flush(self, tag: int, durable: bool = True) -> int:
+        """Write what changed since the last flush in one transaction tagged `tag`; returns writes.
+        `durable=False` for a flush under memory pressure (see `SpillStore.flush`)."""
         writes: dict = {}
         cache = self._cache
         on_disk = self._on_disk
@@ -625,7 +626,7 @@ class JoinBucket:
             writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
         on_disk.update(new)
         if writes or tag > self._tag:
-            self.store.flush(tag, writes)
+            self.store.flush(tag, writes, durable=durable)
             self._tag = tag
         self._dirty.clear()
         self._heap.clear()  # everything unflushed is now in the store's due index

@@ -41,6 +41,7 @@ log = logging.getLogger("freshrec.flow")
 JOIN_STREAMS = ("features", "actions")
 FREE_RUN_TICK_S = 1.0  # how often a bucket wakes itself while its watermark follows the wall clock
 EVICT_TO = 0.8  # after a flush under memory pressure, keep this fraction of the cache
+PUBLISH_EVERY_S = 0.2  # a bucket publishes its counts at most this often, and at every snapshot
 
 
 @dataclass(slots=True)
@@ -77,6 +78,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         self.clock = BucketClock.resume(cfg.partitions, cfg.lateness_s, (state or {}).get("clock"))
         self.seq = (state or {}).get("seq", 0)
         self.publisher = JoinPublisher(worker_label())
+        self.published_at = 0.0
 
     def _open(self, key: str) -> JoinBucket:
         # Bytewax tells a builder no key: the bucket opens its store when its first batch comes.
@@ -109,12 +111,14 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             out += examples
             out += dead
         if bucket.over_capacity():
-            bucket.flush(self.seq + 1)
+            bucket.flush(self.seq + 1, durable=False)  # the snapshot's flush makes it durable
             bucket.evict(int(self.cfg.settings.cache_size * EVICT_TO))
         if bucket.behind:
             EVENTS_BEHIND.labels(self.publisher.worker).inc(bucket.behind)
             bucket.behind = 0
-        self.publisher.publish(bucket.counts)
+        if now - self.published_at >= PUBLISH_EVERY_S:  # a few hundred batches a second: not each
+            self.publisher.publish(bucket.counts)
+            self.published_at = now
         return out, False
 
     def on_notify(self) -> tuple[list[Any], bool]:
@@ -132,6 +136,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         if self.bucket is not None:
             self.seq += 1
             self.bucket.flush(self.seq)
+            self.publisher.publish(self.bucket.counts)
             memory, disk = self.bucket.waiting()
             w = self.publisher.worker
             WAITING.labels(w, self.bucket_key, "memory").set(memory)
