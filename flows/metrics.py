@@ -5,6 +5,8 @@ Steps keep plain counts and publish them here once per batch, never per event.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from prometheus_client import Counter, Gauge
 
 from flows.joiner import JoinCounts
@@ -73,20 +75,25 @@ class JoinPublisher:
     def __init__(self, worker: str):
         self.worker = worker
         self.last = JoinCounts().as_dict()
+        self._children: Optional[dict] = None  # the worker's labelled counters, made on first use
 
     def publish(self, counts: JoinCounts) -> None:
         now = counts.as_dict()
         if now == self.last:
             return  # a batch that changed nothing (a marker alone) publishes nothing
+        if self._children is None:  # `labels()` costs a lock and a tuple each call: look them up once
+            self._children = {name: counter.labels(self.worker) for name, counter in JOIN.items()}
+            self._children[""] = CACHE_HIT_RATIO.labels(self.worker)
+        children = self._children
         last = self.last
-        for name, counter in JOIN.items():
+        for name in JOIN:
             delta = now[name] - last[name]
             if delta > 0:
-                counter.labels(self.worker).inc(delta)
+                children[name].inc(delta)
         self.last = now
         looked = now["cache_hits"] + now["cache_misses"]
         if looked:
-            CACHE_HIT_RATIO.labels(self.worker).set(now["cache_hits"] / looked)
+            children[""].set(now["cache_hits"] / looked)
 
 
 MAX_REASONS = 32  # distinct reason labels per process; the rest count as "other"
