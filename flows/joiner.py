@@ -337,7 +337,7 @@ class JoinBucket:
                     self._expire(e, out, None)  # came after its window closed
                 continue
             hits += 1
-            e = cython.cast(_Entry, entry)
+            e = entry  # a typed assignment: checked when compiled, free when not
             if e.feature is not None:
                 duplicates += 1
                 continue
@@ -424,7 +424,7 @@ class JoinBucket:
                 self._put(_entry(key, None, [a], ts + hold))
                 continue
             hits += 1
-            e = cython.cast(_Entry, entry)
+            e = entry
             actions = e.actions
             if actions is not None and _seen(tuple(map(_action_id, actions)), a):
                 duplicates += 1
@@ -547,7 +547,7 @@ class JoinBucket:
         e: _Entry
         # Every impression passes the FIFO once (most already resolved, so skipped).
         while head < n:
-            e = cython.cast(_Entry, fifo[head])
+            e = fifo[head]
             if e.due > wm:
                 break
             head += 1
