@@ -10,7 +10,6 @@ actions in the serving store (and trains, unless FRESHREC_TRAIN=0).
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import sys
 import time
@@ -49,11 +48,11 @@ from flows.spill import LmdbSpillStore
 from flows.trainer_step import TrainerLogic, TrainStepConfig
 
 log = logging.getLogger("freshrec.flow")
-_ts = operator.attrgetter("ts")
 
 JOIN_STREAMS = ("features", "actions")
 FREE_RUN_TICK_S = 1.0  # how often a bucket wakes itself while its watermark follows the wall clock
 EVICT_TO = 0.8  # after a flush under memory pressure, keep this fraction of the cache
+PUBLISH_EVERY_S = 0.2  # a bucket publishes its counts at most this often, and at every snapshot
 
 
 @dataclass(slots=True)
@@ -91,6 +90,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         self.clock = BucketClock.resume(cfg.partitions, cfg.lateness_s, (state or {}).get("clock"))
         self.seq = (state or {}).get("seq", 0)
         self.publisher = JoinPublisher(worker_label())
+        self.published_at = 0.0
 
     def _open(self, key: str) -> JoinBucket:
         # Bytewax tells a builder no key: the bucket opens its store when its first batch comes.
@@ -107,12 +107,10 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         self.bucket = bucket
         now = time.time()
         out: list[Any] = []
-        behind = 0
         for b in values:
             if b.events:
-                wm = self.clock.watermark
-                if min(map(_ts, b.events)) < wm:  # rare: count them only then
-                    behind += sum(1 for e in b.events if e.ts < wm)
+                # The bucket's watermark is the clock's (advanced after every batch): it counts the
+                # events behind it in its own loop, so this step touches no event.
                 if b.partition.startswith("features"):
                     out += bucket.on_features(b.events, b.keys)
                     if self.cfg.forward_impressions:
@@ -126,11 +124,14 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             out += examples
             out += dead
         if bucket.over_capacity():
-            bucket.flush(self.seq + 1)
+            bucket.flush(self.seq + 1, durable=False)  # the snapshot's flush makes it durable
             bucket.evict(int(self.cfg.settings.cache_size * EVICT_TO))
-        if behind:
-            self.publisher.child(EVENTS_BEHIND, self.publisher.worker).inc(behind)
-        self.publisher.publish(bucket.counts)
+        if bucket.behind:
+            self.publisher.child(EVENTS_BEHIND, self.publisher.worker).inc(bucket.behind)
+            bucket.behind = 0
+        if now - self.published_at >= PUBLISH_EVERY_S:  # a few hundred batches a second: not each
+            self.publisher.publish(bucket.counts)
+            self.published_at = now
         return out, False
 
     def on_notify(self) -> tuple[list[Any], bool]:
@@ -148,6 +149,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         if self.bucket is not None:
             self.seq += 1
             self.bucket.flush(self.seq)
+            self.publisher.publish(self.bucket.counts)
             memory, disk = self.bucket.waiting()
             w, child = self.publisher.worker, self.publisher.child
             child(WAITING, w, self.bucket_key, "memory").set(memory)

@@ -63,8 +63,11 @@ class SpillStore(Protocol):
         `start` when given, at most `limit` of them (page on by passing the last one as `start`)."""
         ...
 
-    def flush(self, tag: int, writes: Mapping[bytes, Entry | None]) -> None:
-        """Put each (due, payload), delete each None, in one write transaction tagged `tag`."""
+    def flush(self, tag: int, writes: Mapping[bytes, Entry | None], *, durable: bool = True) -> None:
+        """Put each (due, payload), delete each None, in one write transaction tagged `tag`.
+
+        `durable=False` (a flush under memory pressure, between snapshots) may be undone by a
+        system crash, as a whole; the next durable flush makes it durable too."""
         ...
 
     def last_tag(self) -> int:
@@ -156,8 +159,11 @@ class LmdbSpillStore:
             subdir=True,
             max_dbs=4,
             writemap=False,  # a stray write through the map could corrupt the file; LMDB copies instead
-            sync=True,  # durable commits: the undo records are what makes a resume correct
-            metasync=True,
+            # Every commit syncs its data pages, so a system crash can at worst undo the last
+            # commits whole (ACI kept); a durable flush also syncs the meta page (`flush`). The
+            # undo records are what makes a resume correct.
+            sync=True,
+            metasync=False,
             lock=True,
             readahead=False,  # reads are random lookups by join key
         )
@@ -234,7 +240,7 @@ class LmdbSpillStore:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def flush(self, tag: int, writes: Mapping[bytes, Entry | None]) -> None:
+    def flush(self, tag: int, writes: Mapping[bytes, Entry | None], *, durable: bool = True) -> None:
         tag = operator.index(tag)
         if tag < 0 or tag >= 1 << 64:
             raise ValueError(f"tag must be in [0, 2**64), got {tag}")
@@ -253,6 +259,8 @@ class LmdbSpillStore:
                 raw_due = _raw_due(entry[0])
                 items.append((key, raw_due + entry[1], _index_prefix(raw_due) + key))
         dropped = self._write(lambda txn: self._flush_txn(txn, tag, items))
+        if durable:
+            self._env.sync(True)  # the meta page too: this flush survives a system crash
         self._last_tag = tag
         self._dropped = dropped
 
@@ -324,6 +332,7 @@ class LmdbSpillStore:
                 f"to avoid it, raise undo_keep above the number of snapshots between recovery backups."
             )
         restored = self._write(lambda txn: self._rollback_txn(txn, to_tag))
+        self._env.sync(True)
         self._last_tag = to_tag
         return restored
 
