@@ -36,7 +36,7 @@ from bytewax.testing import TestingSource, run_main
 from bench import Figure, benchmark, compared
 from flows.clock import ACTIVE, ENDED, BucketBatch, SourceBatch, bucket_of, route
 from flows.config import Config
-from flows.events import ActionEvent, FeatureEvent, encode_lines
+from flows.events import ActionEvent, Example, ExampleAction, FeatureEvent, encode_lines
 from flows.joiner import JoinBucket, JoinCounts, JoinSettings
 from flows.pipeline import EVICT_TO, JoinLogic, JoinStepConfig, build_flow
 from flows.spill import LmdbSpillStore
@@ -190,6 +190,19 @@ def pair(b: BucketBatch, features: dict[str, Any], actions: dict[str, Any], out:
                 out.append((f, e))
 
 
+class MinimalExamples(MinimalJoin):
+    """The bare bucket join, but each pair becomes the training `Example` the joiner would make:
+    what copying a cold impression's fields into an example costs, without any join logic."""
+
+    def on_batch(self, values: list[BucketBatch]) -> tuple[list[Any], bool]:
+        pairs: list[Any] = []
+        for b in values:
+            pair(b, self.features, self.actions, pairs)
+        return [Example(f.request_id, f.user_id, f.item_id, f.ts, a.ts, 1, [ExampleAction(a.action, a.ts, a.value)],
+                        1.0, f.position, f.score, f.model_version, f.sparse, f.dense, a.received_at)
+                for f, a in pairs], False
+
+
 def dict_join(items: list[tuple[str, BucketBatch]]) -> int:
     """The tight plain-Python loop: the same pairing over the same batches, no Bytewax."""
     features: dict[str, Any] = {}
@@ -263,9 +276,9 @@ class Runs:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def minimal(items: list) -> Callable[[], int]:
+def minimal(items: list, logic: type[MinimalJoin] = MinimalJoin) -> Callable[[], int]:
     def run() -> int:
-        flow, sink = _flow(items, MinimalJoin)
+        flow, sink = _flow(items, logic)
         run_main(flow, epoch_interval=EPOCH)
         return sink.box[0]
 
@@ -301,7 +314,7 @@ def in_memory_input(n: int) -> tuple[list, int, int]:
     return join_input(n, rate=100.0, p_label=0.85, delay=_liked_soon)
 
 
-@benchmark("join.in_memory", "join.in_memory_vs_dict")
+@benchmark("join.in_memory", "join.in_memory_vs_dict", "join.in_memory_vs_minimal_examples")
 def join_in_memory(quick: bool) -> Iterator[Figure]:
     n = 30_000 if quick else 200_000
     items, events, _ = _frozen(lambda: in_memory_input(n))
@@ -312,14 +325,16 @@ def join_in_memory(quick: bool) -> Iterator[Figure]:
         c = runs.counts()
         _note(f"in_memory: {events:,} events, {c.positives:,} liked, {c.expired_kept:,} expired, "
               f"{c.spill_writes} spill writes")
-        t = medians({"minimal": minimal(items), "dict": lambda: dict_join(items), "ours": ours},
-                    repeats=3 if quick else 5)
+        t = medians({"minimal": minimal(items), "dict": lambda: dict_join(items), "ours": ours,
+                     "minimal_examples": minimal(items, MinimalExamples)}, repeats=3 if quick else 5)
     finally:
         runs.close()
         gc.unfreeze()
     rate = events / t["ours"]
     yield compared("join.in_memory", "events/s", rate, "minimal Bytewax bucket join", events / t["minimal"])
     yield compared("join.in_memory_vs_dict", "events/s", rate, "plain dict join loop", events / t["dict"])
+    yield compared("join.in_memory_vs_minimal_examples", "events/s", rate,
+                   "minimal Bytewax bucket join making Examples", events / t["minimal_examples"])
 
 
 @benchmark("join.in_memory_recovery")
@@ -364,9 +379,9 @@ class _CountingStore:
     def __len__(self) -> int:
         return len(self.inner)
 
-    def flush(self, tag: int, writes: dict) -> None:
+    def flush(self, tag: int, writes: dict, **kw: Any) -> None:
         self.written.update(k for k, v in writes.items() if v is not None)
-        self.inner.flush(tag, writes)
+        self.inner.flush(tag, writes, **kw)
 
 
 class _CountingLogic(JoinLogic):
@@ -439,7 +454,7 @@ def memory_child(n: int, directory: Path, progress: bool = False) -> dict:
             bucket.on_features(parts[b])
             bucket.advance(watermark)
             if bucket.over_capacity():
-                bucket.flush(seqs[b] + 1)
+                bucket.flush(seqs[b] + 1, durable=False)
                 bucket.evict(int(settings.cache_size * EVICT_TO))
             if r % epoch_rounds == epoch_rounds - 1:
                 seqs[b] += 1

@@ -3,6 +3,10 @@
 `JoinBucket` keeps the join keys of one bucket in a write-back cache over a `SpillStore` (LMDB),
 flushed in one transaction per epoch (or sooner when the cache is full), and decides each key's
 one outcome by the bucket's watermark. Plain logic: no Bytewax, testable alone.
+
+This module is the join's hot loop: setup.py compiles it with Cython (pure-Python mode: the
+`cython` annotations type it, and the same source runs as plain Python when it is not compiled).
+`COMPILED` says which one was imported.
 """
 
 from __future__ import annotations
@@ -10,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Optional, Union
+from pathlib import Path
+from typing import Optional
 
+import cython
 import msgspec
 
+from flows.clock import join_key
 from flows.events import (
     NEGATIVE_ACTIONS,
     POSITIVE_ACTIONS,
@@ -29,7 +35,22 @@ from flows.events import (
 )
 from flows.spill import SpillStore
 
-Key = str  # request_id + "\x00" + item_id
+Key = str  # request_id + "\x00" + item_id (flows.clock.join_key)
+COMPILED: bool = cython.compiled
+_BUILT_FROM: Optional[str] = None  # when compiled: the sha256 of the source it was compiled from (setup.py)
+
+
+def _check_built_from_source() -> None:
+    """A compiled module built from another version of this file must not run in its place."""
+    source = Path(__file__).with_name("joiner.py")
+    if source.exists() and hashlib.sha256(source.read_bytes()).hexdigest() != _BUILT_FROM:
+        raise ImportError(
+            f"{__file__} was compiled from another version of {source}: rebuild it "
+            f"(`pip install -e .`, or `python setup.py build_ext --inplace`) or delete it to run the source")
+
+
+if COMPILED:
+    _check_built_from_source()
 
 
 @dataclass(frozen=True)
@@ -68,22 +89,43 @@ class JoinCounts:
         return dict(self.__dict__)  # the fields, in order: read once per batch, so no `fields()` walk
 
 
-class _Waiting(msgspec.Struct, array_like=True, gc=False):
-    """An impression waiting for its label, with the neutral actions seen so far."""
+@cython.final
+@cython.no_gc  # it holds events and a list of them, never itself: no cycle to collect
+@cython.freelist(256)
+@cython.cclass
+class _Entry:
+    """A join key's state: an impression waiting for its label (`feature` set) with the neutral
+    actions seen so far, or actions whose impression has not come yet (`feature` None; orphans
+    when the watermark passes `due`). `actions` is None until there is one: most impressions get
+    their label from their first action, so most never need a list."""
 
+    key = cython.declare(object)
+    feature = cython.declare(object)
+    actions = cython.declare(object)
+    due = cython.declare(cython.double)
+
+
+@cython.cfunc
+@cython.inline
+def _entry(key: object, feature: object, actions: object, due: cython.double) -> _Entry:
+    e: _Entry = _Entry.__new__(_Entry)  # no __init__: a freelist slot filled in place when compiled
+    e.key = key
+    e.feature = feature
+    e.actions = actions
+    e.due = due
+    return e
+
+
+# The store's records (its format): an impression or held actions, msgpack arrays.
+class _Waiting(msgspec.Struct, array_like=True, gc=False):
     feature: FeatureEvent
     actions: list[ActionEvent]
     due: float
 
 
 class _Pending(msgspec.Struct, array_like=True, gc=False):
-    """Actions whose impression has not come yet; orphans when the watermark passes `due`."""
-
     actions: list[ActionEvent]
     due: float
-
-
-_Entry = Union[_Waiting, _Pending]
 
 
 class _Stored(msgspec.Struct, array_like=True, gc=False):
@@ -96,12 +138,19 @@ _DECODE = msgspec.msgpack.Decoder(_Stored).decode
 
 
 def _dump(e: _Entry) -> bytes:
-    return _ENCODE(_Stored(waiting=e) if type(e) is _Waiting else _Stored(pending=e))
+    acts = e.actions if e.actions is not None else []
+    if e.feature is not None:
+        return _ENCODE(_Stored(waiting=_Waiting(e.feature, acts, e.due)))
+    return _ENCODE(_Stored(pending=_Pending(acts, e.due)))
 
 
-def _load(b: bytes) -> _Entry:
+def _load(key: Key, b: bytes) -> _Entry:
     s = _DECODE(b)
-    return s.waiting if s.waiting is not None else s.pending  # type: ignore[return-value]
+    if s.waiting is not None:
+        w = s.waiting
+        return _entry(key, w.feature, w.actions or None, w.due)
+    p = s.pending
+    return _entry(key, None, p.actions, p.due)
 
 
 def positive_rule(watch_positive_s: Optional[float]) -> Callable[[ActionEvent], bool]:
@@ -125,48 +174,81 @@ def _action_id(a: ActionEvent) -> object:
     return a.event_id if a.event_id is not None else (a.action, a.ts, a.value)
 
 
+_ORDER_COMPACT = 1 << 16  # forgotten slots at the front of the resolved-order list before it is compacted
+
+
+@cython.cclass
 class JoinBucket:
     """The join state and decisions of one bucket.
 
     Events go in through `on_features` / `on_actions` (in arrival order) and the watermark through
     `advance`; examples and dead letters come out. `flush(tag)` writes what changed to the store
     in one transaction; `resume(tag)` rolls the store back to a flush and starts from it.
+    `behind` counts the events that came behind the watermark (the caller reads and resets it).
     """
+
+    s = cython.declare(object, visibility="public")
+    store = cython.declare(object, visibility="public")
+    counts = cython.declare(object, visibility="public")
+    watermark = cython.declare(cython.double, visibility="public")
+    behind = cython.declare(cython.Py_ssize_t, visibility="public")
+    _cache = cython.declare(dict)
+    _on_disk = cython.declare(set)
+    _dirty = cython.declare(set)
+    _heap = cython.declare(list)
+    _fifo = cython.declare(list)
+    _fifo_head = cython.declare(cython.Py_ssize_t)
+    _scan_from = cython.declare(object)
+    _resolved = cython.declare(dict)
+    _order = cython.declare(list)
+    _order_head = cython.declare(cython.Py_ssize_t)
+    _stored = cython.declare(cython.Py_ssize_t)
+    _tag = cython.declare(object)
+    _is_positive = cython.declare(object)
+    _positive = cython.declare(frozenset)
+    _negative = cython.declare(frozenset)
 
     def __init__(self, settings: JoinSettings, store: SpillStore):
         self.s = settings
         self.store = store
         self.counts = JoinCounts()
         self.watermark = -math.inf
-        self._cache: dict[Key, Optional[_Entry]] = {}  # None: deleted, not yet flushed
-        self._on_disk: set[Key] = set()  # keys of cached entries that the store holds too
+        self.behind = 0
+        self._cache = {}  # key -> _Entry; None: deleted, not yet flushed
+        self._on_disk = set()  # keys of cached entries that the store holds too
         # Keys in `_on_disk` whose entry changed since the last flush. A cached entry not on disk is
         # unflushed by definition, so it needs no mark: that spares a set insert and a removal per
         # impression that lives and dies between two flushes.
-        self._dirty: set[Key] = set()
-        # Due times of entries not flushed yet. Input comes nearly in ts order, so most dues come in
-        # order too: those go to a FIFO (O(1)), the rest to a heap; expiry drains both.
-        self._heap: list[tuple[float, Key]] = []
-        self._fifo: deque[tuple[float, Key]] = deque()
-        self._scan_from: Optional[tuple[float, bytes]] = None  # store's due index read up to here
-        # key -> ids of its actions, with the keys in the order they were resolved so that the oldest
-        # is forgotten first: a dict and a deque cost half an OrderedDict's insert, and popping the
-        # oldest stays O(1) (a dict's next(iter()) walks every deleted slot at its front). A key is
-        # resolved again only after it was forgotten, so it is in the deque once.
-        self._resolved: dict[Key, tuple] = {}
-        self._resolved_order: deque[Key] = deque()
+        self._dirty = set()
+        # Entries not flushed yet, by due. Input comes nearly in ts order, so most dues come in
+        # order too: those go to a FIFO (a list read from `_fifo_head`: O(1), no allocation), the
+        # rest to a heap of (due, key); expiry drains both. A FIFO entry whose key has since been
+        # resolved or replaced is no longer the cache's, and is skipped.
+        self._heap = []
+        self._fifo = []
+        self._fifo_head = 0
+        self._scan_from = None  # store's due index read up to here
+        # key -> ids of its actions (one action's event_id alone, else a tuple of ids), and the
+        # keys in the order they were resolved (read from `_order_head`) so that the oldest is
+        # forgotten first. A key is resolved again only after it was forgotten, so it is listed once.
+        self._resolved = {}
+        self._order = []
+        self._order_head = 0
         self._stored = len(store)
         self._tag = store.last_tag()
         self._is_positive = positive_rule(settings.watch_positive_s)
+        self._positive = POSITIVE_ACTIONS
+        self._negative = NEGATIVE_ACTIONS
 
     # -- state access: cache first, then the store -------------------------------------------
 
     def _prefetch(self, keys: Iterable[Key]) -> None:
         """Bring the stored entries of `keys` into the cache with one read transaction."""
         cache = self._cache
+        resolved = self._resolved
         if not self._stored:
             return
-        missing = [k for k in keys if k not in cache and k not in self._resolved]
+        missing = [k for k in keys if k not in cache and k not in resolved]
         if not missing:
             return
         missing = list(dict.fromkeys(missing))
@@ -174,161 +256,223 @@ class JoinBucket:
         self.counts.spill_reads += len(missing)
         for k, v in zip(missing, got, strict=True):
             if v is not None:
-                cache[k] = _load(v[1])
+                cache[k] = _load(k, v[1])
                 self._on_disk.add(k)
 
-    def _put(self, key: Key, entry: _Entry) -> None:
-        self._cache[key] = entry
-        if key in self._on_disk:
+    @cython.cfunc
+    def _put(self, e: _Entry) -> cython.void:
+        """A new entry for its key: cached, and queued by its due."""
+        key = e.key
+        self._cache[key] = e
+        if self._on_disk and key in self._on_disk:
             self._dirty.add(key)
         fifo = self._fifo
-        if not fifo or entry.due >= fifo[-1][0]:
-            fifo.append((entry.due, key))
+        if len(fifo) == self._fifo_head or e.due >= cython.cast(_Entry, fifo[len(fifo) - 1]).due:
+            fifo.append(e)
         else:
-            heapq.heappush(self._heap, (entry.due, key))
+            heapq.heappush(self._heap, (e.due, key))
 
-    def _drop(self, key: Key) -> None:
-        if key in self._on_disk:
+    @cython.cfunc
+    def _drop(self, key: object) -> cython.void:
+        if self._on_disk and key in self._on_disk:
             self._cache[key] = None
             self._dirty.add(key)
         else:
             self._cache.pop(key, None)
 
+    @cython.cfunc
+    def _mark(self, key: object) -> cython.void:
+        """The entry of `key` changed in place: flush it if the store holds it."""
+        if self._on_disk and key in self._on_disk:
+            self._dirty.add(key)
+
     # -- events ------------------------------------------------------------------------------
 
-    def on_features(self, events: list[FeatureEvent], keys: Optional[list[Key]] = None) -> list[Example]:
+    def on_features(self, events: list, keys: Optional[list] = None) -> list:
         """A batch of feature events in arrival order; `keys` are their join keys if known (route
         makes them to hash the events to their bucket)."""
         if keys is None:
-            keys = [f"{e.request_id}\x00{e.item_id}" for e in events]
+            keys = [join_key(x.request_id, x.item_id) for x in events]
+        if len(keys) != len(events):
+            raise ValueError(f"{len(events)} events but {len(keys)} keys")
         if self._stored:
             self._prefetch(keys)
-        out: list[Example] = []
-        cache, resolved, fifo = self._cache, self._resolved, self._fifo
-        cache_get, fifo_append = cache.get, fifo.append
-        window, watermark = self.s.window_s, self.watermark
-        # The hot path (a new impression) is inlined: counts are kept in locals and added once, and
-        # the FIFO's last due is tracked here instead of read back.
-        last_due = fifo[-1][0] if fifo else -math.inf
-        hits = misses = duplicates = 0
-        for key, f in zip(keys, events, strict=True):
-            entry = cache_get(key)
+        out: list = []
+        cache: dict = self._cache
+        resolved: dict = self._resolved
+        fifo: list = self._fifo
+        window: cython.double = self.s.window_s
+        watermark: cython.double = self.watermark
+        due: cython.double
+        last_due: cython.double = -math.inf
+        i: cython.Py_ssize_t
+        n: cython.Py_ssize_t = len(events)
+        hits: cython.Py_ssize_t = 0
+        misses: cython.Py_ssize_t = 0
+        duplicates: cython.Py_ssize_t = 0
+        behind: cython.Py_ssize_t = 0
+        e: _Entry
+        if len(fifo) > self._fifo_head:
+            last_due = cython.cast(_Entry, fifo[len(fifo) - 1]).due
+        for i in range(n):
+            key = keys[i]
+            f = events[i]
+            ts: cython.double = f.ts
+            if ts < watermark:
+                behind += 1
+            entry = cache.get(key)
             if entry is None:
                 if key in resolved:
                     duplicates += 1
                     continue
                 misses += 1
-                due = f.ts + window
-                waiting = _Waiting(f, [], due)
-                cache[key] = waiting  # not cached, so not on disk: unflushed, no dirty mark
+                due = ts + window
+                e = _entry(key, f, None, due)
+                cache[key] = e  # not cached, so not on disk: unflushed, no dirty mark
                 if due >= last_due:
-                    fifo_append((due, key))
+                    fifo.append(e)
                     last_due = due
                 else:
                     heapq.heappush(self._heap, (due, key))
                 if due <= watermark:
-                    self._expire(key, waiting, out, [])  # came after its window closed
+                    self._expire(e, out, None)  # came after its window closed
                 continue
             hits += 1
-            if type(entry) is _Waiting:
+            e = entry  # a typed assignment: checked when compiled, free when not
+            if e.feature is not None:
                 duplicates += 1
                 continue
             # Its actions came first: replay them in arrival order now that the impression is here.
             self.counts.impressions += 1
-            waiting = _Waiting(f, [], f.ts + window)
-            pending = entry.actions
+            pending = e.actions
             self.counts.actions_pending -= len(pending)
-            self._put(key, waiting)
-            last_due = fifo[-1][0] if fifo else -math.inf
-            for i, a in enumerate(pending):
-                ex = self._apply(key, waiting, a)
+            w = _entry(key, f, None, ts + window)
+            self._put(w)
+            if len(fifo) > self._fifo_head:
+                last_due = cython.cast(_Entry, fifo[len(fifo) - 1]).due
+            decided = False
+            for j, a in enumerate(pending):
+                ex = self._apply(w, a)
                 if ex is not None:
                     out.append(ex)
                     # Actions that came after the deciding one find their key resolved.
-                    self.counts.after_example += len(pending) - i - 1
+                    self.counts.after_example += len(pending) - j - 1
+                    decided = True
                     break
-            else:
-                if waiting.due <= watermark:
-                    self._expire(key, waiting, out, [])
+            if not decided and w.due <= watermark:
+                self._expire(w, out, None)
         counts = self.counts
         counts.cache_hits += hits
         counts.cache_misses += misses
         counts.impressions += misses
         counts.duplicate_features += duplicates
+        self.behind += behind
         return out
 
-    def on_actions(self, events: list[ActionEvent], keys: Optional[list[Key]] = None) -> list[Example]:
+    def on_actions(self, events: list, keys: Optional[list] = None) -> list:
         """A batch of action events in arrival order; `keys` as in `on_features`."""
         if keys is None:
-            keys = [f"{e.request_id}\x00{e.item_id}" for e in events]
+            keys = [join_key(x.request_id, x.item_id) for x in events]
+        if len(keys) != len(events):
+            raise ValueError(f"{len(events)} events but {len(keys)} keys")
         if self._stored:
             self._prefetch(keys)
-        out: list[Example] = []
-        cache, counts, resolved, on_disk, dirty = self._cache, self.counts, self._resolved, self._on_disk, self._dirty
-        cache_get, dirty_add = cache.get, dirty.add
-        hold, watermark = self.s.orphan_hold_s, self.watermark
-        resolved_size = self.s.resolved_size
-        order_append, order_popleft = self._resolved_order.append, self._resolved_order.popleft
-        positive, watch_s = POSITIVE_ACTIONS, self.s.watch_positive_s
-        hits = misses = duplicates = after = late = pending_n = joined = positives = negatives = 0
-        for key, a in zip(keys, events, strict=True):
-            entry = cache_get(key)
+        out: list = []
+        cache: dict = self._cache
+        resolved: dict = self._resolved
+        on_disk: set = self._on_disk
+        positive: frozenset = self._positive
+        negative: frozenset = self._negative
+        order: list = self._order
+        hold: cython.double = self.s.orphan_hold_s
+        watermark: cython.double = self.watermark
+        resolved_size: cython.Py_ssize_t = self.s.resolved_size
+        watch_s = self.s.watch_positive_s
+        i: cython.Py_ssize_t
+        n: cython.Py_ssize_t = len(events)
+        hits: cython.Py_ssize_t = 0
+        misses: cython.Py_ssize_t = 0
+        duplicates: cython.Py_ssize_t = 0
+        after: cython.Py_ssize_t = 0
+        late: cython.Py_ssize_t = 0
+        pending_n: cython.Py_ssize_t = 0
+        joined: cython.Py_ssize_t = 0
+        positives: cython.Py_ssize_t = 0
+        negatives: cython.Py_ssize_t = 0
+        behind: cython.Py_ssize_t = 0
+        label: cython.int
+        e: _Entry
+        for i in range(n):
+            key = keys[i]
+            a = events[i]
+            ts: cython.double = a.ts
+            if ts < watermark:
+                behind += 1
+            entry = cache.get(key)
             if entry is None:
                 ids = resolved.get(key)
                 if ids is not None:
-                    if _action_id(a) in ids:
+                    if _seen(ids, a):
                         duplicates += 1
                     else:
                         after += 1
                     continue
                 misses += 1
-                if a.ts + hold <= watermark:
+                if ts + hold <= watermark:
                     late += 1  # its impression, if any, was resolved and forgotten
                     continue
                 pending_n += 1
-                self._put(key, _Pending([a], a.ts + hold))
+                self._put(_entry(key, None, [a], ts + hold))
                 continue
             hits += 1
-            actions = entry.actions
-            if actions:
-                aid = _action_id(a)
-                if any(_action_id(b) == aid for b in actions):
-                    duplicates += 1
-                    continue
-            if type(entry) is _Pending:
+            e = entry
+            actions = e.actions
+            if actions is not None and _seen(tuple(map(_action_id, actions)), a):
+                duplicates += 1
+                continue
+            if e.feature is None:
                 pending_n += 1
                 actions.append(a)
-                if key in on_disk:
-                    dirty_add(key)
+                if on_disk and key in on_disk:
+                    self._dirty.add(key)
                 continue
-            # `_apply` and `_resolve`, inlined for the common case: one action decides the label.
+            # `_apply` and `_resolve`, inlined for the common case.
             joined += 1
-            actions.append(a)
             action = a.action
             if action in positive or (watch_s is not None and action == "watch" and (a.value or 0.0) >= watch_s):
                 positives += 1
                 label = 1
-            elif action in NEGATIVE_ACTIONS:
+            elif action in negative:
                 negatives += 1
                 label = 0
             else:
-                if key in on_disk:
-                    dirty_add(key)  # a neutral action waits with its impression
+                if actions is None:
+                    e.actions = [a]
+                else:
+                    actions.append(a)
+                if on_disk and key in on_disk:
+                    self._dirty.add(key)  # a neutral action waits with its impression
                 continue
-            if key in on_disk:
+            if on_disk and key in on_disk:
                 cache[key] = None
-                dirty_add(key)
+                self._dirty.add(key)
             else:
                 del cache[key]
-            if len(actions) == 1:
+            if actions is None:
                 eid = a.event_id
-                resolved[key] = (eid,) if eid is not None else ((action, a.ts, a.value),)
+                resolved[key] = eid if eid is not None else ((action, a.ts, a.value),)
+                ex_actions = [ExampleAction(action, a.ts, a.value)]
             else:
+                actions.append(a)
                 resolved[key] = tuple(map(_action_id, actions))
-            order_append(key)
-            while len(resolved) > resolved_size:
-                resolved.pop(order_popleft(), None)  # the oldest; its late actions count as late
-            out.append(_example(entry, label, a.ts, 1.0, a.received_at))
+                ex_actions = [ExampleAction(b.action, b.ts, b.value) for b in actions]
+            order.append(key)
+            if len(resolved) > resolved_size:
+                self._forget(resolved_size)
+            f = e.feature
+            out.append(Example(f.request_id, f.user_id, f.item_id, f.ts, ts, label, ex_actions, 1.0, f.position,
+                               f.score, f.model_version, f.sparse, f.dense, a.received_at))
+        counts = self.counts
         counts.cache_hits += hits
         counts.cache_misses += misses
         counts.duplicates += duplicates
@@ -338,35 +482,54 @@ class JoinBucket:
         counts.actions_joined += joined
         counts.positives += positives
         counts.explicit_negatives += negatives
+        self.behind += behind
         return out
 
-    def _apply(self, key: Key, w: _Waiting, a: ActionEvent) -> Optional[Example]:
+    @cython.cfunc
+    def _forget(self, keep: cython.Py_ssize_t) -> cython.void:
+        """Forget the oldest resolved keys until `keep` remain; their late actions count as late."""
+        resolved = self._resolved
+        order = self._order
+        while len(resolved) > keep and self._order_head < len(order):
+            resolved.pop(order[self._order_head], None)
+            order[self._order_head] = None
+            self._order_head += 1
+        if self._order_head >= _ORDER_COMPACT and self._order_head * 2 >= len(order):
+            del order[:self._order_head]
+            self._order_head = 0
+
+    @cython.cfunc
+    def _apply(self, w: _Entry, a: object) -> object:
         """One more action for a waiting impression; an example if it decides the label."""
         self.counts.actions_joined += 1
-        w.actions.append(a)
+        if w.actions is None:
+            w.actions = [a]
+        else:
+            w.actions.append(a)
         if self._is_positive(a):
             self.counts.positives += 1
-            return self._resolve(key, w, 1, a.ts, 1.0, a.received_at)
-        if a.action in NEGATIVE_ACTIONS:
+            return self._resolve(w, 1, a.ts, 1.0, a.received_at)
+        if a.action in self._negative:
             self.counts.explicit_negatives += 1
-            return self._resolve(key, w, 0, a.ts, 1.0, a.received_at)
-        if key in self._on_disk:
-            self._dirty.add(key)  # a neutral action waits with its impression
+            return self._resolve(w, 0, a.ts, 1.0, a.received_at)
+        self._mark(w.key)  # a neutral action waits with its impression
         return None
 
-    def _resolve(self, key: Key, w: _Waiting, label: int, label_ts: float, weight: float,
-                 received_at: Optional[float]) -> Example:
+    @cython.cfunc
+    def _resolve(self, w: _Entry, label: cython.int, label_ts: cython.double, weight: cython.double,
+                 received_at: object) -> object:
+        key = w.key
         self._drop(key)
-        resolved, order = self._resolved, self._resolved_order
-        resolved[key] = tuple(map(_action_id, w.actions))
-        order.append(key)
-        while len(resolved) > self.s.resolved_size:
-            resolved.pop(order.popleft(), None)  # the oldest; its late actions count as late
+        resolved = self._resolved
+        resolved[key] = tuple(map(_action_id, w.actions)) if w.actions is not None else ()
+        self._order.append(key)
+        if len(resolved) > self.s.resolved_size:
+            self._forget(self.s.resolved_size)
         return _example(w, label, label_ts, weight, received_at)
 
     # -- the clock ---------------------------------------------------------------------------
 
-    def advance(self, watermark: float) -> tuple[list[Example], list[DeadLetter]]:
+    def advance(self, watermark: float) -> tuple:
         """Move the watermark; expire impressions and release orphans that are now due.
 
         Called after every batch, even when the watermark stands still: a late impression may
@@ -374,25 +537,38 @@ class JoinBucket:
         """
         if watermark > self.watermark:
             self.watermark = watermark
-        watermark = self.watermark
-        examples: list[Example] = []
-        dead: list[DeadLetter] = []
-        heap, fifo, cache = self._heap, self._fifo, self._cache
-        # Every impression passes the FIFO once (most already resolved): bound methods, no lookups.
-        cache_get, fifo_popleft, expire = cache.get, fifo.popleft, self._expire
-        while fifo and fifo[0][0] <= watermark:
-            due, key = fifo_popleft()
-            entry = cache_get(key)
-            if entry is not None and entry.due == due:
-                expire(key, entry, examples, dead)
-        while heap and heap[0][0] <= watermark:
+        wm: cython.double = self.watermark
+        examples: list = []
+        dead: list = []
+        heap: list = self._heap
+        fifo: list = self._fifo
+        cache: dict = self._cache
+        head: cython.Py_ssize_t = self._fifo_head
+        n: cython.Py_ssize_t = len(fifo)
+        e: _Entry
+        # Every impression passes the FIFO once (most already resolved, so skipped).
+        while head < n:
+            e = fifo[head]
+            if e.due > wm:
+                break
+            head += 1
+            if cache.get(e.key) is e:
+                self._expire(e, examples, dead)
+        if head == n:
+            fifo.clear()
+            head = 0
+        elif head >= 4096 and head * 2 >= n:
+            del fifo[:head]
+            head = 0
+        self._fifo_head = head
+        while heap and heap[0][0] <= wm:
             due, key = heapq.heappop(heap)
-            entry = cache_get(key)
-            if entry is not None and entry.due == due:
-                expire(key, entry, examples, dead)
+            entry = cache.get(key)
+            if entry is not None and cython.cast(_Entry, entry).due == due:
+                self._expire(cython.cast(_Entry, entry), examples, dead)
         if self._stored:
             while True:
-                due_keys = self.store.due(watermark, self._scan_from)
+                due_keys = self.store.due(wm, self._scan_from)
                 if not due_keys:
                     break
                 self._scan_from = due_keys[-1]
@@ -400,38 +576,42 @@ class JoinBucket:
                 self._prefetch(keys)
                 for (due, _), key in zip(due_keys, keys, strict=True):
                     entry = cache.get(key)
-                    if entry is not None and entry.due == due:
-                        self._expire(key, entry, examples, dead)
+                    if entry is not None and cython.cast(_Entry, entry).due == due:
+                        self._expire(cython.cast(_Entry, entry), examples, dead)
         return examples, dead
 
-    def _expire(self, key: Key, entry: _Entry, examples: list[Example], dead: list[DeadLetter]) -> None:
-        if type(entry) is _Pending:
-            self._drop(key)
-            self.counts.actions_pending -= len(entry.actions)
-            self.counts.orphans += len(entry.actions)
-            for a in entry.actions:
+    @cython.cfunc
+    def _expire(self, e: _Entry, examples: list, dead: Optional[list]) -> cython.void:
+        if e.feature is None:
+            self._drop(e.key)
+            n = len(e.actions)
+            self.counts.actions_pending -= n
+            self.counts.orphans += n
+            for a in e.actions:
                 dead.append(DeadLetter(
                     "actions", f"orphan: no feature event for this (request_id, item_id) by "
                                f"watermark {self.watermark:.3f} (action ts + {self.s.orphan_hold_s:g} s hold)",
                     encode(a).decode(), None, False, a.received_at or 0.0))
             return
         rate = self.s.neg_sample_rate
-        if rate >= 1.0 or keep_fraction(key) < rate:
+        if rate >= 1.0 or keep_fraction(e.key) < rate:
             self.counts.expired_kept += 1
-            examples.append(self._resolve(key, entry, 0, entry.due, 1.0 / rate, None))
+            examples.append(self._resolve(e, 0, e.due, 1.0 / rate, None))
         else:
             self.counts.sampled_out += 1
-            self._resolve(key, entry, 0, entry.due, 1.0 / rate, None)
+            self._resolve(e, 0, e.due, 1.0 / rate, None)
 
     # -- persistence -------------------------------------------------------------------------
 
     def over_capacity(self) -> bool:
         return len(self._cache) > self.s.cache_size
 
-    def flush(self, tag: int) -> int:
-        """Write what changed since the last flush in one transaction tagged `tag`; returns writes."""
-        writes: dict[bytes, Optional[tuple[float, bytes]]] = {}
-        cache, on_disk = self._cache, self._on_disk
+    def flush(self, tag: int, durable: bool = True) -> int:
+        """Write what changed since the last flush in one transaction tagged `tag`; returns writes.
+        `durable=False` for a flush under memory pressure (see `SpillStore.flush`)."""
+        writes: dict = {}
+        cache = self._cache
+        on_disk = self._on_disk
         for key in self._dirty:  # all on disk
             entry = cache.get(key)
             if entry is None:
@@ -439,19 +619,20 @@ class JoinBucket:
                 on_disk.discard(key)
                 cache.pop(key, None)
             else:
-                writes[key.encode()] = (entry.due, _dump(entry))
+                writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
         # Entries never flushed (a None entry is always on disk).
         new = [key for key in cache if key not in on_disk]
         for key in new:
             entry = cache[key]
-            writes[key.encode()] = (entry.due, _dump(entry))  # type: ignore[union-attr]
+            writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
         on_disk.update(new)
         if writes or tag > self._tag:
-            self.store.flush(tag, writes)
+            self.store.flush(tag, writes, durable=durable)
             self._tag = tag
         self._dirty.clear()
         self._heap.clear()  # everything unflushed is now in the store's due index
         self._fifo.clear()
+        self._fifo_head = 0
         self.counts.spill_writes += len(writes)
         self.counts.flushes += 1
         self._stored = len(self.store)
@@ -459,7 +640,9 @@ class JoinBucket:
 
     def evict(self, keep: int) -> int:
         """Drop clean cached entries, oldest first, until at most `keep` remain."""
-        cache, dirty, on_disk = self._cache, self._dirty, self._on_disk
+        cache = self._cache
+        dirty = self._dirty
+        on_disk = self._on_disk
         dropped = 0
         for key in list(cache):
             if len(cache) <= keep:
@@ -481,27 +664,33 @@ class JoinBucket:
         self._on_disk.clear()
         self._heap.clear()
         self._fifo.clear()
+        self._fifo_head = 0
         self._resolved.clear()
-        self._resolved_order.clear()
+        self._order.clear()
+        self._order_head = 0
         self._scan_from = None
         self._stored = len(self.store)
         self._tag = tag
 
-    def waiting(self) -> tuple[int, int]:
+    def waiting(self) -> tuple:
         """Join keys waiting (impressions and held actions): in memory, and in the store."""
         return sum(1 for e in self._cache.values() if e is not None), self._stored
 
 
-def _example(w: _Waiting, label: int, label_ts: float, weight: float,
+@cython.cfunc
+def _seen(ids: object, a: object) -> cython.bint:
+    """Whether action `a` is among the action ids `ids` (one event_id, or a tuple of ids)."""
+    aid = _action_id(a)
+    if type(ids) is tuple:
+        return aid in ids
+    return aid == ids
+
+
+def _example(w: _Entry, label: int, label_ts: float, weight: float,
              received_at: Optional[float]) -> Example:
     f = w.feature
     # Positional (in Example's field order): a quarter faster than by keyword, once per example.
-    acts = w.actions
-    if len(acts) == 1:  # the common case, without a comprehension's frame
-        a = acts[0]
-        actions = [ExampleAction(a.action, a.ts, a.value)]
-    else:
-        actions = [ExampleAction(a.action, a.ts, a.value) for a in acts]
+    acts = w.actions if w.actions is not None else []
+    actions = [ExampleAction(a.action, a.ts, a.value) for a in acts]
     return Example(f.request_id, f.user_id, f.item_id, f.ts, label_ts, label, actions, weight, f.position,
                    f.score, f.model_version, f.sparse, f.dense, received_at)
-

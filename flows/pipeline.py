@@ -10,10 +10,10 @@ actions in the serving store (and trains, unless FRESHREC_TRAIN=0).
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -27,11 +27,20 @@ from bytewax.outputs import Sink
 
 from flows.catalog import catalog_delta
 from flows.clock import BucketBatch, BucketClock, SourceBatch, route
-from flows.config import Config, ConfigError, ensure_state_dir
+from flows.config import LMDB_CAP, Config, ConfigError, ensure_state_dir
 from flows.events import DeadLetter, Example
 from flows.joiner import JoinBucket, JoinSettings, positive_rule
 from flows.kafka_client import check_broker
-from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher, reason_class
+from flows.metrics import (
+    DEAD_LETTERS,
+    EVENTS_BEHIND,
+    EVENTS_READ,
+    WAITING,
+    WATERMARK_LAG,
+    Children,
+    JoinPublisher,
+    reason_class,
+)
 from flows.observe import serve_metrics, worker_label
 from flows.sinks import make_sink
 from flows.sources import make_source, partition_names
@@ -39,11 +48,11 @@ from flows.spill import LmdbSpillStore
 from flows.trainer_step import TrainerLogic, TrainStepConfig
 
 log = logging.getLogger("freshrec.flow")
-_ts = operator.attrgetter("ts")
 
 JOIN_STREAMS = ("features", "actions")
 FREE_RUN_TICK_S = 1.0  # how often a bucket wakes itself while its watermark follows the wall clock
 EVICT_TO = 0.8  # after a flush under memory pressure, keep this fraction of the cache
+PUBLISH_EVERY_S = 0.2  # a bucket publishes its counts at most this often, and at every snapshot
 
 
 @dataclass(slots=True)
@@ -63,6 +72,7 @@ class JoinStepConfig:
     undo_keep: int
     settings: JoinSettings
     forward_impressions: bool = False
+    lmdb_max_bytes: Optional[int] = None
 
 
 class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
@@ -80,11 +90,13 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         self.clock = BucketClock.resume(cfg.partitions, cfg.lateness_s, (state or {}).get("clock"))
         self.seq = (state or {}).get("seq", 0)
         self.publisher = JoinPublisher(worker_label())
+        self.published_at = 0.0
 
     def _open(self, key: str) -> JoinBucket:
         # Bytewax tells a builder no key: the bucket opens its store when its first batch comes.
         self.bucket_key = key
-        store = LmdbSpillStore(self.cfg.state_dir / "join" / key, undo_keep=self.cfg.undo_keep)
+        store = LmdbSpillStore(self.cfg.state_dir / "join" / key, undo_keep=self.cfg.undo_keep,
+                               max_map_size=self.cfg.lmdb_max_bytes, cap_name=LMDB_CAP)
         bucket = JoinBucket(self.cfg.settings, store)
         bucket.resume(self.seq)  # 0: a fresh start, so nothing of an earlier run is kept
         bucket.advance(self.clock.watermark)
@@ -95,12 +107,10 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         self.bucket = bucket
         now = time.time()
         out: list[Any] = []
-        behind = 0
         for b in values:
             if b.events:
-                wm = self.clock.watermark
-                if min(map(_ts, b.events)) < wm:  # rare: count them only then
-                    behind += sum(1 for e in b.events if e.ts < wm)
+                # The bucket's watermark is the clock's (advanced after every batch): it counts the
+                # events behind it in its own loop, so this step touches no event.
                 if b.partition.startswith("features"):
                     out += bucket.on_features(b.events, b.keys)
                     if self.cfg.forward_impressions:
@@ -114,11 +124,14 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             out += examples
             out += dead
         if bucket.over_capacity():
-            bucket.flush(self.seq + 1)
+            bucket.flush(self.seq + 1, durable=False)  # the snapshot's flush makes it durable
             bucket.evict(int(self.cfg.settings.cache_size * EVICT_TO))
-        if behind:
-            EVENTS_BEHIND.labels(self.publisher.worker).inc(behind)
-        self.publisher.publish(bucket.counts)
+        if bucket.behind:
+            self.publisher.child(EVENTS_BEHIND, self.publisher.worker).inc(bucket.behind)
+            bucket.behind = 0
+        if now - self.published_at >= PUBLISH_EVERY_S:  # a few hundred batches a second: not each
+            self.publisher.publish(bucket.counts)
+            self.published_at = now
         return out, False
 
     def on_notify(self) -> tuple[list[Any], bool]:
@@ -136,23 +149,30 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         if self.bucket is not None:
             self.seq += 1
             self.bucket.flush(self.seq)
+            self.publisher.publish(self.bucket.counts)
             memory, disk = self.bucket.waiting()
-            w = self.publisher.worker
-            WAITING.labels(w, self.bucket_key, "memory").set(memory)
-            WAITING.labels(w, self.bucket_key, "disk").set(disk)
-            WATERMARK_LAG.labels(w, self.bucket_key).set(max(0.0, time.time() - self.clock.watermark)
-                                                         if self.clock.watermark > 0 else 0.0)
+            w, child = self.publisher.worker, self.publisher.child
+            child(WAITING, w, self.bucket_key, "memory").set(memory)
+            child(WAITING, w, self.bucket_key, "disk").set(disk)
+            lag = max(0.0, time.time() - self.clock.watermark) if self.clock.watermark > 0 else 0.0
+            child(WATERMARK_LAG, w, self.bucket_key).set(lag)
         return {"seq": self.seq, "clock": self.clock.state()}
 
 
-def _dead_letters(batch: SourceBatch) -> list:
-    # Every batch passes here once: count it by stream.
-    if batch.events:
-        EVENTS_READ.labels(batch.stream).inc(len(batch.events))
-    if batch.dead:
-        for d in batch.dead:
-            DEAD_LETTERS.labels(batch.stream, reason_class(d.reason)).inc()
-    return batch.dead
+class DeadLetterStep:
+    """Every source batch passes here once: its events are counted by stream, its dead letters by
+    stream and kind of reason (one `inc` per kind in the batch), and the dead letters go on."""
+
+    def __init__(self) -> None:
+        self.child = Children()
+
+    def __call__(self, batch: SourceBatch) -> list:
+        if batch.events:
+            self.child(EVENTS_READ, batch.stream).inc(len(batch.events))
+        if batch.dead:
+            for reason, n in Counter(reason_class(d.reason) for d in batch.dead).items():
+                self.child(DEAD_LETTERS, batch.stream, reason).inc(n)
+        return batch.dead
 
 
 def _is_example(x: Any) -> bool:
@@ -184,7 +204,7 @@ def train_step_config(config: Config) -> TrainStepConfig:
         deltas_brokers=config.brokers if config.source == "kafka" else None,
         deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()),
         train=config.train, user_recent=config.user_recent, undo_keep=config.undo_keep,
-        recovery_dir=bytewax_recovery_dir())
+        recovery_dir=bytewax_recovery_dir(), lmdb_max_bytes=config.lmdb_max_bytes)
 
 
 def bytewax_recovery_dir(argv: Optional[list[str]] = None, env: Optional[dict] = None) -> Optional[str]:
@@ -222,13 +242,14 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     batches = {s: op.input(f"in_{s}", flow, src) for s, src in made.items()}
 
     everything = op.merge("all_batches", *batches.values())
-    dead_in = op.flat_map("dead_letters", everything, _dead_letters)
+    dead_in = op.flat_map("dead_letters", everything, DeadLetterStep())
 
     partitions = tuple(p for s in JOIN_STREAMS for p in partition_names(s, config, made[s]))
     join_in = op.merge("join_in", *(batches[s] for s in JOIN_STREAMS))
     keyed = op.flat_map("route", join_in, partial(route, buckets=config.buckets))
     step = JoinStepConfig(partitions, config.lateness_s, config.state_dir, config.undo_keep,
-                          join_settings(config), forward_impressions=config.train)
+                          join_settings(config), forward_impressions=config.train,
+                          lmdb_max_bytes=config.lmdb_max_bytes)
     joined = op.stateful_batch("join", keyed, lambda state: JoinLogic(step, state))
     outcomes = op.map("outcome", joined, lambda kv: kv[1])
     dead_or_not = op.branch("split_dead", outcomes, _is_dead)

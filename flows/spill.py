@@ -15,6 +15,8 @@ from typing import Protocol, TypeVar
 
 import lmdb
 
+from paramserver.lmdb_limits import LmdbStoreFull, grown_size, initial_size
+
 Entry = tuple[float, bytes]  # (due, payload)
 
 _T = TypeVar("_T")
@@ -35,7 +37,7 @@ class SpillStoreError(Exception):
     """The spill store cannot do what was asked; the message says what to do about it."""
 
 
-class SpillStoreFull(SpillStoreError):
+class SpillStoreFull(SpillStoreError, LmdbStoreFull):
     """A flush needs more room than `max_map_size` allows; the store is as it was before it."""
 
 
@@ -61,8 +63,11 @@ class SpillStore(Protocol):
         `start` when given, at most `limit` of them (page on by passing the last one as `start`)."""
         ...
 
-    def flush(self, tag: int, writes: Mapping[bytes, Entry | None]) -> None:
-        """Put each (due, payload), delete each None, in one write transaction tagged `tag`."""
+    def flush(self, tag: int, writes: Mapping[bytes, Entry | None], *, durable: bool = True) -> None:
+        """Put each (due, payload), delete each None, in one write transaction tagged `tag`.
+
+        `durable=False` (a flush under memory pressure, between snapshots) may be undone by a
+        system crash, as a whole; the next durable flush makes it durable too."""
         ...
 
     def last_tag(self) -> int:
@@ -133,14 +138,15 @@ class LmdbSpillStore:
         undo_keep: int = 8,
         map_size: int = 64 << 20,
         max_map_size: int | None = None,
+        cap_name: str = "max_map_size",
     ) -> None:
         if undo_keep < 1:
             raise ValueError(f"undo_keep must be at least 1 (the undo of the last flush), got {undo_keep}")
-        if max_map_size is not None and map_size > max_map_size:
-            raise ValueError(f"map_size {map_size} exceeds max_map_size {max_map_size}")
+        map_size = initial_size(map_size, max_map_size)
         self.path = Path(path)
         self.undo_keep = undo_keep
         self.max_map_size = max_map_size
+        self.cap_name = cap_name  # what the error of a full store tells the operator to raise
         self.path.mkdir(parents=True, exist_ok=True)
         data_file = self.path / _DATA_FILE
         if data_file.exists():
@@ -153,8 +159,11 @@ class LmdbSpillStore:
             subdir=True,
             max_dbs=4,
             writemap=False,  # a stray write through the map could corrupt the file; LMDB copies instead
-            sync=True,  # durable commits: the undo records are what makes a resume correct
-            metasync=True,
+            # Every commit syncs its data pages, so a system crash can at worst undo the last
+            # commits whole (ACI kept); a durable flush also syncs the meta page (`flush`). The
+            # undo records are what makes a resume correct.
+            sync=True,
+            metasync=False,
             lock=True,
             readahead=False,  # reads are random lookups by join key
         )
@@ -231,7 +240,7 @@ class LmdbSpillStore:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def flush(self, tag: int, writes: Mapping[bytes, Entry | None]) -> None:
+    def flush(self, tag: int, writes: Mapping[bytes, Entry | None], *, durable: bool = True) -> None:
         tag = operator.index(tag)
         if tag < 0 or tag >= 1 << 64:
             raise ValueError(f"tag must be in [0, 2**64), got {tag}")
@@ -250,6 +259,8 @@ class LmdbSpillStore:
                 raw_due = _raw_due(entry[0])
                 items.append((key, raw_due + entry[1], _index_prefix(raw_due) + key))
         dropped = self._write(lambda txn: self._flush_txn(txn, tag, items))
+        if durable:
+            self._env.sync(True)  # the meta page too: this flush survives a system crash
         self._last_tag = tag
         self._dropped = dropped
 
@@ -321,6 +332,7 @@ class LmdbSpillStore:
                 f"to avoid it, raise undo_keep above the number of snapshots between recovery backups."
             )
         restored = self._write(lambda txn: self._rollback_txn(txn, to_tag))
+        self._env.sync(True)
         self._last_tag = to_tag
         return restored
 
@@ -397,17 +409,12 @@ class LmdbSpillStore:
                 self._grow()
 
     def _grow(self) -> None:
-        size = self._env.info()["map_size"]
-        if self.max_map_size is not None and size >= self.max_map_size:
-            raise SpillStoreFull(
-                f"spill store {self.path} is full: the write needs more than max_map_size="
-                f"{self.max_map_size} bytes; nothing was written. Raise the limit, add join buckets, "
-                f"or shorten the join window."
-            ) from None
-        new_size = size * 2
-        if self.max_map_size is not None:
-            new_size = min(new_size, self.max_map_size)
-        self._env.set_mapsize(new_size)
+        try:
+            size = grown_size(self._env.info()["map_size"], self.max_map_size, "join spill store", self.path,
+                              self.cap_name)
+        except LmdbStoreFull as e:
+            raise SpillStoreFull(f"{e} (Or add join buckets, or shorten the join window.)") from None
+        self._env.set_mapsize(size)
 
     def _meta_int(self, txn: lmdb.Transaction, name: bytes) -> int:
         raw = txn.get(name, db=self._meta)

@@ -19,6 +19,8 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from itertools import compress, repeat
+from operator import is_not
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -29,11 +31,13 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from paramserver.idmap import IdIndex, encode, key_hash, zeros
+from paramserver.lmdb_limits import grown_size, initial_size
 from paramserver.records import (
     DENSE_CHUNK_BYTES,
     Records,
     decode_dense,
     decode_item,
+    decode_row_values,
     decode_rows,
     decode_user_actions,
     encode_item,
@@ -284,6 +288,9 @@ class LmdbServingStore:
     nothing and tears nothing; a machine crash may lose the last commits or damage the store, which
     is derived data: delete it and rebuild it (a replica from the topic, the primary by a full
     sync). `durable=True` fsyncs every commit, without the writable map.
+
+    A full map grows (doubling) up to `max_map_size` bytes; a write past it fails whole with
+    `LmdbStoreFull`, which names `cap_name` (the setting an operator raises).
     """
 
     def __init__(
@@ -298,9 +305,13 @@ class LmdbServingStore:
         changelog_max_keys: int = 1_000_000,
         name: str = "primary",
         clock: Callable[[], float] = time.time,
+        max_map_size: int | None = None,
+        cap_name: str = "max_map_size",
     ) -> None:
         self.path = Path(path)
         self.writer = writer
+        self.max_map_size = max_map_size
+        self.cap_name = cap_name
         self.name = name
         self.clock = clock
         self.changelog_versions = changelog_versions
@@ -318,7 +329,8 @@ class LmdbServingStore:
         try:
             if writer:
                 self.path.mkdir(parents=True, exist_ok=True)
-                self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=4, sync=durable,
+                self.env = lmdb.open(str(self.path), map_size=initial_size(map_size, max_map_size), max_dbs=4,
+                                     sync=durable,
                                      metasync=durable, writemap=not durable, readahead=False, meminit=False)
                 self._data = self.env.open_db(_DATA)
                 self._meta = self.env.open_db(_META)
@@ -406,20 +418,17 @@ class LmdbServingStore:
     def read_rows(self, slot: str, ids: Sequence[str], dim: int | None = None) -> RowsRead:
         keys = row_keys(slot, ids)
         with self._read() as txn:
-            g = txn.get
-            vals = [g(k) for k in keys]
+            vals = list(map(txn.get, keys))  # LMDB's own B-tree lookups are most of a read's cost
         n = len(vals)
-        missing = vals.count(None)
-        if not missing:
-            rows = decode_rows(vals, dim)
-            return RowsRead(rows.values, np.ones(n, bool), rows.versions)
-        found = np.fromiter((v is not None for v in vals), bool, n)
-        rows = decode_rows([v for v in vals if v is not None], dim)
-        d = rows.values.shape[1]
-        values = np.zeros((n, d), np.float32)
+        if None not in vals:
+            values, versions = decode_row_values(vals, dim)
+            return RowsRead(values, np.ones(n, bool), versions)
+        found = np.fromiter(map(is_not, vals, repeat(None)), bool, n)
+        got, got_versions = decode_row_values(list(compress(vals, found)), dim)
+        values = np.zeros((n, got.shape[1]), np.float32)
         versions = np.zeros(n, np.uint64)
-        values[found] = rows.values
-        versions[found] = rows.versions
+        values[found] = got
+        versions[found] = got_versions
         return RowsRead(values, found, versions)
 
     def read_dense(self) -> DenseBlob | None:
@@ -587,7 +596,8 @@ class LmdbServingStore:
 
     def _grow(self) -> None:
         with self._gate.exclusive():
-            size = self.env.info()["map_size"] * 2
+            size = grown_size(self.env.info()["map_size"], self.max_map_size, f"serving store ({self.name})",
+                              self.path, self.cap_name)
             log.info("serving store %s: map full, growing it to %d MiB", self.path, size >> 20)
             self.env.set_mapsize(size)
         COUNTS.growths[self.name] = COUNTS.growths.get(self.name, 0) + 1

@@ -4,6 +4,7 @@ examples whatever the cache size, flushes and evictions (state going through LMD
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections import Counter
 
@@ -257,3 +258,18 @@ def test_resume_rolls_the_store_back_to_the_flush_of_the_snapshot(tmp_path):
 def test_keep_fraction_is_uniform_enough(rate):
     xs = [keep_fraction(f"r{i}\x00v") for i in range(20000)]
     assert 0.48 < sum(x < 0.5 for x in xs) / len(xs) < 0.52
+
+
+def test_a_compiled_joiner_refuses_to_run_in_place_of_a_changed_source(monkeypatch):
+    import flows.joiner as joiner
+
+    monkeypatch.setattr(joiner, "_BUILT_FROM", "0" * 64)
+    with pytest.raises(ImportError, match="compiled from another version"):
+        joiner._check_built_from_source()
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="a working tree may run the source uncompiled")
+def test_the_install_compiles_the_joiner():
+    import flows.joiner as joiner
+
+    assert joiner.COMPILED, f"{joiner.__file__} is not the compiled module: pip install -e . builds it (setup.py)"
