@@ -419,13 +419,13 @@ class ItemIndex:
             live[removed] = False
             bias[removed] = -np.inf
         where = np.fromiter((pos[i] for i in sorted(touched)), np.int64, len(touched))
-        fresh = sorted(touched & changed_items)  # new or changed entries: every slot again
+        fresh = sorted(touched & changed_ids)  # new or changed entries: every slot again
         if fresh:
             at = np.fromiter((pos[i] for i in fresh), np.int64, len(fresh))
             emb[at], bias[at] = self._pool([entries[p] for p in at])
         d = spec.dim
         for j, slot in enumerate((*spec.item_side, "item_id.bias")):
-            items = sorted(by_slot[slot] - changed_items)
+            items = sorted(by_slot[slot] - changed_ids)
             if not items:
                 continue
             at = np.fromiter((pos[i] for i in items), np.int64, len(items))
