@@ -67,8 +67,9 @@ class TrainStepConfig:
     train: bool = True  # False: no trainer, no tables; the step writes the catalog only
     user_recent: int = 50  # actions kept per user in the catalog
     undo_keep: int = 12  # snapshots back a resume can set the catalog's counts to
-    # Bytewax's recovery directory (resolved) when recovery is on: it names the run, so a restart
-    # killed before its first snapshot still counts as a resume of the same run (at snapshot 0).
+    # Bytewax's recovery directory (resolved, with when it was made) when recovery is on: it names
+    # the run, so a restart killed before its first snapshot still counts as a resume of the same
+    # run (at snapshot 0).
     recovery_dir: Optional[str] = None
 
 
