@@ -196,7 +196,8 @@ class _ExampleTail:
         if config.source == "kafka":
             from confluent_kafka import Consumer
 
-            self._consumer = Consumer({"bootstrap.servers": config.brokers, "group.id": f"bench-{uuid.uuid4().hex}",
+            self._consumer = Consumer({"bootstrap.servers": config.brokers, **config.kafka_settings(),
+                                       "group.id": f"bench-{uuid.uuid4().hex}",
                                        "auto.offset.reset": "earliest", "enable.auto.commit": False})
             self._consumer.subscribe([config.topic("examples")])
 

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from flows.config import Config, ConfigError, ensure_state_dir
+from flows.kafka_client import check_broker
 
 
 def _config_flags() -> argparse.ArgumentParser:
@@ -236,6 +237,7 @@ def cmd_replica(args: argparse.Namespace) -> int:
     from paramserver.serving import LmdbServingStore
 
     config = _config(args)
+    check_broker(config.brokers, config.kafka_settings())
     store = LmdbServingStore(args.store, writer=True, name="replica")
     stop = threading.Event()
     try:
@@ -291,6 +293,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port={args.port}: expected 0 to 65535")
     factory = _recommender_factory(args.recommender)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.source == "kafka" or args.replica:
+        # Refused credentials stop the start; a broker that is down does not (POST /actions: 503).
+        check_broker(config.brokers, config.kafka_settings(), timeout_s=30.0 if args.replica else 5.0,
+                     unreachable_ok=not args.replica)
     if not args.replica:
         recommender = factory(config)
         serve(recommender, config, args.host, args.port,

@@ -178,12 +178,16 @@ class Config:
                                   "each flow process reads its Kafka partitions' high watermarks this often "
                                   "for `freshrec_source_kafka_lag`")
     kafka_config: str = _setting("FRESHREC_KAFKA_CONFIG", "{}", _text,
-                                 "JSON object of extra librdkafka settings (SASL, TLS), passed through")
+                                 "JSON object of librdkafka settings (SASL, TLS) given to every Kafka client; checked "
+                                 "at start-up")
     serve_refresh_ms: float = _setting("FRESHREC_SERVE_REFRESH_MS", "100", _number(float, 1),
                                        "the model server brings its item vectors up to the serving store this often")
     serve_delivery_timeout_ms: int = _setting("FRESHREC_SERVE_DELIVERY_TIMEOUT_MS", "5000", _number(int, 100, 600_000),
                                               "the model server answers 503 when Kafka has not acknowledged a "
                                               "write within this long")
+    serve_feature_buffer_s: float = _setting("FRESHREC_SERVE_FEATURE_BUFFER_S", "300", _number(float, 1, 3600),
+                                             "the model server keeps feature events Kafka has not taken yet (a "
+                                             "broker down) this long before counting them lost")
     api_token: str = _setting("FRESHREC_API_TOKEN", "", _token,
                               "a bearer token that `POST /actions` and the dashboard require (empty: none)")
     metrics_port: Optional[int] = _setting("FRESHREC_METRICS_PORT", "9464", _port,
@@ -202,11 +206,19 @@ class Config:
             raw = overrides.get(f.name, env.get(meta["env"], meta["default"]))
             values[f.name] = meta["parse"](meta["env"], str(raw))
         config = cls(**values)
-        config.kafka_settings()  # validate now, not when the first consumer starts
+        from flows.kafka_client import check_settings
+
+        check_settings(config._kafka_extra())  # validate now, not when the first consumer starts
         return config
 
     def kafka_settings(self) -> dict[str, str]:
-        """Extra librdkafka settings from FRESHREC_KAFKA_CONFIG."""
+        """What every Kafka client of freshrec gets besides its own settings: the clients' defaults
+        (flows/kafka_client.py), then FRESHREC_KAFKA_CONFIG's librdkafka settings (SASL, TLS)."""
+        from flows.kafka_client import CLIENT_DEFAULTS
+
+        return {**CLIENT_DEFAULTS, **self._kafka_extra()}
+
+    def _kafka_extra(self) -> dict[str, str]:
         try:
             extra = json.loads(self.kafka_config)
         except json.JSONDecodeError as e:

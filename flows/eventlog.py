@@ -21,6 +21,8 @@ from flows.streams import StreamWriter
 
 log = logging.getLogger(__name__)
 
+PROBE_S = 0.5  # while the broker is down, an event log asks for it this often
+CLOSE_FLUSH_S = 10.0  # a closing Kafka log waits at most this long for its last deliveries
 Record = tuple[str, bytes]  # (message key, one JSON object without its newline)
 
 
@@ -138,11 +140,14 @@ class KafkaEventLog:
     """
 
     def __init__(self, brokers: str, topic: str, *, delivery_timeout_ms: int = 5000,
-                 extra: dict[str, str] | None = None, poll_interval_s: float = 0.005):
+                 extra: dict[str, str] | None = None, poll_interval_s: float = 0.005, fail_fast: bool = True):
         from confluent_kafka import KafkaException, Producer
 
         self.topic = topic
         self.delivery_timeout_ms = delivery_timeout_ms
+        # False: a write while the broker is down waits in the producer's queue (up to the
+        # delivery timeout) instead of failing at once: for writes nobody waits on (feature events).
+        self.fail_fast = fail_fast
         # Set when librdkafka reports every broker down or a delivery fails: for one delivery
         # timeout from then, writes fail at once instead of each waiting out the timeout.
         self._down_since: float | None = None
@@ -172,8 +177,24 @@ class KafkaEventLog:
         log.warning("kafka producer for %s: %s", self.topic, err.str())
 
     def _poll(self) -> None:
+        last_probe = 0.0
         while not self._stop.is_set():
             self._producer.poll(self._poll_interval_s)
+            if self._down_since is not None and time.monotonic() - last_probe > PROBE_S:
+                last_probe = time.monotonic()
+                self._probe()
+
+    def _probe(self) -> None:
+        """While writes fail fast, ask the broker for the topic's metadata: once every partition
+        has a leader again, writes go through, instead of failing until the delivery timeout has
+        passed since the last error (measured: the first 202 came 3.9 s after the broker was back)."""
+        try:
+            topic = self._producer.list_topics(self.topic, timeout=PROBE_S).topics.get(self.topic)
+        except self._kafka_exception:
+            return
+        if topic is not None and topic.error is None and topic.partitions \
+                and all(p.leader >= 0 for p in topic.partitions.values()):
+            self._down_since = None
 
     def _down(self) -> bool:
         since = self._down_since
@@ -182,7 +203,7 @@ class KafkaEventLog:
     async def append(self, records: Sequence[Record], sync: bool = True) -> None:
         if not records:
             return
-        if self._down():
+        if self.fail_fast and self._down():
             raise StreamDown(f"Kafka is unreachable: {self._last_error}")
         batch = _Batch(asyncio.get_running_loop(), len(records))
         produced = 0
@@ -213,7 +234,8 @@ class KafkaEventLog:
 
     async def close(self) -> None:
         def close() -> None:
-            left = self._producer.flush(self.delivery_timeout_ms / 1000)
+            # Bounded: a log that buffers for minutes must not hold a stopping server that long.
+            left = self._producer.flush(min(self.delivery_timeout_ms / 1000, CLOSE_FLUSH_S))
             if left:
                 log.warning("kafka producer for %s closed with %d messages undelivered", self.topic, left)
 
@@ -232,8 +254,14 @@ class _Refused:
 
 
 def open_event_log(stream: str, config: Config, tag: str = "serve") -> EventLog:
-    """The stream's log for this process: its folder of files, or its Kafka topic."""
+    """The stream's log for this process: its folder of files, or its Kafka topic. Feature events
+    (nobody waits on them) wait out a broker's outage in the producer's queue, up to
+    FRESHREC_SERVE_FEATURE_BUFFER_S; other writes fail fast (POST /actions answers 503)."""
     if config.source == "kafka":
+        if stream == "features":
+            return KafkaEventLog(config.brokers, config.topic(stream),
+                                 delivery_timeout_ms=int(config.serve_feature_buffer_s * 1000),
+                                 extra=config.kafka_settings(), fail_fast=False)
         return KafkaEventLog(config.brokers, config.topic(stream),
                              delivery_timeout_ms=config.serve_delivery_timeout_ms,
                              extra=config.kafka_settings())

@@ -50,7 +50,10 @@ PARTITIONED_TOPICS = ("features", "actions", "items", "examples")
 COMPACTED_TOPICS = ("param-deltas",)
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+PORT_WAIT_S = 5.0
 EXIT_NOT_RUNNING = 3
+
+_SASL_WORD = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Popen handles of brokers this process started: polling them reaps the child, so an in-process
 # caller (a test) never sees its stopped broker linger as a zombie that still answers kill(pid, 0).
@@ -238,8 +241,26 @@ class LocalKafka:
         home: str | os.PathLike[str] | None = None,
         num_partitions: int = 1,
         topic_partitions: int = DEFAULT_TOPIC_PARTITIONS,
+        sasl_users: Mapping[str, str] | None = None,
+        sasl_port: int | None = None,
+        tls_keystore: str | os.PathLike[str] | None = None,
+        tls_password: str | None = None,
+        tls_port: int | None = None,
     ) -> None:
         self.port = _check_port(port) if port is not None else default_port()
+        # SASL/PLAIN on a listener of its own (SASL_PLAINTEXT), beside the PLAINTEXT one that the
+        # broker's own tools and readiness checks use: for testing clients' credentials.
+        self.sasl_users = dict(sasl_users or {})
+        for name, secret in self.sasl_users.items():
+            if not (_SASL_WORD.fullmatch(name) and _SASL_WORD.fullmatch(secret)):
+                raise KafkaLocalError(f"SASL user {name!r}: names and passwords take letters, digits, '_' and '-'")
+        self.sasl_port = (sasl_port if sasl_port is not None else self.port + 2) if self.sasl_users else None
+        # TLS on a listener of its own (SSL), its certificate and key in a PKCS12 keystore.
+        self.tls_keystore = Path(tls_keystore).resolve() if tls_keystore is not None else None
+        self.tls_password = tls_password
+        if self.tls_keystore is not None and not (tls_password and _SASL_WORD.fullmatch(tls_password)):
+            raise KafkaLocalError("a TLS keystore needs its password (letters, digits, '_' and '-')")
+        self.tls_port = (tls_port if tls_port is not None else self.port + 3) if self.tls_keystore else None
         self.controller_port = controller_port if controller_port is not None else self.port + 1
         self.home = Path(home).expanduser() if home is not None else default_home()
         self.data_dir = (
@@ -251,6 +272,16 @@ class LocalKafka:
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str | None:
+        """The SASL_PLAINTEXT listener (mechanism PLAIN), when the broker has SASL users."""
+        return f"{HOST}:{self.sasl_port}" if self.sasl_port is not None else None
+
+    @property
+    def tls_bootstrap(self) -> str | None:
+        """The SSL listener, when the broker has a TLS keystore."""
+        return f"{HOST}:{self.tls_port}" if self.tls_port is not None else None
 
     @property
     def libs_dir(self) -> Path:
@@ -397,7 +428,17 @@ class LocalKafka:
 
     def _launch(self, timeout: float) -> None:
         java = _java()
-        for port, role in ((self.port, "broker"), (self.controller_port, "controller")):
+        ports = [(self.port, "broker"), (self.controller_port, "controller")]
+        if self.sasl_port is not None:
+            ports.append((self.sasl_port, "SASL listener"))
+        if self.tls_port is not None:
+            ports.append((self.tls_port, "TLS listener"))
+        for port, role in ports:
+            # A moment's wait: the ports are in the ephemeral range, and after a stop a client's
+            # reconnect attempt may hold one as its local port for an instant.
+            deadline = time.monotonic() + PORT_WAIT_S
+            while not _port_free(port) and time.monotonic() < deadline:
+                time.sleep(0.1)
             if not _port_free(port):
                 raise KafkaLocalError(
                     f"port {port} on {HOST} (the {role}'s) is in use: another Kafka? "
@@ -465,6 +506,29 @@ class LocalKafka:
             # The cleaner's default 128 MiB buffer would take a quarter of the 512 MiB heap.
             "log.cleaner.dedupe.buffer.size": str(32 * 1024 * 1024),
         }
+        if self.sasl_users:
+            users = " ".join(f'user_{name}="{secret}"' for name, secret in self.sasl_users.items())
+            props.update({
+                "listeners": props["listeners"] + f",SASL_PLAINTEXT://{HOST}:{self.sasl_port}",
+                "advertised.listeners": props["advertised.listeners"] + f",SASL_PLAINTEXT://{HOST}:{self.sasl_port}",
+                "listener.security.protocol.map": props["listener.security.protocol.map"]
+                + ",SASL_PLAINTEXT:SASL_PLAINTEXT",
+                "sasl.enabled.mechanisms": "PLAIN",
+                "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "PLAIN",
+                # The listener's server side: the users it accepts (user_<name>="<password>").
+                "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                    f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+            })
+        if self.tls_keystore is not None:
+            props.update({
+                "listeners": props["listeners"] + f",SSL://{HOST}:{self.tls_port}",
+                "advertised.listeners": props["advertised.listeners"] + f",SSL://{HOST}:{self.tls_port}",
+                "listener.security.protocol.map": props["listener.security.protocol.map"] + ",SSL:SSL",
+                "listener.name.ssl.ssl.keystore.type": "PKCS12",
+                "listener.name.ssl.ssl.keystore.location": str(self.tls_keystore),
+                "listener.name.ssl.ssl.keystore.password": str(self.tls_password),
+                "listener.name.ssl.ssl.key.password": str(self.tls_password),
+            })
         self._properties.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         log = self._server_log
         (self.data_dir / "log4j2.properties").write_text(

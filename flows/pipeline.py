@@ -31,6 +31,7 @@ from flows.clock import BucketBatch, BucketClock, SourceBatch, route
 from flows.config import Config, ConfigError, ensure_state_dir
 from flows.events import DeadLetter, Example
 from flows.joiner import JoinBucket, JoinSettings, positive_rule
+from flows.kafka_client import check_broker
 from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher, reason_class
 from flows.observe import serve_metrics, worker_label
 from flows.sinks import make_sink
@@ -232,6 +233,10 @@ def build_flow(config: Config, *, tap: Sink | None = None,
                sources: dict[str, Any] | None = None) -> Dataflow:
     """The dataflow for `config`; `tap` also receives every example (tests, tools)."""
     ensure_state_dir(config)
+    if config.source == "kafka":
+        # Refused credentials stop the start here, naming the setting; Bytewax's partition listing
+        # would wait for ever.
+        check_broker(config.brokers, config.kafka_settings())
     flow = Dataflow("freshrec")
     made = {s: (sources or {}).get(s) or make_source(s, config) for s in ("features", "actions", "items")}
     batches = {s: op.input(f"in_{s}", flow, src) for s, src in made.items()}

@@ -6,6 +6,7 @@ at-least-once: after a crash the epoch in flight is written again.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -15,7 +16,10 @@ from flows.config import Config
 from flows.events import encode
 from flows.streams import StreamWriter
 
+log = logging.getLogger("freshrec.sinks")
+
 KeyOf = Callable[[Any], Optional[str]]
+FLUSH_WARN_S = 30.0
 
 class _FilePartition(StatelessSinkPartition[Any]):
     def __init__(self, writer: StreamWriter):
@@ -40,10 +44,19 @@ class FileStreamSink(DynamicSink[Any]):
 
 
 class _KafkaPartition(StatelessSinkPartition[Any]):
+    """A producer with no delivery timeout (FLUSH_WARN_S between warnings while the broker is
+    down): an outage holds the flow here, however long, and loses nothing. A delivery the broker
+    refuses (not a timeout) stops the flow with its error: never a silent loss."""
+
     def __init__(self, producer: Any, topic: str, key_of: KeyOf):
         self.producer = producer
         self.topic = topic
         self.key_of = key_of
+        self.failed: list[str] = []
+
+    def _delivered(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self.failed.append(err.str())
 
     def write_batch(self, items: list[Any]) -> None:
         for item in items:
@@ -51,18 +64,26 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
             while True:
                 try:
                     self.producer.produce(self.topic, encode(item),
-                                          key.encode() if key is not None else None)
+                                          key.encode() if key is not None else None, on_delivery=self._delivered)
                     break
                 except BufferError:
                     self.producer.poll(0.1)  # local queue full: let deliveries drain
             self.producer.poll(0)
         # Bytewax commits the epoch after this returns: wait until the broker has it all.
-        remaining = self.producer.flush(60)
-        if remaining:
-            raise RuntimeError(f"Kafka did not acknowledge {remaining} messages to {self.topic!r} in 60 s")
+        self._flush()
+
+    def _flush(self) -> None:
+        waited = 0.0
+        while (remaining := self.producer.flush(FLUSH_WARN_S)) > 0:
+            waited += FLUSH_WARN_S
+            log.warning("Kafka has not acknowledged %d messages to %r for %.0f s (broker down?); waiting",
+                        remaining, self.topic, waited)
+        if self.failed:
+            failed, self.failed = self.failed, []
+            raise RuntimeError(f"Kafka refused {len(failed)} messages to {self.topic!r}: {failed[0]}")
 
     def close(self) -> None:
-        self.producer.flush(60)
+        self._flush()
 
 
 class KafkaStreamSink(DynamicSink[Any]):
@@ -76,8 +97,11 @@ class KafkaStreamSink(DynamicSink[Any]):
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaPartition:
         from confluent_kafka import Producer
 
+        # message.timeout.ms 0: no delivery timeout (librdkafka's default drops a message after
+        # 5 min); a broker outage holds the flow instead.
         producer = Producer({"bootstrap.servers": self.config.brokers, "linger.ms": 5,
-                             "enable.idempotence": "true", **self.config.kafka_settings()})
+                             "enable.idempotence": "true", "message.timeout.ms": "0",
+                             **self.config.kafka_settings()})
         return _KafkaPartition(producer, self.topic, self.key_of)
 
 

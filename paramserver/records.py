@@ -87,6 +87,7 @@ __all__ = [
     "decode_dense",
     "decode_dense_chunk",
     "decode_item",
+    "decode_row_values",
     "decode_rows",
     "decode_user_actions",
     "dense_key",
@@ -249,10 +250,25 @@ def decode_rows(values: Sequence[bytes], dim: int | None = None) -> DecodedRows:
 
     Raises RecordError when a record is not a row record of format 1 or the dims differ.
     """
-    n = len(values)
-    if n == 0:
+    if not values:
         d = dim or 0
         return DecodedRows(np.zeros((0, d), np.float32), np.zeros(0, np.uint64), np.zeros(0), np.zeros(0))
+    rec = _row_records(values, dim)
+    return DecodedRows(rec["values"].copy(), rec["version"].copy(), rec["updated_at"].copy(), rec["arrival"].copy())
+
+
+def decode_row_values(values: Sequence[bytes], dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(values (n, dim) float32, versions (n,) uint64) of row records, checked as `decode_rows`
+    checks them: what a reader needs, without copying the times out too."""
+    if not values:
+        return np.zeros((0, dim or 0), np.float32), np.zeros(0, np.uint64)
+    rec = _row_records(values, dim)
+    return rec["values"].copy(), rec["version"].copy()
+
+
+def _row_records(values: Sequence[bytes], dim: int | None) -> np.ndarray:
+    """Row records (at least one) as one structured array over their joined bytes, checked."""
+    n = len(values)
     first = values[0]
     if len(first) < ROW_HEADER_BYTES:
         raise RecordError(f"a row record of {len(first)} bytes is shorter than its {ROW_HEADER_BYTES}-byte header")
@@ -268,7 +284,7 @@ def decode_rows(values: Sequence[bytes], dim: int | None = None) -> DecodedRows:
         bad = int(np.flatnonzero((rec["format"] != ROW_FORMAT) | (rec["dim"] != d))[0])
         raise RecordError(f"row record {bad} has format {rec['format'][bad]} and dim {rec['dim'][bad]}; "
                           f"expected format {ROW_FORMAT} and dim {d}")
-    return DecodedRows(rec["values"].copy(), rec["version"].copy(), rec["updated_at"].copy(), rec["arrival"].copy())
+    return rec
 
 
 def encode_row_batch(batch: RowBatch) -> tuple[list[bytes], list[bytes], list[bytes]]:

@@ -19,6 +19,8 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from itertools import compress, repeat
+from operator import is_not
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -34,6 +36,7 @@ from paramserver.records import (
     Records,
     decode_dense,
     decode_item,
+    decode_row_values,
     decode_rows,
     decode_user_actions,
     encode_item,
@@ -406,20 +409,17 @@ class LmdbServingStore:
     def read_rows(self, slot: str, ids: Sequence[str], dim: int | None = None) -> RowsRead:
         keys = row_keys(slot, ids)
         with self._read() as txn:
-            g = txn.get
-            vals = [g(k) for k in keys]
+            vals = list(map(txn.get, keys))  # LMDB's own B-tree lookups are most of a read's cost
         n = len(vals)
-        missing = vals.count(None)
-        if not missing:
-            rows = decode_rows(vals, dim)
-            return RowsRead(rows.values, np.ones(n, bool), rows.versions)
-        found = np.fromiter((v is not None for v in vals), bool, n)
-        rows = decode_rows([v for v in vals if v is not None], dim)
-        d = rows.values.shape[1]
-        values = np.zeros((n, d), np.float32)
+        if None not in vals:
+            values, versions = decode_row_values(vals, dim)
+            return RowsRead(values, np.ones(n, bool), versions)
+        found = np.fromiter(map(is_not, vals, repeat(None)), bool, n)
+        got, got_versions = decode_row_values(list(compress(vals, found)), dim)
+        values = np.zeros((n, got.shape[1]), np.float32)
         versions = np.zeros(n, np.uint64)
-        values[found] = rows.values
-        versions[found] = rows.versions
+        values[found] = got
+        versions[found] = got_versions
         return RowsRead(values, found, versions)
 
     def read_dense(self) -> DenseBlob | None:
@@ -772,6 +772,9 @@ class KafkaDeltaProducer:
             "linger.ms": 5,
             "compression.type": "lz4",
             "queue.buffering.max.messages": 2_000_000,
+            # No delivery timeout: librdkafka's default drops a record after 5 minutes of a broker
+            # outage, and a replica would miss it for good; the queue holds them meanwhile.
+            "message.timeout.ms": 0,
             "delivery.report.only.error": True,
             "on_delivery": self._on_delivery,
         }

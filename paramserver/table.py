@@ -31,7 +31,10 @@ __all__ = ["Adagrad", "Adam", "EmbeddingTable", "Ftrl", "HashedEmbeddingTable", 
 Ids = Sequence[str]
 _NAN = float("nan")
 _ZERO = np.zeros(1, np.int64)
-HOT_IDS = 1 << 17  # ids per table whose rows a dict remembers (see EmbeddingTable._rows)
+# Ids per table whose rows a dict remembers (see EmbeddingTable._rows): about 110 bytes each (entry,
+# key, row int), so at most ~28 MB per table. A table whose working set outgrows it (200k users did
+# past 1 << 17) falls back to the numpy map for every batch, about 1.4x the dict's cost there.
+HOT_IDS = 1 << 18
 HOT_PROBE = 16
 
 
@@ -213,10 +216,12 @@ class _RowTable:
         if n == 0:
             return
         self.counts["pushes"] += n
-        if self._cache_ids is not None and ids == self._cache_ids:
+        cached, self._cache_ids = self._cache_ids, None  # one push per pull: keep no caller's ids alive
+        if cached is not None and ids == cached:
             rows = self._cache_rows
         else:
             rows = self._rows_for_push(ids)
+        del cached
         # Sorted, so that ids without a row (0 and -1) come first and repeats sit together.
         order = rows.argsort(kind="stable")
         srt = rows.take(order)

@@ -18,6 +18,7 @@ from paramserver.records import (
     decode_dense,
     decode_dense_chunk,
     decode_item,
+    decode_row_values,
     decode_rows,
     decode_user_actions,
     dense_key,
@@ -71,6 +72,25 @@ def test_decoding_refuses_records_that_are_not_rows_of_one_dim():
         decode_rows([b"\x02" + a[0][1:]])
     with pytest.raises(RecordError):
         decode_rows([b"short"])
+    for bad in (a + b, [b"\x02" + a[0][1:]], [b"short"], [a[0], a[1][:-4] + b"\0" * 4 + b"\0"]):
+        with pytest.raises(RecordError):
+            decode_row_values(bad)
+    with pytest.raises(RecordError):
+        decode_row_values(a, dim=5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(0, 20), dim=st.integers(1, 9), seed=st.integers(0, 2**32 - 1))
+def test_decode_row_values_is_what_decode_rows_reads(n, dim, seed):
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((n, dim)).astype(np.float32)
+    versions = rng.integers(0, 2**63, n, dtype=np.uint64)
+    recs = encode_rows(values, versions, 5.0, np.full(n, 1.0))
+    got, got_versions = decode_row_values(recs, dim)
+    full = decode_rows(recs, dim)
+    assert got.dtype == np.float32 and got.shape == (n, dim) and got_versions.dtype == np.uint64
+    assert got.tobytes() == values.tobytes() == full.values.tobytes()
+    assert got_versions.tolist() == versions.tolist() == full.versions.tolist()
 
 
 @settings(max_examples=100, deadline=None)

@@ -503,6 +503,20 @@ def test_a_push_between_pull_and_push_of_another_batch_uses_the_right_rows():
     assert t.counts["ignored_pushes"] == 3
 
 
+def test_a_push_keeps_no_reference_to_the_callers_ids():
+    # Holding the pulled batch's ids until the next pull would keep a trainer's batch alive, and
+    # free it inside that next pull.
+    import sys
+
+    t = EmbeddingTable("s", SlotConfig(dim=2, min_count=1))
+    t.pull([f"x{i}" for i in range(50)], now=1.0)  # the hot-id dict keeps these first objects
+    ids = ["".join(("x", str(i))) for i in range(50)]  # new objects, equal to those
+    before = [sys.getrefcount(i) for i in ids]
+    t.pull(ids, now=1.0)
+    t.push(ids, np.ones((50, 2), np.float32), now=1.0)
+    assert [sys.getrefcount(i) for i in ids] == before
+
+
 # --- the store -------------------------------------------------------------------------------------------
 
 def test_store_caps_slots_and_counts_the_excess():
