@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from flows.config import Config, ConfigError, ensure_state_dir
+from flows.config import LMDB_CAP, Config, ConfigError, ensure_state_dir
 from flows.kafka_client import check_broker
 
 
@@ -201,7 +201,8 @@ def cmd_train_batch(args: argparse.Namespace) -> int:
         raise ConfigError(f"FRESHREC_DATA_DIR: no examples under {config.stream_dir('examples')}; run the flow first")
     examples.sort(key=lambda e: e.label_ts)
     spec = FeatureSpec(config.user_slots, config.item_slots, config.dense_features, config.embedding_dim)
-    params = parameter_store(spec, config.state_dir / "params")
+    params = parameter_store(spec, config.state_dir / "params", checkpoint_max_bytes=config.lmdb_max_bytes,
+                             cap_name=LMDB_CAP)
     tags = params.tags()
     if tags:
         params.restore(tags[-1])
@@ -221,7 +222,8 @@ def cmd_train_batch(args: argparse.Namespace) -> int:
     params.set_dense(trainer.dense_state())
     tag = (tags[-1] if tags else 0) + 1
     params.checkpoint(tag)
-    store = LmdbServingStore(config.state_dir / "serving", writer=True)
+    store = LmdbServingStore(config.state_dir / "serving", writer=True, max_map_size=config.lmdb_max_bytes,
+                             cap_name=LMDB_CAP)
     rows = DeltaSync(params, ServingWriter(store)).sync(dense=True)
     store.close()
     print(f"trained {len(examples)} examples x {args.epochs} epochs; tables checkpointed as {tag}; "
@@ -238,7 +240,8 @@ def cmd_replica(args: argparse.Namespace) -> int:
 
     config = _config(args)
     check_broker(config.brokers, config.kafka_settings())
-    store = LmdbServingStore(args.store, writer=True, name="replica")
+    store = LmdbServingStore(args.store, writer=True, name="replica", max_map_size=config.lmdb_max_bytes,
+                             cap_name=LMDB_CAP)
     stop = threading.Event()
     try:
         with ParamDeltaReplica(store, config.brokers, config.topic("param-deltas"),
@@ -307,7 +310,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from paramserver.serving import LmdbServingStore
 
     store_path = Path(args.store) if args.store else config.state_dir / "serving-replica"
-    store = LmdbServingStore(store_path, writer=True, name="replica")
+    store = LmdbServingStore(store_path, writer=True, name="replica", max_map_size=config.lmdb_max_bytes,
+                             cap_name=LMDB_CAP)
     stop = threading.Event()
     failed: list[BaseException] = []
     try:
@@ -338,6 +342,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def lower_own_autogroup(nice: int) -> bool:
+    """Linux's autogroup (on by default on many distributions) shares CPU between sessions first,
+    and a nice value weighs only within its session: a dashboard in a session of its own (a
+    service, `setsid`, a launcher) competes with the flow's session as an equal whatever its nice
+    value. When this process leads its session, give the session's autogroup the nice value too.
+    In a terminal the shell leads the session: left alone (the value would reach the shell and all
+    it runs). True when set."""
+    if os.getsid(0) != os.getpid():
+        return False
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        return False  # no autogroup here (or not allowed): os.nice alone is what there is
+    return True
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """The live dashboard: scrapes the flow's processes and the model server, serves one page."""
     import asyncio
@@ -356,6 +377,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             os.nice(args.nice)
         except OSError as e:
             print(f"freshrec dashboard: --nice {args.nice}: {e.strerror}; running at normal priority", file=sys.stderr)
+        lower_own_autogroup(args.nice)
     try:
         asyncio.run(serve(scraper, args.host, args.port, config.api_token))
     except OSError as e:

@@ -8,12 +8,13 @@ logic: no Bytewax here.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from flows.events import DeadLetter, Event
+from flows.events import DeadLetter, Event, encode
 
 ACTIVE, IDLE, ENDED = 0, 1, 2
 STATUS_NAMES = {ACTIVE: "active", IDLE: "idle", ENDED: "ended"}
@@ -89,9 +90,30 @@ def stable_hash(data: bytes) -> int:
     return zlib.crc32(data)
 
 
+# LmdbSpillStore's limit on a key. Ids are up to 128 characters, so a join key may be 1,025 bytes.
+MAX_JOIN_KEY_BYTES = 503
+LONG_KEY_MARK = "\x1f#"
+
+
+def join_key(request_id: str, item_id: str) -> str:
+    """The join key: `request_id NUL item_id`, or, when that is too long for the spill store or
+    ambiguous (an id holding a NUL), a digest of the two ids that is both."""
+    k = f"{request_id}\x00{item_id}"
+    if len(k) * 4 > MAX_JOIN_KEY_BYTES or k.count("\x00") != 1:
+        kb = k.encode()
+        if len(kb) > MAX_JOIN_KEY_BYTES or kb.count(0) != 1:
+            return _long_key(request_id, item_id)
+    return k
+
+
+def _long_key(request_id: str, item_id: str) -> str:
+    ids = encode([request_id, item_id])  # JSON: unambiguous, whatever the ids hold
+    return LONG_KEY_MARK + hashlib.blake2b(ids, digest_size=20).hexdigest()
+
+
 def bucket_of(request_id: str, item_id: str, buckets: int) -> int:
     """The join bucket of a join key: stable across processes and runs."""
-    return zlib.crc32(f"{request_id}\x00{item_id}".encode()) % buckets
+    return zlib.crc32(join_key(request_id, item_id).encode()) % buckets
 
 
 def bucket_key(bucket: int) -> str:
@@ -110,7 +132,11 @@ def route(batch: SourceBatch, buckets: int) -> Iterator[tuple[str, BucketBatch]]
     # The join key is made here once and goes along with its event, so the bucket need not make it again.
     for e in batch.events:
         k = f"{e.request_id}\x00{e.item_id}"
-        b = crc32(k.encode()) % buckets
+        kb = k.encode()
+        if len(kb) > MAX_JOIN_KEY_BYTES or kb.count(0) != 1:  # rare: see join_key
+            k = _long_key(e.request_id, e.item_id)
+            kb = k.encode()
+        b = crc32(kb) % buckets
         parts[b].append(e)
         key_parts[b].append(k)
     for b, events in enumerate(parts):

@@ -98,6 +98,13 @@ def _token(name: str, raw: str) -> str:
     return value
 
 
+def _bytes_cap(name: str, raw: str) -> Optional[int]:
+    """A size in bytes (at least 1 MiB: LMDB needs room for its own pages), or None for `off`."""
+    if raw.strip().lower() in ("", "off", "none", "0"):
+        return None
+    return _number(int, 1 << 20)(name, raw)
+
+
 def _path(name: str, raw: str) -> Path:
     return Path(_text(name, raw))
 
@@ -180,8 +187,18 @@ class Config:
     kafka_config: str = _setting("FRESHREC_KAFKA_CONFIG", "{}", _text,
                                  "JSON object of librdkafka settings (SASL, TLS) given to every Kafka client; checked "
                                  "at start-up")
+    lmdb_max_bytes: Optional[int] = _setting("FRESHREC_LMDB_MAX_BYTES", "off", _bytes_cap,
+                                             "each LMDB store (a join bucket's spill store, the training "
+                                             "checkpoints, a serving store) grows its map up to this many bytes; "
+                                             "a write past it stops the process with an error naming the store, "
+                                             "and nothing of it is written. `off`: up to what the disk holds")
     serve_refresh_ms: float = _setting("FRESHREC_SERVE_REFRESH_MS", "100", _number(float, 1),
                                        "the model server brings its item vectors up to the serving store this often")
+    serve_read_timeout_s: float = _setting("FRESHREC_SERVE_READ_TIMEOUT_S", "30", _number(float, 0, 3600, lo_open=True),
+                                           "the model server closes a connection whose request headers have not "
+                                           "all come within this long (an idle keep-alive connection too), and "
+                                           "answers 408 to a request body not all read within it: slow clients "
+                                           "cannot hold its connections")
     serve_delivery_timeout_ms: int = _setting("FRESHREC_SERVE_DELIVERY_TIMEOUT_MS", "5000", _number(int, 100, 600_000),
                                               "the model server answers 503 when Kafka has not acknowledged a "
                                               "write within this long")
@@ -244,6 +261,7 @@ class Config:
 
 
 SETTINGS_FILE = "settings.json"
+LMDB_CAP = "FRESHREC_LMDB_MAX_BYTES"  # named by the error of a store that reaches it
 
 
 def ensure_state_dir(config: Config) -> Path:

@@ -292,6 +292,10 @@ class Scraper:
         return out
 
     async def run(self) -> None:
+        if self.serving_dir is not None:
+            # Imported as scraping starts, not at the first scrape that finds the store (mid-watch,
+            # while the flow that just made it is busy): numpy and lmdb are most of its start-up.
+            import paramserver.serving  # noqa: F401
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         async with ClientSession(timeout=ClientTimeout(total=max(0.5, self.interval_s * 0.9)),
                                  headers=headers) as session:

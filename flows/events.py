@@ -14,6 +14,9 @@ import msgspec
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_TS = 4102444800.0  # 2100-01-01: anything later is a unit mistake (milliseconds)
+# JSON integers have no bound; the spill store's msgpack, Kafka's consumers (a Java long) and numpy
+# do. A larger position would be accepted and then stop the flow where it is first stored.
+MAX_POSITION = 2**63 - 1
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 # msgspec rejects NaN/Infinity tokens and numbers that overflow a float, so every decoded float is
@@ -36,7 +39,7 @@ class FeatureEvent(msgspec.Struct, omit_defaults=True, gc=False):
     user_id: Id
     item_id: Id
     ts: Ts
-    position: Optional[Annotated[int, msgspec.Meta(ge=0)]] = None
+    position: Optional[Annotated[int, msgspec.Meta(ge=0, le=MAX_POSITION)]] = None
     sparse: Sparse = {}
     dense: Dense = {}
     model_version: Optional[str] = None
@@ -142,9 +145,16 @@ def dead_letter(stream: str, raw: bytes, reason: str, received_at: float) -> Dea
 
 def _reason(raw: bytes, err: Exception) -> str:
     """Turn a decoder error into a reason that names the field and what was wrong."""
+    # Bad UTF-8 first, whatever the decoder tripped over: the JSON scanner may stop earlier (at a
+    # syntax error, or at a first value that is not an object), and msgspec's offset of a
+    # UnicodeDecodeError is within the string it was decoding, not the input.
+    bad_utf8 = _utf8_error(raw)
+    if bad_utf8:
+        return bad_utf8
+    if not raw.strip():
+        return "not JSON: empty (whitespace only)" if raw else "not JSON: empty"
     if isinstance(err, UnicodeDecodeError):
-        # msgspec's offset is within the string it was decoding; report the offset in the input.
-        return _utf8_error(raw) or f"not UTF-8: invalid byte at offset {err.start}"
+        return f"not UTF-8: invalid byte at offset {err.start}"
     if isinstance(err, RecursionError):
         return "not accepted: JSON nested too deeply"
     msg = str(err)
@@ -162,8 +172,7 @@ def _reason(raw: bytes, err: Exception) -> str:
                 return f"invalid field ts: out of range, must be in (0, {MAX_TS:.0f}] seconds since the epoch"
             return f"invalid field {field}: {what}"
         return msg
-    # A decode error may hide bad UTF-8 that the JSON scanner tripped over first.
-    return _utf8_error(raw) or "not JSON: " + msg.removeprefix("JSON is malformed: ")
+    return "not JSON: " + msg.removeprefix("JSON is malformed: ")
 
 
 def _utf8_error(raw: bytes) -> Optional[str]:
@@ -185,6 +194,12 @@ def _check(
         event.received_at = arrival
     elif not event.received_at > 0:
         return dead_letter(stream, raw, "invalid field received_at: must be > 0", arrival)
+    elif event.received_at > arrival + max_future_s:
+        # Set by freshrec's writers before the flow reads the event: one from the future would let
+        # its `ts` pass the check below and drag the watermark forward.
+        ahead = event.received_at - arrival
+        return dead_letter(stream, raw, f"received_at from the future: {ahead:.0f} s ahead of its arrival",
+                           arrival)
     if event.ts > event.received_at + max_future_s:
         ahead = event.ts - event.received_at
         return dead_letter(stream, raw, f"ts from the future: {ahead:.0f} s ahead of its arrival", arrival)

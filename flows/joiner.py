@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 import msgspec
 
+from flows.clock import join_key
 from flows.events import (
     NEGATIVE_ACTIONS,
     POSITIVE_ACTIONS,
@@ -29,7 +30,7 @@ from flows.events import (
 )
 from flows.spill import SpillStore
 
-Key = str  # request_id + "\x00" + item_id
+Key = str  # request_id + "\x00" + item_id (flows.clock.join_key)
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class JoinBucket:
         """A batch of feature events in arrival order; `keys` are their join keys if known (route
         makes them to hash the events to their bucket)."""
         if keys is None:
-            keys = [f"{e.request_id}\x00{e.item_id}" for e in events]
+            keys = [join_key(e.request_id, e.item_id) for e in events]
         if self._stored:
             self._prefetch(keys)
         out: list[Example] = []
@@ -260,7 +261,7 @@ class JoinBucket:
     def on_actions(self, events: list[ActionEvent], keys: Optional[list[Key]] = None) -> list[Example]:
         """A batch of action events in arrival order; `keys` as in `on_features`."""
         if keys is None:
-            keys = [f"{e.request_id}\x00{e.item_id}" for e in events]
+            keys = [join_key(e.request_id, e.item_id) for e in events]
         if self._stored:
             self._prefetch(keys)
         out: list[Example] = []

@@ -1,9 +1,12 @@
 """The flow's Prometheus metrics, under the contract's names (`freshrec_<part>_<what>[_<unit>]`).
 
-Steps keep plain counts and publish them here once per batch, never per event.
+Steps keep plain counts and publish them here once per batch, never per event, through labelled
+children they look up once (`.labels()` takes a lock and builds a tuple each call).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 
@@ -52,18 +55,34 @@ CATALOG = {
 EVENTS_READ = Counter("freshrec_source_events", "valid events read, by stream", ["stream"])
 
 
+class Children:
+    """The labelled children of metrics, each looked up on first use and kept (a child appears in
+    the output from its first use, as with `.labels()`, so nothing shows that never happened)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple, Any] = {}
+
+    def __call__(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._kept.get(key)
+        if child is None:
+            child = self._kept[key] = metric.labels(*labels)
+        return child
+
+
 class CatalogPublisher:
     """Publishes the growth of a catalog's counts since the last call."""
 
     def __init__(self, worker: str):
         self.worker = worker
         self.last: dict[str, int] = {}
+        self.child = Children()
 
     def publish(self, counts: dict[str, int]) -> None:
         for name, counter in CATALOG.items():
             delta = counts[name] - self.last.get(name, 0)
             if delta > 0:
-                counter.labels(self.worker).inc(delta)
+                self.child(counter, self.worker).inc(delta)
         self.last = dict(counts)
 
 
@@ -73,6 +92,7 @@ class JoinPublisher:
     def __init__(self, worker: str):
         self.worker = worker
         self.last = JoinCounts().as_dict()
+        self.child = Children()
 
     def publish(self, counts: JoinCounts) -> None:
         now = counts.as_dict()
@@ -82,11 +102,11 @@ class JoinPublisher:
         for name, counter in JOIN.items():
             delta = now[name] - last[name]
             if delta > 0:
-                counter.labels(self.worker).inc(delta)
+                self.child(counter, self.worker).inc(delta)
         self.last = now
         looked = now["cache_hits"] + now["cache_misses"]
         if looked:
-            CACHE_HIT_RATIO.labels(self.worker).set(now["cache_hits"] / looked)
+            self.child(CACHE_HIT_RATIO, self.worker).set(now["cache_hits"] / looked)
 
 
 MAX_REASONS = 32  # distinct reason labels per process; the rest count as "other"

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -28,11 +29,20 @@ from bytewax.outputs import Sink
 
 from flows.catalog import catalog_delta
 from flows.clock import BucketBatch, BucketClock, SourceBatch, route
-from flows.config import Config, ConfigError, ensure_state_dir
+from flows.config import LMDB_CAP, Config, ConfigError, ensure_state_dir
 from flows.events import DeadLetter, Example
 from flows.joiner import JoinBucket, JoinSettings, positive_rule
 from flows.kafka_client import check_broker
-from flows.metrics import DEAD_LETTERS, EVENTS_BEHIND, EVENTS_READ, WAITING, WATERMARK_LAG, JoinPublisher, reason_class
+from flows.metrics import (
+    DEAD_LETTERS,
+    EVENTS_BEHIND,
+    EVENTS_READ,
+    WAITING,
+    WATERMARK_LAG,
+    Children,
+    JoinPublisher,
+    reason_class,
+)
 from flows.observe import serve_metrics, worker_label
 from flows.sinks import make_sink
 from flows.sources import make_source, partition_names
@@ -64,6 +74,7 @@ class JoinStepConfig:
     undo_keep: int
     settings: JoinSettings
     forward_impressions: bool = False
+    lmdb_max_bytes: Optional[int] = None
 
 
 class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
@@ -85,7 +96,8 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
     def _open(self, key: str) -> JoinBucket:
         # Bytewax tells a builder no key: the bucket opens its store when its first batch comes.
         self.bucket_key = key
-        store = LmdbSpillStore(self.cfg.state_dir / "join" / key, undo_keep=self.cfg.undo_keep)
+        store = LmdbSpillStore(self.cfg.state_dir / "join" / key, undo_keep=self.cfg.undo_keep,
+                               max_map_size=self.cfg.lmdb_max_bytes, cap_name=LMDB_CAP)
         bucket = JoinBucket(self.cfg.settings, store)
         bucket.resume(self.seq)  # 0: a fresh start, so nothing of an earlier run is kept
         bucket.advance(self.clock.watermark)
@@ -118,7 +130,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             bucket.flush(self.seq + 1)
             bucket.evict(int(self.cfg.settings.cache_size * EVICT_TO))
         if behind:
-            EVENTS_BEHIND.labels(self.publisher.worker).inc(behind)
+            self.publisher.child(EVENTS_BEHIND, self.publisher.worker).inc(behind)
         self.publisher.publish(bucket.counts)
         return out, False
 
@@ -138,22 +150,28 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             self.seq += 1
             self.bucket.flush(self.seq)
             memory, disk = self.bucket.waiting()
-            w = self.publisher.worker
-            WAITING.labels(w, self.bucket_key, "memory").set(memory)
-            WAITING.labels(w, self.bucket_key, "disk").set(disk)
-            WATERMARK_LAG.labels(w, self.bucket_key).set(max(0.0, time.time() - self.clock.watermark)
-                                                         if self.clock.watermark > 0 else 0.0)
+            w, child = self.publisher.worker, self.publisher.child
+            child(WAITING, w, self.bucket_key, "memory").set(memory)
+            child(WAITING, w, self.bucket_key, "disk").set(disk)
+            lag = max(0.0, time.time() - self.clock.watermark) if self.clock.watermark > 0 else 0.0
+            child(WATERMARK_LAG, w, self.bucket_key).set(lag)
         return {"seq": self.seq, "clock": self.clock.state()}
 
 
-def _dead_letters(batch: SourceBatch) -> list:
-    # Every batch passes here once: count it by stream.
-    if batch.events:
-        EVENTS_READ.labels(batch.stream).inc(len(batch.events))
-    if batch.dead:
-        for d in batch.dead:
-            DEAD_LETTERS.labels(batch.stream, reason_class(d.reason)).inc()
-    return batch.dead
+class DeadLetterStep:
+    """Every source batch passes here once: its events are counted by stream, its dead letters by
+    stream and kind of reason (one `inc` per kind in the batch), and the dead letters go on."""
+
+    def __init__(self) -> None:
+        self.child = Children()
+
+    def __call__(self, batch: SourceBatch) -> list:
+        if batch.events:
+            self.child(EVENTS_READ, batch.stream).inc(len(batch.events))
+        if batch.dead:
+            for reason, n in Counter(reason_class(d.reason) for d in batch.dead).items():
+                self.child(DEAD_LETTERS, batch.stream, reason).inc(n)
+        return batch.dead
 
 
 def _is_example(x: Any) -> bool:
@@ -185,7 +203,7 @@ def train_step_config(config: Config) -> TrainStepConfig:
         deltas_brokers=config.brokers if config.source == "kafka" else None,
         deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()),
         train=config.train, user_recent=config.user_recent, undo_keep=config.undo_keep,
-        recovery_dir=recovery_run_name(bytewax_recovery_dir()))
+        recovery_dir=recovery_run_name(bytewax_recovery_dir()), lmdb_max_bytes=config.lmdb_max_bytes)
 
 
 def bytewax_recovery_dir(argv: Optional[list[str]] = None, env: Optional[dict] = None) -> Optional[str]:
@@ -242,13 +260,14 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     batches = {s: op.input(f"in_{s}", flow, src) for s, src in made.items()}
 
     everything = op.merge("all_batches", *batches.values())
-    dead_in = op.flat_map("dead_letters", everything, _dead_letters)
+    dead_in = op.flat_map("dead_letters", everything, DeadLetterStep())
 
     partitions = tuple(p for s in JOIN_STREAMS for p in partition_names(s, config, made[s]))
     join_in = op.merge("join_in", *(batches[s] for s in JOIN_STREAMS))
     keyed = op.flat_map("route", join_in, partial(route, buckets=config.buckets))
     step = JoinStepConfig(partitions, config.lateness_s, config.state_dir, config.undo_keep,
-                          join_settings(config), forward_impressions=config.train)
+                          join_settings(config), forward_impressions=config.train,
+                          lmdb_max_bytes=config.lmdb_max_bytes)
     joined = op.stateful_batch("join", keyed, lambda state: JoinLogic(step, state))
     outcomes = op.map("outcome", joined, lambda kv: kv[1])
     dead_or_not = op.branch("split_dead", outcomes, _is_dead)

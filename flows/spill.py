@@ -15,6 +15,8 @@ from typing import Protocol, TypeVar
 
 import lmdb
 
+from paramserver.lmdb_limits import LmdbStoreFull, grown_size, initial_size
+
 Entry = tuple[float, bytes]  # (due, payload)
 
 _T = TypeVar("_T")
@@ -35,7 +37,7 @@ class SpillStoreError(Exception):
     """The spill store cannot do what was asked; the message says what to do about it."""
 
 
-class SpillStoreFull(SpillStoreError):
+class SpillStoreFull(SpillStoreError, LmdbStoreFull):
     """A flush needs more room than `max_map_size` allows; the store is as it was before it."""
 
 
@@ -133,14 +135,15 @@ class LmdbSpillStore:
         undo_keep: int = 8,
         map_size: int = 64 << 20,
         max_map_size: int | None = None,
+        cap_name: str = "max_map_size",
     ) -> None:
         if undo_keep < 1:
             raise ValueError(f"undo_keep must be at least 1 (the undo of the last flush), got {undo_keep}")
-        if max_map_size is not None and map_size > max_map_size:
-            raise ValueError(f"map_size {map_size} exceeds max_map_size {max_map_size}")
+        map_size = initial_size(map_size, max_map_size)
         self.path = Path(path)
         self.undo_keep = undo_keep
         self.max_map_size = max_map_size
+        self.cap_name = cap_name  # what the error of a full store tells the operator to raise
         self.path.mkdir(parents=True, exist_ok=True)
         data_file = self.path / _DATA_FILE
         if data_file.exists():
@@ -397,17 +400,12 @@ class LmdbSpillStore:
                 self._grow()
 
     def _grow(self) -> None:
-        size = self._env.info()["map_size"]
-        if self.max_map_size is not None and size >= self.max_map_size:
-            raise SpillStoreFull(
-                f"spill store {self.path} is full: the write needs more than max_map_size="
-                f"{self.max_map_size} bytes; nothing was written. Raise the limit, add join buckets, "
-                f"or shorten the join window."
-            ) from None
-        new_size = size * 2
-        if self.max_map_size is not None:
-            new_size = min(new_size, self.max_map_size)
-        self._env.set_mapsize(new_size)
+        try:
+            size = grown_size(self._env.info()["map_size"], self.max_map_size, "join spill store", self.path,
+                              self.cap_name)
+        except LmdbStoreFull as e:
+            raise SpillStoreFull(f"{e} (Or add join buckets, or shorten the join window.)") from None
+        self._env.set_mapsize(size)
 
     def _meta_int(self, txn: lmdb.Transaction, name: bytes) -> int:
         raw = txn.get(name, db=self._meta)

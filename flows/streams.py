@@ -96,17 +96,19 @@ def split_lines(chunk: bytes, final: bool) -> tuple[list[bytes], int]:
     if final and end < len(chunk):
         lines.append(chunk[end:])
         used = len(chunk)
-    return [ln for ln in lines if ln.strip()], used
+    # An empty line (of a CRLF file too) is framing; a line of other whitespace is a message that
+    # is not JSON, and goes to the dead letters like any other.
+    return [ln for ln in lines if ln and ln != b"\r"], used
 
 
 def read_lines(path: Path | str, chunk_bytes: int = 1 << 20) -> Iterator[list[bytes]]:
-    """The file's lines in chunks, as bytes (blank lines skipped)."""
+    """The file's lines in chunks, as bytes (empty lines skipped)."""
     with open(path, "rb") as f:
         rest = b""
         while True:
             chunk = f.read(chunk_bytes)
             if not chunk:
-                if rest.strip():
+                if rest and rest != b"\r":
                     yield [rest]
                 return
             lines, used = split_lines(rest + chunk, final=False)

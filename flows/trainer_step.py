@@ -29,6 +29,7 @@ from bytewax.operators import StatefulBatchLogic
 from prometheus_client import Counter, Gauge
 
 from flows.catalog import Catalog, CatalogDelta
+from flows.config import LMDB_CAP
 from flows.events import Example
 from flows.metrics import CatalogPublisher
 from flows.observe import worker_label
@@ -71,6 +72,7 @@ class TrainStepConfig:
     # the run, so a restart killed before its first snapshot still counts as a resume of the same
     # run (at snapshot 0).
     recovery_dir: Optional[str] = None
+    lmdb_max_bytes: Optional[int] = None  # FRESHREC_LMDB_MAX_BYTES: the cap of the serving store and checkpoints
 
 
 @dataclass
@@ -143,7 +145,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         params = trainer = keys = None
         if cfg.train:
             params, trainer, keys = self._open_trainer()
-        store = LmdbServingStore(cfg.state_dir / "serving", writer=True)
+        store = LmdbServingStore(cfg.state_dir / "serving", writer=True, max_map_size=cfg.lmdb_max_bytes,
+                                 cap_name=LMDB_CAP)
         deltas = None
         if cfg.deltas_brokers:
             deltas = KafkaDeltaProducer(cfg.deltas_brokers, cfg.deltas_topic, dict(cfg.kafka_settings))
@@ -167,7 +170,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         if began_at == 0 or (not self.resumed and ckpt.exists() and not any(ckpt.iterdir())):
             shutil.rmtree(ckpt, ignore_errors=True)
         spec = FeatureSpec(cfg.user_slots, cfg.item_slots, cfg.dense, cfg.dim)
-        params = parameter_store(spec, ckpt)
+        params = parameter_store(spec, ckpt, checkpoint_max_bytes=cfg.lmdb_max_bytes, cap_name=LMDB_CAP)
         tags = params.tags()
         if self.resumed and self.seq:
             params.restore(self.seq)
@@ -231,17 +234,18 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             step = trainer.train(batch, now, arrival_scores=arrival)
             logged = sum(1 for e in batch if e.score is not None)
             on_arrival = int(np.count_nonzero(~np.isnan(arrival))) - logged
-            PV_SCORES.labels(self.worker, "logged").inc(logged)
-            PV_SCORES.labels(self.worker, "on_arrival").inc(max(0, on_arrival))
-            PV_SCORES.labels(self.worker, "at_training").inc(len(batch) - logged - max(0, on_arrival))
+            child, w = self.catalog_metrics.child, self.worker
+            child(PV_SCORES, w, "logged").inc(logged)
+            child(PV_SCORES, w, "on_arrival").inc(max(0, on_arrival))
+            child(PV_SCORES, w, "at_training").inc(len(batch) - logged - max(0, on_arrival))
             keys.write(self.seq + 1, batch)
             auc = trainer.validation.auc()
-            TRAIN_EXAMPLES.labels(self.worker).inc(step.size)
-            TRAIN_STEPS.labels(self.worker).inc()
-            TRAIN_LOSS.labels(self.worker).set(step.loss)
+            child(TRAIN_EXAMPLES, w).inc(step.size)
+            child(TRAIN_STEPS, w).inc()
+            child(TRAIN_LOSS, w).set(step.loss)
             if auc == auc:
-                TRAIN_AUC.labels(self.worker).set(auc)
-            TRAIN_LOGLOSS.labels(self.worker).set(trainer.validation.log_loss())
+                child(TRAIN_AUC, w).set(auc)
+            child(TRAIN_LOGLOSS, w).set(trainer.validation.log_loss())
             out.append(StepReport(step.size, step.loss, auc))
         self.first_at = now if self.buffer else None
         if now - self.last_dense >= self.cfg.dense_interval_s:

@@ -13,6 +13,8 @@ from typing import Optional, Protocol
 
 import numpy as np
 
+from paramserver.records import MAX_KEY_BYTES, long_id
+
 
 class HasFeatures(Protocol):
     user_id: str
@@ -107,7 +109,12 @@ def make_batch(events: Sequence[HasFeatures], spec: FeatureSpec,
             raw = [v for vs in per for v in vs]
         uniq: dict[str, int] = {}
         index = np.fromiter((uniq.setdefault(v, len(uniq)) for v in raw), np.int32, len(raw))
-        slots[slot] = SlotIds(list(uniq), index, example)
+        ids = list(uniq)
+        if ids and max(map(len, ids)) * 4 > MAX_KEY_BYTES:
+            # The parameter tables take ids of at most 640 bytes and LMDB keys of 511: a longer id
+            # is the digest its serving key holds (paramserver/records.py), which is unique too.
+            ids = [long_id(v) if len(v.encode()) > MAX_KEY_BYTES else v for v in ids]
+        slots[slot] = SlotIds(ids, index, example)
     slots["user_id.bias"] = slots["user_id"]
     slots["item_id.bias"] = slots["item_id"]
     dense = np.zeros((n, len(spec.dense)), np.float32)

@@ -24,7 +24,7 @@ import numpy as np
 from flows.events import POSITIVE_ACTIONS
 from model.features import FeatureSpec
 from model.recommend_types import Health, Recommendation, Served
-from paramserver.records import RecordError, decode_item
+from paramserver.records import LONG_ID_MARK, MAX_KEY_BYTES, RecordError, decode_item, long_id
 from paramserver.serving import ServingStore
 
 __all__ = ["CATALOG_HALF_LIFE_S", "IndexSnapshot", "ItemIndex", "NumpyRanker", "StoreRecommender", "cold_start_scores",
@@ -209,6 +209,12 @@ def _parse_entry(item_id: str, raw: bytes, spec: FeatureSpec) -> Optional[_Entry
     except (RecordError, ValueError) as exc:
         log.warning("catalog entry item/%s is not a JSON object (%s); left out of the index", item_id, exc)
         return None
+    if item_id.startswith(LONG_ID_MARK):  # a key too long for LMDB holds a digest: the id is in the value
+        real = e.get("item_id")
+        if not isinstance(real, str) or long_id(real) != item_id:
+            log.warning("catalog entry item/%s does not name the id of its key; left out of the index", item_id)
+            return None
+        item_id = real
     sparse = e.get("sparse") if isinstance(e.get("sparse"), dict) else {}
     dense = e.get("dense") if isinstance(e.get("dense"), dict) else {}
     values = {"item_id": [item_id], **{s: _values(sparse.get(s)) for s in spec.item_slots}}
@@ -259,6 +265,8 @@ class ItemIndex:
         # (slot, value) -> the items holding it: whom a changed author or tag row touches.
         self._holders: dict[str, dict[str, set[str]]] = {s: {} for s in spec.item_slots}
         self._free: list[int] = []  # free positions, reused by new items
+        # The digest that stands for an id in a key too long for LMDB -> the id (item ids, slot values).
+        self._long_ids: dict[str, str] = {}
         self._broken = False
         self.snapshot = self._build(-1, 0, None, [])
         self.refresh()
@@ -335,6 +343,8 @@ class ItemIndex:
                 slot, sep, id_ = k.decode().partition("/")
                 if not sep or slot not in side:
                     continue
+                if id_.startswith(LONG_ID_MARK):
+                    id_ = self._long_ids.get(id_, id_)
                 if slot in ("item_id", "item_id.bias"):
                     touched.add(id_)
                 else:
@@ -350,12 +360,15 @@ class ItemIndex:
 
         ids, pos, entries, live = snap.ids, snap.pos, snap.entries, snap.live
         removed: list[int] = []
+        changed_ids: set[str] = set()  # the ids of changed_items (a key may hold a digest)
         if changed_items:
             ids, pos, entries = list(ids), dict(pos), list(entries)
             order = sorted(changed_items)
-            for item_id, raw in zip(order, self.store.get([ITEM_PREFIX + i.encode() for i in order]), strict=True):
+            for key_id, raw in zip(order, self.store.get([ITEM_PREFIX + i.encode() for i in order]), strict=True):
+                e = _parse_entry(key_id, raw, spec) if raw is not None else None
+                item_id = e.item_id if e is not None else self._long_ids.get(key_id, key_id)
+                changed_ids.add(item_id)
                 at = pos.get(item_id)
-                e = _parse_entry(item_id, raw, spec) if raw is not None else None
                 if at is not None:
                     self._unhold(entries[at])
                 if e is None:  # tombstoned (or unreadable): the item leaves
@@ -375,6 +388,10 @@ class ItemIndex:
                     pos[item_id] = at
                 ids[at], entries[at] = item_id, e
                 touched.add(item_id)
+        if any(i.startswith(LONG_ID_MARK) for i in touched):
+            # Digests of ids too long for a key, met before the entry that names them: the ids now.
+            touched = {self._long_ids.get(i, i) for i in touched}
+            touched = {i for i in touched if i in pos}
         cap = len(ids)
         # Copies of what changes, never writes into arrays a reader may hold; with only rows
         # changed, the catalog's own arrays (live, dense features, counts, cold scores) are shared.
@@ -388,7 +405,7 @@ class ItemIndex:
         if len(where):
             emb[where], bias[where] = self._pool([entries[p] for p in where])
         if changed_items:
-            at = np.fromiter((pos[i] for i in sorted(changed_items & pos.keys())), np.int64)
+            at = np.fromiter((pos[i] for i in sorted(changed_ids & pos.keys())), np.int64)
             got = [entries[p] for p in at]
             live[at] = True
             raw_dense[at] = self._raw_dense(got)
@@ -413,6 +430,10 @@ class ItemIndex:
         for s in self.spec.item_slots:
             for v in e.values[s]:
                 self._holders[s].setdefault(v, set()).add(e.item_id)
+                if len(v.encode()) > MAX_KEY_BYTES - len(s) - 1:
+                    self._long_ids[long_id(v)] = v
+        if len(e.item_id.encode()) > MAX_KEY_BYTES - len("item_id.bias/"):
+            self._long_ids[long_id(e.item_id)] = e.item_id
 
     def _unhold(self, e: _Entry) -> None:
         for s in self.spec.item_slots:

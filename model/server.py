@@ -36,6 +36,7 @@ from model.recommend_types import Recommender
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+DEFAULT_READ_TIMEOUT_S = 30.0
 MAX_ACTIONS = 1000
 MAX_K = 1000
 DEFAULT_K = 20
@@ -65,7 +66,7 @@ class ServeMetrics:
         self.actions_accepted = Counter("freshrec_serve_actions_accepted", "action events accepted (202)",
                                         registry=r)
         self.actions_rejected = Counter("freshrec_serve_actions_rejected",
-                                        "action events refused, by reason (invalid, stream_down)",
+                                        "action events refused, by reason (invalid, stream_down, slow: a body not read in time)",
                                         ["reason"], registry=r)
         self.index_items = Gauge("freshrec_serve_index_items", "items in the recommender's index", registry=r)
         self.params_version = Gauge("freshrec_serve_params_version",
@@ -95,6 +96,7 @@ class ModelServer:
         self.metrics = ServeMetrics()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="recommend")
         self.max_future_s = getattr(config, "max_future_s", DEFAULT_MAX_FUTURE_S)
+        self.read_timeout_s = getattr(config, "serve_read_timeout_s", DEFAULT_READ_TIMEOUT_S)
         self.token = config.api_token.encode() if config.api_token else None
         self._writes: set[asyncio.Task] = set()
         self._refresher: Optional[asyncio.Task] = None
@@ -236,23 +238,35 @@ class ModelServer:
                                                                   self.token)
 
     async def _read_body(self, request: web.Request) -> Optional[bytes]:
-        """The body, or None when it is over MAX_BODY_BYTES (declared or as it streams in)."""
+        """The body, or None when it is over MAX_BODY_BYTES (declared or as it streams in);
+        TimeoutError when it has not all come within the read timeout (a slow client)."""
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             return None
         chunks = []
         size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                return None
-            chunks.append(chunk)
+        async with asyncio.timeout(self.read_timeout_s):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    return None
+                chunks.append(chunk)
         return b"".join(chunks)
 
     async def post_actions(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return _error(401, "POST /actions needs Authorization: Bearer <token>",
                           {"WWW-Authenticate": 'Bearer realm="freshrec"'})
-        body = await self._read_body(request)
+        try:
+            body = await self._read_body(request)
+        except TimeoutError:
+            self.metrics.actions_rejected.labels("slow").inc()
+            response = _error(408, f"body not read within {self.read_timeout_s:g} s (FRESHREC_SERVE_READ_TIMEOUT_S)")
+            # Sent now, and the connection ended: aiohttp would otherwise linger up to 10 s more
+            # reading the rest of the slow body.
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
+            return response
         if body is None:
             return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
         now = self.clock()
@@ -359,7 +373,8 @@ def serve(recommender: Recommender, config: Config, host: str = "127.0.0.1", por
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        runner = web.AppRunner(create_app(recommender, config, **app_options), access_log=None)
+        runner = web.AppRunner(create_app(recommender, config, **app_options), access_log=None,
+                               keepalive_timeout=_read_timeout(config))
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port)
@@ -373,6 +388,14 @@ def serve(recommender: Recommender, config: Config, host: str = "127.0.0.1", por
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def _read_timeout(config: Config) -> float:
+    # aiohttp (3.14, web_protocol.py) arms its keep-alive timer when a connection opens and again
+    # after each response, and closes the connection if no whole request has come when it fires:
+    # so it is also the time a client has to send its request line and headers. Bytes dribbled in
+    # do not rearm it.
+    return getattr(config, "serve_read_timeout_s", DEFAULT_READ_TIMEOUT_S)
 
 
 def _base_url(runner: web.AppRunner) -> str:
@@ -401,7 +424,7 @@ def running_server(recommender: Recommender, config: Config, host: str = "127.0.
 
     async def start() -> None:
         app = create_app(recommender, config, **app_options)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=_read_timeout(config))
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
@@ -515,6 +538,7 @@ def openapi_document() -> dict:
                                 "properties": {"index": {"type": "integer", "minimum": 0},
                                                "reason": {"type": "string"}}}}}}),
                     "401": _resp("FRESHREC_API_TOKEN is set and the bearer token is missing or wrong", err),
+                    "408": _resp("the body did not all come within FRESHREC_SERVE_READ_TIMEOUT_S", err),
                     "413": _resp(f"body larger than {MAX_BODY_BYTES} bytes", err),
                     "503": _resp("the actions stream is down; nothing was written", err, {
                         "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}),

@@ -30,9 +30,11 @@ class StepResult:
 USER_ID_LR = 0.3
 
 
-def parameter_store(spec: FeatureSpec, checkpoint_dir: Any = None, **slot_options: Any) -> Any:
+def parameter_store(spec: FeatureSpec, checkpoint_dir: Any = None, *, checkpoint_max_bytes: Optional[int] = None,
+                    cap_name: str = "max_map_size", **slot_options: Any) -> Any:
     """The training tables for `spec`: every slot of its width; user and item ids admitted at first
-    sight, other ids after two sightings (paramserver's defaults)."""
+    sight, other ids after two sightings (paramserver's defaults). Checkpoints in `checkpoint_dir`
+    grow up to `checkpoint_max_bytes` (the setting `cap_name`)."""
     from model.features import BIAS_SLOTS
     from paramserver.optimizers import Adagrad
     from paramserver.store import ParameterStore
@@ -45,7 +47,8 @@ def parameter_store(spec: FeatureSpec, checkpoint_dir: Any = None, **slot_option
     # point of training online). MovieLens-100K online AUC over the second half, by this rate:
     # 0.05 (the other slots') 0.7690, 0.3 0.7714, 1.0 0.7682.
     slots["user_id"] = msgspec.structs.replace(default, min_count=1, optimizer=Adagrad(lr=USER_ID_LR))
-    return ParameterStore(slots, default=default, checkpoint_dir=checkpoint_dir)
+    return ParameterStore(slots, default=default, checkpoint_dir=checkpoint_dir,
+                          checkpoint_max_bytes=checkpoint_max_bytes, cap_name=cap_name)
 
 
 class OnlineTrainer:

@@ -25,6 +25,7 @@ import lmdb
 import msgspec
 import numpy as np
 
+from paramserver.lmdb_limits import grown_size, initial_size
 from paramserver.table import SlotConfig
 
 CHUNK = 64 << 20
@@ -87,10 +88,13 @@ def _blob_key(tag: int, table: int, part: str, chunk: int) -> bytes:
 class CheckpointStore:
     """Checkpoints of the parameter store under growing integer tags, in LMDB at `path`."""
 
-    def __init__(self, path: str | Path, *, map_size: int = 64 << 20) -> None:
+    def __init__(self, path: str | Path, *, map_size: int = 64 << 20, max_map_size: Optional[int] = None,
+                 cap_name: str = "max_map_size") -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=3, subdir=True)
+        self.max_map_size = max_map_size
+        self.cap_name = cap_name
+        self._env = lmdb.open(str(self.path), map_size=initial_size(map_size, max_map_size), max_dbs=3, subdir=True)
         self._meta = self._env.open_db(b"meta")
         self._fulls = self._env.open_db(b"fulls")
         self._blobs = self._env.open_db(b"blobs")
@@ -154,14 +158,15 @@ class CheckpointStore:
         older than the `keep_full`-th newest full snapshot, in the same transaction."""
         need = sum(a.nbytes for _, _, a in blobs) + (1 << 20)
         self._make_room(need)
-        for _ in range(8):
+        for _ in range(64):
             try:
                 with self._txn(write=True) as txn:
                     self._write(txn, meta, blobs, keep_full)
                 return
             except lmdb.MapFullError:
-                self._grow(2 * self._env.info()["map_size"])
-        raise lmdb.MapFullError("checkpoint does not fit even after growing the map eight times")
+                self._grow(grown_size(self._env.info()["map_size"], self.max_map_size, "checkpoint store",
+                                      self.path, self.cap_name))
+        raise lmdb.MapFullError("checkpoint does not fit even after growing the map 64 times")
 
     def _write(self, txn: lmdb.Transaction, meta: CheckpointMeta, blobs: list[tuple[int, str, np.ndarray]],
                keep_full: int) -> None:
@@ -199,10 +204,12 @@ class CheckpointStore:
         used = (info["last_pgno"] + 1) * self._env.stat()["psize"]
         want = used + need + need // 4 + (16 << 20)
         if want > info["map_size"]:
-            self._grow(max(want, 2 * info["map_size"]))
+            # At most the cap: whether the write fits under it, only the write itself can tell.
+            self._grow(initial_size(max(want, 2 * info["map_size"]), self.max_map_size))
 
     def _grow(self, size: int) -> None:
-        self._env.set_mapsize(size)
+        if size > self._env.info()["map_size"]:
+            self._env.set_mapsize(size)
 
 
 class PartReader:

@@ -56,12 +56,18 @@ Keys (UTF-8) and values:
   `[item_id, action, ts]` in ts order, oldest first, at most FRESHREC_USER_RECENT of the newest;
   an action already in the list (same item, action and ts) is not repeated.
 
+A key longer than `MAX_KEY_BYTES` (511, LMDB's limit: ids are up to 128 characters, so up to 512
+bytes of UTF-8, and sparse values any length) holds, in place of its id, `LONG_ID_MARK` (`\x1f#`)
+and the 40 hex digits of the id's BLAKE2b-160: `item/\x1f#<hex>`. Readers make keys with the same
+functions; one that needs the id back takes it from the value (`item_id` of a catalog entry).
+
 An empty value (on Kafka, a null value, so that compaction removes the key) is a tombstone: the
 key is deleted (an evicted row, an array chunk no longer used, an item leaving the catalog).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -76,6 +82,8 @@ from paramserver.rows import DenseBlob, RowBatch
 __all__ = [
     "DENSE_CHUNK_BYTES",
     "DENSE_FORMAT",
+    "LONG_ID_MARK",
+    "MAX_KEY_BYTES",
     "RESERVED_PREFIXES",
     "ROW_FORMAT",
     "ROW_HEADER_BYTES",
@@ -98,6 +106,7 @@ __all__ = [
     "encode_user_actions",
     "item_key",
     "key_kind",
+    "long_id",
     "row_dtype",
     "row_key",
     "row_keys",
@@ -132,6 +141,20 @@ class RecordError(ValueError):
 # ---------------------------------------------------------------------------------------- keys
 
 
+MAX_KEY_BYTES = 511  # LMDB's compile-time limit on a key's size
+LONG_ID_MARK = "\x1f#"
+
+
+def long_id(id: str) -> str:
+    """What stands for an id in a key that would be longer than LMDB takes."""
+    return LONG_ID_MARK + hashlib.blake2b(id.encode(), digest_size=20).hexdigest()
+
+
+def _key(prefix: str, id: str) -> bytes:
+    key = (prefix + id).encode()
+    return key if len(key) <= MAX_KEY_BYTES else (prefix + long_id(id)).encode()
+
+
 def check_slot(slot: str) -> str:
     if not slot or "/" in slot or slot in RESERVED_PREFIXES:
         raise RecordError(f"slot name {slot!r} cannot make row keys: it must be non-empty, hold no '/' "
@@ -140,7 +163,7 @@ def check_slot(slot: str) -> str:
 
 
 def row_key(slot: str, id: str) -> bytes:
-    return f"{check_slot(slot)}/{id}".encode()
+    return _key(check_slot(slot) + "/", id)
 
 
 def row_keys(slot: str, ids: Sequence[str]) -> list[bytes]:
@@ -150,8 +173,10 @@ def row_keys(slot: str, ids: Sequence[str]) -> list[bytes]:
         return []
     joined = prefix + ("\0" + prefix).join(ids)
     if joined.count("\0") == len(ids) - 1:
-        return joined.encode().split(b"\0")
-    return [(prefix + i).encode() for i in ids]  # some id holds a NUL: the slow, exact way
+        keys = joined.encode().split(b"\0")
+        if max(map(len, keys)) <= MAX_KEY_BYTES:
+            return keys
+    return [_key(prefix, i) for i in ids]  # some id holds a NUL, or is too long for a key: the slow way
 
 
 def split_row_key(key: bytes) -> tuple[str, str]:
@@ -168,11 +193,11 @@ def dense_key(name: str, chunk: int) -> bytes:
 
 
 def item_key(item_id: str) -> bytes:
-    return b"item/" + item_id.encode()
+    return _key("item/", item_id)
 
 
 def user_key(user_id: str) -> bytes:
-    return b"user/" + user_id.encode()
+    return _key("user/", user_id)
 
 
 def key_kind(key: bytes) -> str:

@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from paramserver.idmap import IdIndex, encode, key_hash, zeros
+from paramserver.lmdb_limits import grown_size, initial_size
 from paramserver.records import (
     DENSE_CHUNK_BYTES,
     Records,
@@ -287,6 +288,9 @@ class LmdbServingStore:
     nothing and tears nothing; a machine crash may lose the last commits or damage the store, which
     is derived data: delete it and rebuild it (a replica from the topic, the primary by a full
     sync). `durable=True` fsyncs every commit, without the writable map.
+
+    A full map grows (doubling) up to `max_map_size` bytes; a write past it fails whole with
+    `LmdbStoreFull`, which names `cap_name` (the setting an operator raises).
     """
 
     def __init__(
@@ -301,9 +305,13 @@ class LmdbServingStore:
         changelog_max_keys: int = 1_000_000,
         name: str = "primary",
         clock: Callable[[], float] = time.time,
+        max_map_size: int | None = None,
+        cap_name: str = "max_map_size",
     ) -> None:
         self.path = Path(path)
         self.writer = writer
+        self.max_map_size = max_map_size
+        self.cap_name = cap_name
         self.name = name
         self.clock = clock
         self.changelog_versions = changelog_versions
@@ -321,7 +329,8 @@ class LmdbServingStore:
         try:
             if writer:
                 self.path.mkdir(parents=True, exist_ok=True)
-                self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=4, sync=durable,
+                self.env = lmdb.open(str(self.path), map_size=initial_size(map_size, max_map_size), max_dbs=4,
+                                     sync=durable,
                                      metasync=durable, writemap=not durable, readahead=False, meminit=False)
                 self._data = self.env.open_db(_DATA)
                 self._meta = self.env.open_db(_META)
@@ -587,7 +596,8 @@ class LmdbServingStore:
 
     def _grow(self) -> None:
         with self._gate.exclusive():
-            size = self.env.info()["map_size"] * 2
+            size = grown_size(self.env.info()["map_size"], self.max_map_size, f"serving store ({self.name})",
+                              self.path, self.cap_name)
             log.info("serving store %s: map full, growing it to %d MiB", self.path, size >> 20)
             self.env.set_mapsize(size)
         COUNTS.growths[self.name] = COUNTS.growths.get(self.name, 0) + 1

@@ -39,7 +39,8 @@ class ParameterStore:
     def __init__(self, slots: Optional[Mapping[str, SlotConfig]] = None, *, default: SlotConfig = DEFAULT_SLOT,
                  first_sight: Iterable[str] = FIRST_SIGHT, max_slots: int = 256,
                  checkpoint_dir: Optional[str | Path] = None, full_every: int = 10, keep_full: int = 2,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, checkpoint_max_bytes: Optional[int] = None,
+                 cap_name: str = "max_map_size") -> None:
         if full_every < 1 or keep_full < 1:
             raise ValueError("full_every and keep_full must be at least 1")
         self._configs = dict(slots or {})
@@ -49,7 +50,8 @@ class ParameterStore:
         self.full_every = full_every
         self.keep_full = keep_full
         self._clock = clock
-        self._ckpt = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
+        self._ckpt = (CheckpointStore(checkpoint_dir, max_map_size=checkpoint_max_bytes, cap_name=cap_name)
+                      if checkpoint_dir is not None else None)
         self._lock = threading.Lock()
         self._reset()
 

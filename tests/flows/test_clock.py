@@ -89,3 +89,26 @@ def test_watermark_never_goes_back_and_never_passes_an_active_partition(steps, l
         if active and not c.free_running():
             # Only the free-running spell (all idle) may have carried it past an active partition.
             assert wm <= max(min(active) - lateness, c.watermark)
+
+
+def test_join_keys_too_long_for_the_spill_store_or_ambiguous_are_digests():
+    from flows.clock import MAX_JOIN_KEY_BYTES, join_key
+
+    emoji = "\U0001F600" * 128  # a valid id of 512 bytes: the plain key would be 1,025
+    assert join_key("r", "v") == "r\x00v"
+    long = join_key(emoji, emoji)
+    assert len(long.encode()) <= MAX_JOIN_KEY_BYTES and long == join_key(emoji, emoji)
+    # An id holding NUL could make another pair's key: such keys are digests of both ids.
+    assert join_key("a\x00b", "c") != join_key("a", "b\x00c")
+    batch = SourceBatch("features", "features-0", [feature_with(emoji, "v"), feature_with("a\x00b", "c")],
+                        [], 1.0, ACTIVE, 0.0)
+    routed = [bb for _, bb in route(batch, 4) if bb.events]
+    assert sorted(k for bb in routed for k in bb.keys) == sorted([join_key(emoji, "v"), join_key("a\x00b", "c")])
+    for bb in routed:
+        assert all(bucket_of(e.request_id, e.item_id, 4) == int(bb.bucket[1:]) for e in bb.events)
+
+
+def feature_with(request_id: str, item_id: str):
+    from flows.events import FeatureEvent
+
+    return FeatureEvent(request_id=request_id, user_id="u", item_id=item_id, ts=1.0)

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import socket
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, ProcessCollector
 
 from flows.config import Config, ConfigError
 from flows.dashboard import Scraper, Target, default_targets, make_app, quantile
 from flows.lag import LagMonitor
 from flows.metrics import MAX_REASONS, reason_class
-from flows.observe import MetricsServer, graph_of, process_id, workers_per_process
+from flows.observe import MetricsServer, ProcessFigures, graph_of, process_id, use_process_figures, workers_per_process
 from flows.pipeline import build_flow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_process_id_comes_from_bytewax_flags_then_its_variables():
@@ -75,9 +83,80 @@ def test_a_process_serves_its_metrics_and_the_dataflows_graph(tmp_path):
         assert {"from": "route", "to": "join", "port": "up"} in graph["edges"]
         assert "flowchart" in graph["mermaid"]
         assert json.loads(urllib.request.urlopen(base + "/info").read())["process"] == 1
-        assert server.httpd.server_address[0] == "127.0.0.1"
+        assert server.address[0] == "127.0.0.1"
     finally:
         server.close()
+
+
+def _until_closed(s: socket.socket) -> bytes:
+    got = b""
+    while chunk := s.recv(4096):
+        got += chunk
+    return got
+
+
+def test_the_metrics_server_keeps_a_scrapers_connection_and_answers_plain_http():
+    server = MetricsServer(0)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        for _ in range(3):  # one connection, one serving thread, for every scrape
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            assert r.status == 200 and r.getheader("Content-Type").startswith("text/plain")
+            assert b"process_cpu_seconds_total" in r.read()
+        assert sum(t.name == "freshrec-metrics-conn" for t in threading.enumerate()) == 1
+        conn.request("HEAD", "/info")
+        r = conn.getresponse()
+        assert r.status == 200 and int(r.getheader("Content-Length")) > 0 and r.read() == b""
+        conn.request("GET", "/nothing")
+        r = conn.getresponse()
+        assert r.status == 404 and b"/metrics" in r.read()
+        conn.request("DELETE", "/metrics")
+        r = conn.getresponse()
+        assert r.status == 405 and r.getheader("Allow") == "GET, HEAD"
+        r.read()
+        conn.request("GET", "/metrics", body=b"x")  # no bodies: refused, and the connection closed
+        r = conn.getresponse()
+        assert r.status == 400 and r.getheader("Connection") == "close"
+        r.read()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"NONSENSE\r\n\r\n")
+            assert _until_closed(s).startswith(b"HTTP/1.1 400 ")  # and closed after it
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"GET /info HTTP/1.0\r\n\r\n")  # HTTP/1.0 without keep-alive: one answer, closed
+            got = _until_closed(s)
+            assert got.startswith(b"HTTP/1.1 200 ") and b'"pid"' in got
+        kept = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        kept.request("GET", "/info")
+        kept.getresponse().read()
+    finally:
+        server.close()
+    # Closing wakes the acceptor and every kept connection's thread.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(t.name.startswith("freshrec-metrics") for t in threading.enumerate()):
+        time.sleep(0.01)
+    assert not any(t.name.startswith("freshrec-metrics") for t in threading.enumerate())
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+
+
+def test_process_figures_are_prometheus_clients_process_metrics():
+    ours = {m.name: m for m in ProcessFigures().collect()}
+    theirs = {m.name: m for m in ProcessCollector(registry=None).collect()}
+    assert set(ours) == set(theirs)
+    for name, m in theirs.items():
+        assert ours[name].documentation == m.documentation and ours[name].type == m.type
+    assert ours["process_start_time_seconds"].samples[0].value == pytest.approx(
+        theirs["process_start_time_seconds"].samples[0].value, abs=0.02)
+    assert ours["process_max_fds"].samples[0].value == theirs["process_max_fds"].samples[0].value
+    assert ours["process_cpu_seconds"].samples[0].value == pytest.approx(
+        theirs["process_cpu_seconds"].samples[0].value, abs=0.05)
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    use_process_figures(registry)
+    use_process_figures(registry)  # once only
+    kinds = [type(c) for c in registry._collector_to_names]
+    assert kinds == [ProcessFigures]
 
 
 def test_kafka_lag_is_the_high_watermark_minus_the_next_offset_to_read():
@@ -231,3 +310,15 @@ def test_the_dashboard_shows_the_model_servers_rate_latency_index_and_version():
         assert point["serve/index_items"] == 600 and point["serve/params_version"] == 9
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no Linux autogroup here")
+def test_a_niced_dashboard_leading_its_session_lowers_its_autogroup_and_no_other():
+    code = ("import os, sys; from flows.cli import lower_own_autogroup; "
+            "print(lower_own_autogroup(7)); print(open('/proc/self/autogroup').read().split()[-1])")
+    own = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         start_new_session=True, cwd=ROOT)
+    assert own.stdout.split() == ["True", "7"], own.stderr
+    ours = open("/proc/self/autogroup").read().split()[-1]
+    shared = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert shared.stdout.split() == ["False", ours], shared.stderr  # the session it shares: left alone

@@ -370,10 +370,20 @@ def test_event_with_its_own_received_at_is_judged_by_it(stream):
     late = with_(stream, ts=arrival + 500, received_at=arrival)
     d = dead(parse(stream, late, arrival + 10_000, max_future_s=ahead), "from the future")
     assert d.received_at == arrival + 10_000
-    # read before its received_at (clock skew): judged by received_at, which it keeps
-    early = with_(stream, ts=arrival + 500, received_at=arrival + 450)
+    # read before its received_at (clock skew, less than max_future_s): judged by received_at, which it keeps
+    early = with_(stream, ts=arrival + 150, received_at=arrival + 90)
     e = accepted(parse(stream, early, arrival, max_future_s=ahead), stream)
-    assert e.received_at == arrival + 450
+    assert e.received_at == arrival + 90
+
+
+@pytest.mark.parametrize("stream", ALL_STREAMS)
+def test_received_at_from_the_future_cannot_carry_a_future_ts_past_the_check(stream):
+    # Both a day and more ahead of the moment the flow read it: it would drag the watermark forward.
+    arrival = 1764288000.0
+    bogus = with_(stream, ts=arrival + 3 * DEFAULT_MAX_FUTURE_S, received_at=arrival + 3 * DEFAULT_MAX_FUTURE_S)
+    d = dead(parse(stream, bogus, arrival), "received_at from the future")
+    assert d.received_at == arrival
+    assert parse_many(stream, [bogus], arrival)[1][0].reason == d.reason
 
 
 @pytest.mark.parametrize("stream", ALL_STREAMS)
@@ -619,7 +629,8 @@ def test_oversized_input_keeps_a_faithful_prefix(stream, raw, filler):
 def test_every_valid_event_round_trips_unchanged(se):
     stream, event = se
     raw = encode(event)
-    got = parse(stream, raw, arrival=1.0)  # its own received_at wins over the arrival
+    # Its own received_at wins over the arrival (read up to max_future_s before it: clock skew).
+    got = parse(stream, raw, arrival=max(1.0, (event.received_at or 1.0) - DEFAULT_MAX_FUTURE_S))
     assert got == event
     assert_finite(got)
     assert encode(got) == raw
@@ -642,7 +653,8 @@ def test_encode_lines_then_parse_many_round_trips(stream, data):
     events = data.draw(st.lists(EVENTS[stream], max_size=8))
     lines = encode_lines(events).splitlines()
     assert len(lines) == len(events)
-    assert parse_many(stream, lines, 1.0) == (events, [])
+    arrival = max([1.0] + [e.received_at - DEFAULT_MAX_FUTURE_S for e in events if e.received_at])
+    assert parse_many(stream, lines, arrival) == (events, [])
 
 
 @settings(max_examples=100, deadline=None)
@@ -721,3 +733,12 @@ def test_wrong_types_in_random_fields_are_dead_lettered(stream, data):
     assert r.raw == raw.decode() and r.received_at == ARRIVAL
     assert field_named(r.reason) in fields, (r.reason, fields)
     assert parse_many(stream, [raw], ARRIVAL) == ([], [r])
+
+
+@pytest.mark.parametrize("position", [2**63, 2**64, 10**30, int("9" * 400)])
+def test_position_past_a_64_bit_integer_is_dead_lettered(position):
+    # The spill store's msgpack (and Kafka's Java consumers) cannot hold it: accepted, it stopped the flow.
+    raw = with_("features", position=position)
+    dead(parse("features", raw, ARRIVAL), "invalid field position:", "<= 9223372036854775807")
+    assert parse_many("features", [raw], ARRIVAL)[1][0].reason.startswith("invalid field position:")
+    assert accepted(parse("features", with_("features", position=2**63 - 1), ARRIVAL), "features").position == 2**63 - 1

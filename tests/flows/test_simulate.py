@@ -33,7 +33,7 @@ def read_events(config, stream):
     events, dead = [], []
     for path in stream_files(config.stream_dir(stream)):
         for lines in read_lines(path):
-            e, d = parse_many(stream, lines, T0)
+            e, d = parse_many(stream, lines, time.time())  # read now, as the flow reads them
             events += e
             dead += d
     return events, dead
@@ -318,7 +318,7 @@ def test_open_loop_to_kafka_keys_and_parses_every_message(tmp_path, kafka_bootst
     counts = {}
     for stream, key in (("items", "item_id"), ("features", "request_id"), ("actions", "request_id")):
         msgs = consume_all(kafka_bootstrap, prefix + stream)
-        events = [parse(stream, m.value(), T0) for m in msgs]
+        events = [parse(stream, m.value(), time.time()) for m in msgs]  # read now, as the flow reads them
         assert all(not hasattr(e, "reason") for e in events), stream
         assert all(m.key() == getattr(e, key).encode() for m, e in zip(msgs, events, strict=True))
         counts[stream] = len(events)

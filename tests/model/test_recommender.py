@@ -487,3 +487,28 @@ def test_a_users_history_features_score_as_the_graph_scores_them_and_are_returne
     rows_in = {s: store.read_rows(s, batch.slots[s].ids, HSPEC.width(s)).values for s in HSPEC.slots}
     want = model.score(batch, rows_in, norm.apply(batch.dense))
     np.testing.assert_allclose([s.score for s in got.items], want, atol=1e-5)
+
+
+def test_items_and_values_too_long_for_an_lmdb_key_are_indexed_under_their_own_ids(store):
+    # A valid item id of 128 characters takes up to 512 bytes and a tag any length: their serving
+    # keys hold digests (paramserver/records.py), and the index maps them back to the ids.
+    rng = np.random.default_rng(4)
+    writer = ServingWriter(store)
+    fill(writer, rng)
+    long_item, long_tag, d = "\U0001F600" * 127 + "x", "é" * 300, SPEC.dim
+    entry = {**item_entry(99, rng), "item_id": long_item}
+    entry["sparse"] = {"author": "a1", "tags": [long_tag]}
+    index = ItemIndex(store, SPEC)
+    writer.write([batch_of("item_id", [long_item], rng.standard_normal((1, d))),
+                  batch_of("tags", [long_tag], rng.standard_normal((1, d)))], items={long_item: entry})
+    assert index.refresh() == 1 and long_item in index.snapshot.pos  # incremental: a new item
+    assert_same_index(index, ItemIndex(store, SPEC))  # and as a full rebuild reads it
+    writer.write([batch_of("tags", [long_tag], rng.standard_normal((1, d)))])
+    assert index.refresh() == 1  # its long tag's row moved: it alone is recomputed
+    writer.write([batch_of("item_id", [long_item], rng.standard_normal((1, d)))])
+    assert index.refresh() == 1
+    assert_same_index(index, ItemIndex(store, SPEC))
+    writer.write(items={long_item: None})
+    index.refresh()
+    assert long_item not in index.snapshot.pos
+    assert_same_index(index, ItemIndex(store, SPEC))

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from paramserver.records import (
+    LONG_ID_MARK,
+    MAX_KEY_BYTES,
     ROW_FORMAT,
     ROW_HEADER_BYTES,
     RecordError,
@@ -26,10 +28,13 @@ from paramserver.records import (
     encode_item,
     encode_rows,
     encode_user_actions,
+    item_key,
     key_kind,
+    long_id,
     row_key,
     row_keys,
     split_row_key,
+    user_key,
 )
 from paramserver.rows import DenseBlob, RowBatch
 
@@ -204,3 +209,22 @@ def test_split_bytes_cuts_like_slicing(size, n):
     buf = bytes(range(256)) * (size * n // 256 + 1)
     buf = buf[:size * n]
     assert split_bytes(buf, size) == [buf[i:i + size] for i in range(0, len(buf), size)]
+
+
+@pytest.mark.parametrize("make", [lambda i: row_keys("item_id.bias", [i])[0], lambda i: row_key("s", i),
+                                  item_key, user_key])
+def test_ids_too_long_for_an_lmdb_key_make_a_digest_key_of_their_own(make):
+    # 128 characters of 4 bytes: a valid id (CONTRACT.md) of 512 bytes, past LMDB's 511-byte keys.
+    long_a, long_b = "\U0001F600" * 128, "\U0001F600" * 127 + "x"
+    ka, kb = make(long_a), make(long_b)
+    assert len(ka) <= MAX_KEY_BYTES and len(kb) <= MAX_KEY_BYTES and ka != kb
+    assert ka.endswith(long_id(long_a).encode()) and LONG_ID_MARK.encode() in ka
+    assert make(long_a) == ka  # the same in every call and process: no salt
+    assert make("short").endswith(b"/short")
+
+
+def test_row_keys_of_a_mixed_batch_match_row_key_one_by_one():
+    ids = ["a", "é" * 300, "\0" * 600, "b" * 511, "c" * 505]
+    assert row_keys("s", ids) == [row_key("s", i) for i in ids]
+    assert [len(k) <= MAX_KEY_BYTES for k in row_keys("s", ids)] == [True] * 5
+    assert row_keys("s", ids)[0] == b"s/a"
