@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections import Counter
@@ -204,7 +205,7 @@ def train_step_config(config: Config) -> TrainStepConfig:
         deltas_brokers=config.brokers if config.source == "kafka" else None,
         deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()),
         train=config.train, user_recent=config.user_recent, undo_keep=config.undo_keep,
-        recovery_dir=bytewax_recovery_dir(), lmdb_max_bytes=config.lmdb_max_bytes)
+        recovery_dir=recovery_run_name(bytewax_recovery_dir()), lmdb_max_bytes=config.lmdb_max_bytes)
 
 
 def bytewax_recovery_dir(argv: Optional[list[str]] = None, env: Optional[dict] = None) -> Optional[str]:
@@ -221,6 +222,25 @@ def bytewax_recovery_dir(argv: Optional[list[str]] = None, env: Optional[dict] =
         elif a.startswith("--recovery-directory="):
             found = a.split("=", 1)[1]
     return str(Path(found).resolve()) if found else None
+
+
+def recovery_run_name(recovery_dir: Optional[str]) -> Optional[str]:
+    """The name of the run a recovery directory holds: its path and when `bytewax.recovery` made
+    it (the earliest `created_at` of its partitions' `parts` table), so a directory made again at
+    the same path is another run. The path alone when that cannot be read."""
+    if recovery_dir is None:
+        return None
+    made = None
+    for part in sorted(Path(recovery_dir).glob("part-*.sqlite3"))[:1]:
+        try:
+            con = sqlite3.connect(f"{part.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                made = con.execute("SELECT min(created_at) FROM parts").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error as e:
+            log.warning("recovery partition %s: %s; the run is named by its path alone", part, e)
+    return f"{recovery_dir}@{made}" if made else recovery_dir
 
 
 def join_settings(config: Config) -> JoinSettings:

@@ -12,7 +12,9 @@ keeps no training tables: it writes the catalog only.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -33,6 +35,7 @@ from flows.metrics import CatalogPublisher
 from flows.observe import worker_label
 
 log = logging.getLogger("freshrec.trainer")
+RUN_START = "run-start.json"  # under state/trainer: the checkpoint a recovery run's tables began at
 
 TRAIN_EXAMPLES = Counter("freshrec_train_examples", "examples trained", ["worker"])
 TRAIN_STEPS = Counter("freshrec_train_steps", "train steps", ["worker"])
@@ -65,8 +68,9 @@ class TrainStepConfig:
     train: bool = True  # False: no trainer, no tables; the step writes the catalog only
     user_recent: int = 50  # actions kept per user in the catalog
     undo_keep: int = 12  # snapshots back a resume can set the catalog's counts to
-    # Bytewax's recovery directory (resolved) when recovery is on: it names the run, so a restart
-    # killed before its first snapshot still counts as a resume of the same run (at snapshot 0).
+    # Bytewax's recovery directory (resolved, with when it was made) when recovery is on: it names
+    # the run, so a restart killed before its first snapshot still counts as a resume of the same
+    # run (at snapshot 0).
     recovery_dir: Optional[str] = None
     lmdb_max_bytes: Optional[int] = None  # FRESHREC_LMDB_MAX_BYTES: the cap of the serving store and checkpoints
 
@@ -162,17 +166,23 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
 
         cfg = self.cfg
         ckpt = cfg.state_dir / "params"
-        if not self.resumed and ckpt.exists() and not any(ckpt.iterdir()):
-            shutil.rmtree(ckpt)
+        began_at = self._run_began_at()
+        if began_at == 0 or (not self.resumed and ckpt.exists() and not any(ckpt.iterdir())):
+            shutil.rmtree(ckpt, ignore_errors=True)
         spec = FeatureSpec(cfg.user_slots, cfg.item_slots, cfg.dense, cfg.dim)
         params = parameter_store(spec, ckpt, checkpoint_max_bytes=cfg.lmdb_max_bytes, cap_name=LMDB_CAP)
         tags = params.tags()
         if self.resumed and self.seq:
             params.restore(self.seq)
-        elif tags:
+        elif began_at:
+            params.restore(began_at)
+            self.seq = began_at
+        elif began_at is None and tags:
             # A fresh flow carries on from the newest tables (train-batch's, or an earlier run's).
             params.restore(tags[-1])
             self.seq = tags[-1]
+        if began_at is None and cfg.recovery_dir:
+            self._record_run_start()
         trainer = OnlineTrainer(spec, params, window=cfg.window)
         dense = params.dense()
         if dense.arrays:
@@ -180,6 +190,33 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         keys = TrainedKeysLog(cfg.state_dir / "trainer" / "trained-keys.log")
         keys.cut_after(self.seq)
         return params, trainer, keys
+
+    def _run_began_at(self) -> Optional[int]:
+        """The checkpoint this recovery run's tables began at, when Bytewax hands back no committed
+        snapshot of the step (none, or one from before its first checkpoint) in a run that began
+        before: it was killed before its first commit, so every checkpoint written since is of
+        epochs Bytewax replays, and carrying on from the newest would train them twice. None when
+        this is no such restart."""
+        if not self.cfg.recovery_dir or (self.resumed and self.seq):
+            return None
+        path = self.cfg.state_dir / "trainer" / RUN_START
+        try:
+            record = json.loads(path.read_bytes())
+            if record["run"] != self.run:
+                return None  # another run's record: this one starts now
+            return int(record["tag"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(f"{path}: unreadable ({e}); remove it only if no run with recovery "
+                               "is under way on this state directory") from None
+
+    def _record_run_start(self) -> None:
+        path = self.cfg.state_dir / "trainer" / RUN_START
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"run": self.run, "tag": self.seq}))
+        os.replace(tmp, path)
 
     def _sync(self, now: float) -> None:
         sync = (self._parts or self._open())[2]

@@ -316,3 +316,25 @@ def test_the_recovery_directory_names_the_run_only_under_bytewax_run(tmp_path):
         rec.resolve())
     assert bytewax_recovery_dir([run_py, "flows.pipeline:flow"], {}) is None  # recovery off
     assert bytewax_recovery_dir(["/usr/bin/pytest", "-r", "a"], {}) is None  # not bytewax.run: pytest's -r
+
+
+def test_a_recovery_directory_made_again_at_the_same_path_names_another_run(tmp_path):
+    import shutil
+    import time
+
+    from bytewax.recovery import init_db_dir
+
+    from flows.pipeline import recovery_run_name
+
+    rec = tmp_path / "rec"
+    assert recovery_run_name(None) is None
+    assert recovery_run_name(str(rec)) == str(rec)  # no partitions (yet): the path alone
+    rec.mkdir()
+    init_db_dir(rec, 1)
+    first = recovery_run_name(str(rec))
+    assert first.startswith(f"{rec}@") and recovery_run_name(str(rec)) == first
+    shutil.rmtree(rec)
+    time.sleep(1.1)  # sqlite's CURRENT_TIMESTAMP counts seconds
+    rec.mkdir()
+    init_db_dir(rec, 1)
+    assert recovery_run_name(str(rec)) not in (first, str(rec))

@@ -78,3 +78,54 @@ def test_impressions_without_a_logged_score_are_scored_when_they_arrive(tmp_path
     # model as it was then, before its example came.
     assert got == {"logged": 0, "on_arrival": len(out), "at_training": 0}
     assert len(out) == 1500
+
+
+def _examples(n: int) -> list:
+    from flows.events import Example
+
+    return [Example(request_id=f"r{i}", user_id=f"u{i % 7}", item_id=f"v{i % 13}", ts=1764288000.0 + i,
+                    label_ts=1764288001.0 + i, label=i % 2, actions=[], weight=1.0, position=0, score=None,
+                    model_version=None, sparse={"author": f"a{i % 5}", "tags": ["cat"]}, dense={})
+            for i in range(n)]
+
+
+def _trainer_cfg(state_dir, recovery_dir):
+    from flows.trainer_step import TrainStepConfig
+
+    return TrainStepConfig(state_dir=state_dir, batch_size=32, max_wait_s=60.0, user_slots=(),
+                           item_slots=("author", "tags"), dense=(), dim=4, sync_interval_s=0.05,
+                           dense_interval_s=10.0, recovery_dir=str(recovery_dir))
+
+
+def _killed(logic) -> None:
+    """What a SIGKILL leaves: the files as they are, the process's handles gone."""
+    params, _trainer, sync, keys = logic._parts
+    keys.close()
+    params.close()
+    sync.writer.store.close()
+
+
+def test_a_restart_killed_before_its_first_commit_trains_nothing_twice(tmp_path):
+    from flows.trainer_step import TrainerLogic
+
+    cfg = _trainer_cfg(tmp_path / "state", tmp_path / "recovery")
+    examples = _examples(96)
+    first = TrainerLogic(cfg, None)
+    first.on_batch(examples)
+    assert first.snapshot()["seq"] == 1  # checkpoint 1 written; the kill comes before Bytewax commits it
+    _killed(first)
+
+    # Bytewax hands the restart no state (nothing committed) and replays the same examples.
+    again = TrainerLogic(cfg, None)
+    again.on_batch(examples)
+    assert again.snapshot()["seq"] == 1
+    _killed(again)
+    keys = trained_keys(tmp_path)
+    assert set(keys) == {(e.request_id, e.item_id) for e in examples}
+    assert set(keys.values()) == {1}, "the replayed epoch was trained on top of its own checkpoint"
+
+    # A run under another recovery directory is a new run: it carries on from the newest tables.
+    other = TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery2"), None)
+    other.on_batch(examples[:32])
+    assert other.seq == 1 and other.snapshot()["seq"] == 2
+    _killed(other)
