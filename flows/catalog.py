@@ -105,15 +105,21 @@ class Catalog:
     `load_items(ids)` / `load_users(ids)` read entries from the serving store (None where absent).
     `user_recent` caps each user's list to their newest actions. Exactly-once counts through a
     crash: each entry carries, under `counts_at`, its (impressions, positives) as they were at each
-    of the last `keep` snapshots after which they changed, with the `run` they belong to; a resume
-    at snapshot `resumed_at` sets the counts of the entries it loads back to those at that snapshot,
-    so the replayed epochs count once. `run` names the flow's run (kept in Bytewax's snapshot).
+    of the last `keep` snapshots after which they changed, with the `run` they belong to and the
+    `attempt` (process) that made the change; a resume at snapshot `resumed_at` sets the counts of
+    the entries it loads back to those before their first change that is not committed history.
+    `lineage` maps each earlier attempt whose snapshots a resume built on to the snapshot the next
+    attempt resumed from: a change by attempt a after its snapshot k is committed if k < lineage[a].
+    Snapshot numbers alone do not tell: an attempt killed before it reached an item leaves that
+    item's record of an abandoned attempt's snapshot k, while the attempt after it numbers its own
+    snapshots k, k+1, ... at other places in the stream. `run` names the flow's run (kept in
+    Bytewax's snapshot, with `attempt` and `lineage`).
     """
 
     def __init__(self, load_items: Callable[[Sequence[str]], Sequence[Optional[dict]]],
                  load_users: Callable[[Sequence[str]], Sequence[Optional[Sequence[Sequence[Any]]]]],
                  user_recent: int, *, run: str, seq: int = 0, resumed_at: Optional[int] = None,
-                 keep: int = 12) -> None:
+                 keep: int = 12, attempt: str = "", lineage: Optional[dict[str, int]] = None) -> None:
         if user_recent < 1:
             raise ValueError("user_recent must be at least 1")
         self.load_items = load_items
@@ -123,6 +129,8 @@ class Catalog:
         self.seq = seq
         self.resumed_at = resumed_at
         self.keep = max(2, keep)
+        self.attempt = attempt
+        self.lineage = dict(lineage or {})
         self.items: dict[str, dict] = {}
         self.users: dict[str, list[tuple[str, str, float]]] = {}
         self.dirty_items: set[str] = set()
@@ -163,17 +171,25 @@ class Catalog:
             out.pop(COUNTS_AT, None)  # another run's history: nothing of it can be replayed now
             return out
         at = hist["at"]
-        n = self.resumed_at
-        if n is not None:
-            later = [a for a in at if a[0] >= n]
-            if later:
-                # The first change after snapshot n recorded the counts as they were at n.
-                out["impressions"], out["positives"] = later[0][1], later[0][2]
-                hist["at"] = [a for a in at if a[0] < n]
+        if self.resumed_at is not None:
+            j = next((j for j, a in enumerate(at) if not self._committed(a)), None)
+            if j is not None:
+                # The record of the first change that is not committed history holds the counts
+                # as they were before it.
+                out["impressions"], out["positives"] = at[j][1], at[j][2]
+                hist["at"] = at[:j]
                 self.counts.rewound += 1
-                if hist.get("cut") and at[0][0] > n:
-                    self.counts.inexact += 1  # its record of snapshot n fell off: these are counts at a later one
+                if hist.get("cut") and j == 0:
+                    self.counts.inexact += 1  # the record of the resumed point may have fallen off
         return out
+
+    def _committed(self, record: Sequence[Any]) -> bool:
+        """Whether the change a `counts_at` record stands before is in the history resumed from."""
+        seq = record[0]
+        if len(record) < 4:  # a record without its attempt: by its snapshot number alone
+            return seq < self.resumed_at  # type: ignore[operator]
+        end = self.lineage.get(record[3])
+        return end is not None and seq < end
 
     # ------------------------------------------------------------------------------ merging
 
@@ -182,8 +198,8 @@ class Catalog:
         if hist is None:
             hist = e[COUNTS_AT] = {"run": self.run, "at": [], "cut": False}
         at = hist["at"]
-        if not at or at[-1][0] != self.seq:
-            at.append([self.seq, e["impressions"], e["positives"]])
+        if not at or at[-1][0] != self.seq or at[-1][3:] != [self.attempt]:
+            at.append([self.seq, e["impressions"], e["positives"], self.attempt])
             if len(at) > self.keep:
                 del at[0]
                 hist["cut"] = True

@@ -123,6 +123,12 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         self.cfg = cfg
         self.resumed = state is not None
         self.seq = (state or {}).get("seq", 0)
+        # This process is one attempt of the run; the catalog tells committed history from an
+        # abandoned attempt's changes by the attempts the snapshots resumed from (flows.catalog).
+        self.attempt = uuid.uuid4().hex
+        self.lineage: dict[str, int] = dict((state or {}).get("lineage") or {})
+        if state and state.get("attempt"):
+            self.lineage[state["attempt"]] = self.seq
         # The catalog's count history is kept per run: a resume sets back only this run's counts.
         self.run = (state or {}).get("run") or (f"recovery:{cfg.recovery_dir}" if cfg.recovery_dir
                                                  else uuid.uuid4().hex)
@@ -152,7 +158,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             deltas = KafkaDeltaProducer(cfg.deltas_brokers, cfg.deltas_topic, dict(cfg.kafka_settings))
         self.catalog = Catalog(store.read_items, store.read_users, cfg.user_recent, run=self.run, seq=self.seq,
                                resumed_at=self.seq if self.resumed else (0 if cfg.recovery_dir else None),
-                               keep=cfg.undo_keep)
+                               keep=cfg.undo_keep, attempt=self.attempt, lineage=self.lineage)
         sync = DeltaSync(params, ServingWriter(store, deltas), interval_s=cfg.sync_interval_s,
                          dense_interval_s=cfg.dense_interval_s, extra=self.catalog.take_dirty)
         self._parts = (params, trainer, sync, keys)
@@ -330,4 +336,4 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                 params.checkpoint(self.seq)
                 keys.flush()
             self.catalog.snapshot(self.seq)  # type: ignore[union-attr]
-        return {"seq": self.seq, "run": self.run}
+        return {"seq": self.seq, "run": self.run, "attempt": self.attempt, "lineage": self.lineage}

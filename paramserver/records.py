@@ -50,7 +50,7 @@ Keys (UTF-8) and values:
       source       `items` (the items stream described it: its latest item event's features win)
                    or `features` (only feature events have: the latest one carrying features)
       counts_at    the flow's own bookkeeping, for exact counts through a crash: {"run", "at":
-                   [[snapshot, impressions, positives], ...], "cut"}; not for readers
+                   [[snapshot, impressions, positives, attempt], ...], "cut"}; not for readers
 
 - `user/<id>`: a user's recent actions (any action, negatives included), a JSON array of
   `[item_id, action, ts]` in ts order, oldest first, at most FRESHREC_USER_RECENT of the newest;

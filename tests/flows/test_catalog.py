@@ -155,7 +155,7 @@ def test_an_item_no_stream_described_waits_for_one():
 
 def test_a_resume_sets_counts_back_to_its_snapshot_so_replayed_epochs_count_once():
     store = FakeStore()
-    cat = make(store)
+    cat = make(store, attempt="a1")
     epochs = [[feat("v1", T0 + i) for i in range(n)] for n in (3, 2, 4, 5)]
     cat.merge(deltas(batch("features", epochs[0])))
     store.write(cat)
@@ -166,7 +166,7 @@ def test_a_resume_sets_counts_back_to_its_snapshot_so_replayed_epochs_count_once
     cat.merge(deltas(batch("features", epochs[2])))
     store.write(cat)  # then a crash: Bytewax resumes from snapshot 1 and replays epochs 1 and 2
     assert store.items["v1"]["impressions"] == 9
-    again = make(store, seq=1, resumed_at=1)
+    again = make(store, seq=1, resumed_at=1, attempt="a2", lineage={"a1": 1})
     again.merge(deltas(batch("features", epochs[1] + [feat("v2", T0)])))
     again.snapshot(2)
     again.merge(deltas(batch("features", epochs[2] + epochs[3])))
@@ -177,6 +177,33 @@ def test_a_resume_sets_counts_back_to_its_snapshot_so_replayed_epochs_count_once
     fresh = make(store, run="run-b", seq=0)
     fresh.merge(deltas(batch("features", [feat("v1", T0)])))
     assert fresh.take_dirty()[0]["v1"]["impressions"] == 15 and fresh.counts.rewound == 0
+
+
+def test_a_resume_of_a_resume_ignores_what_an_abandoned_attempt_counted_after_its_snapshots():
+    # Attempt a1 snapshots 1 and 2, then counts v1 and v9 at places past the next resume's
+    # snapshots; it is killed and Bytewax resumes a2 from snapshot 1 (a1's snapshot 2 was not
+    # committed). a2 numbers its own snapshots 2 and 3 at earlier places in the stream, never
+    # reaches v9's impression, and is killed; a3 resumes from a2's snapshot 3 and counts v9's
+    # impression again: once in all.
+    store = FakeStore()
+    a1 = make(store, attempt="a1")
+    a1.merge(deltas(batch("features", [feat("v1", T0)])))
+    a1.snapshot(1)
+    a1.snapshot(2)
+    a1.merge(deltas(batch("features", [feat("v1", T0 + 1), feat("v9", T0 + 2)])))
+    store.write(a1)
+    a2 = make(store, seq=1, resumed_at=1, attempt="a2", lineage={"a1": 1})
+    a2.merge(deltas(batch("features", [feat("v1", T0 + 1)])))
+    store.write(a2)
+    a2.snapshot(2)
+    a2.snapshot(3)
+    a3 = make(store, seq=3, resumed_at=3, attempt="a3", lineage={"a1": 1, "a2": 3})
+    a3.merge(deltas(batch("features", [feat("v9", T0 + 2)])))
+    a3.merge(deltas(batch("features", [feat("v1", T0 + 3)])))
+    items, _ = store.write(a3)
+    assert items["v9"]["impressions"] == 1  # by snapshot numbers alone a1's count of it stood: 2
+    assert items["v1"]["impressions"] == 3
+    assert a3.counts.rewound == 1  # v9; v1's a2 history is committed, a1's past snapshot 1 was cut by a2
 
 
 def test_a_resume_older_than_the_kept_history_is_counted_as_inexact():
