@@ -47,14 +47,20 @@ class Packed:
     def inputs(self) -> tuple:
         return self.emb, self.emb_index, self.emb_segment, self.bias_rows, self.bias_index, self.dense
 
-    def padded(self, n: int) -> tuple[Packed, int]:
-        """The same batch of `n` examples padded to `padded_size` (rows, occurrences, bias rows
-        and examples), and the padded number of examples. Extra rows are zeros; extra occurrences
-        point at a zero row and at segment -1, which the segment mean drops; extra examples have no
-        occurrences, and the step gives them weight 0. So the real examples' scores and the real
-        rows' gradients are as without padding."""
+    def sizes(self, n: int) -> tuple[int, int, int, int]:
+        """The `padded_size`s of this batch of `n` examples: rows (one more, for a zero row to
+        point padding at), occurrences, bias rows, examples."""
+        return (padded_size(len(self.emb) + 1), padded_size(len(self.emb_index)), padded_size(len(self.bias_rows)),
+                padded_size(n))
+
+    def padded(self, n: int, sizes: tuple[int, int, int, int]) -> Packed:
+        """The same batch of `n` examples padded to `sizes` (at least its own `sizes(n)`): rows,
+        occurrences, bias rows, examples. Extra rows are zeros; extra occurrences point at a zero
+        row and at segment -1, which the segment mean drops; extra examples have no occurrences,
+        and the step gives them weight 0. So the real examples' scores and the real rows'
+        gradients are as without padding."""
         rows, occ, brows = len(self.emb), len(self.emb_index), len(self.bias_rows)
-        r_pad, o_pad, b_pad, n_pad = padded_size(rows + 1), padded_size(occ), padded_size(brows), padded_size(n)
+        r_pad, o_pad, b_pad, n_pad = sizes
         emb = np.zeros((r_pad, self.emb.shape[1]), np.float32)
         emb[:rows] = self.emb
         index = np.full(o_pad, rows, np.int32)
@@ -67,7 +73,7 @@ class Packed:
         bias_index[:, :n] = self.bias_index
         dense = np.zeros((n_pad, self.dense.shape[1]), np.float32)
         dense[:n] = self.dense
-        return Packed(emb, index, segment, bias, bias_index, dense, self.offsets, self.user_bias_rows), n_pad
+        return Packed(emb, index, segment, bias, bias_index, dense, self.offsets, self.user_bias_rows)
 
 
 def _dense_layer(name: str, fan_in: int, fan_out: int, seed: int) -> tuple[tf.Variable, tf.Variable]:
@@ -174,6 +180,7 @@ class TwoTowerRanker(tf.Module):
                   tf.TensorSpec([None, f], tf.float32)]
         vec = tf.TensorSpec([None], tf.float32)
         self.jit_compile = jit_compile
+        self._padded_sizes: dict[str, tuple[int, int, int, int]] = {}
         self._step = tf.function(self._train, input_signature=[*packed, vec, vec, tf.TensorSpec([], tf.float32)],
                                  jit_compile=jit_compile)
         self._score_packed = tf.function(self._score_logits, input_signature=[*packed, tf.TensorSpec([], tf.int32)],
@@ -269,7 +276,7 @@ class TwoTowerRanker(tf.Module):
               ) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
         """One step: (loss, scores before the update, gradient of each slot's rows)."""
         n = batch.size
-        p, n_pad = self._packed(batch, rows, dense)
+        p, n_pad = self._packed(batch, rows, dense, "_step")
         labels, weights = batch.labels, batch.weights
         if n_pad != n:
             labels, weights = np.zeros(n_pad, np.float32), np.zeros(n_pad, np.float32)
@@ -282,12 +289,23 @@ class TwoTowerRanker(tf.Module):
         return float(loss), scores.numpy()[:n], grads
 
     def score(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarray:
-        p, n_pad = self._packed(batch, rows, dense)
+        p, n_pad = self._packed(batch, rows, dense, "_score_packed")
         return self._concrete("_score_packed")(*_tensors(*p.inputs, np.int32(n_pad))).numpy()[:batch.size]
 
-    def _packed(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray) -> tuple[Packed, int]:
+    def _packed(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray, fn: str) -> tuple[Packed, int]:
         p = self.pack(batch, rows, dense)
-        return p.padded(batch.size) if self.jit_compile else (p, batch.size)
+        if not self.jit_compile:
+            return p, batch.size
+        # Shapes only grow: each batch is padded to the largest sizes seen so far, so a stream of
+        # batches of one size compiles a handful of programs, then none (their rows and
+        # occurrences vary from batch to batch, and every compilation costs about a second).
+        seen = self._padded_sizes.get(fn)
+        sizes = p.sizes(batch.size)
+        if seen is not None:
+            sizes = tuple(max(a, b) for a, b in zip(sizes, seen, strict=True))
+        if sizes != seen:  # (a tf.Module's dict is tracked: setting an item is slow)
+            self._padded_sizes[fn] = sizes
+        return p.padded(batch.size, sizes), sizes[3]
 
     def _concrete(self, name: str):
         # Calling the traced graph with tensors skips tf.function's argument binding and numpy
