@@ -146,13 +146,14 @@ class TwoTowerRanker(tf.Module):
     """user tower · item tower (retrieval) + cross-network head (ranking)."""
 
     def __init__(self, spec: FeatureSpec, learning_rate: float = 2e-3, seed: int = 1, threads: Optional[int] = 1,
-                 jit_compile: bool = True):
+                 jit_compile: bool = False):
         """`threads` (default 1) sets TensorFlow's intra- and inter-op threads for the whole
         process, if TensorFlow has not started yet (None: leave them): see `limit_tf_threads`.
-        `jit_compile` (default on) compiles the train and scoring steps with XLA, one program per
-        padded input shape (see `Packed.padded`): the graph's ops are tiny, and TensorFlow's
-        executor spent more on running them one by one than on their arithmetic (at a batch of 8,
-        the step took about half the CPU time and a fifth of the wall time on a busy machine)."""
+        `jit_compile` compiles the train and scoring steps with XLA, one program per padded input
+        shape (see `Packed.padded`). Off by default: measured on the team's busy 2-core machine
+        (2026, TF 2.21), at a batch of 8 the XLA step alone took half the CPU time of the plain
+        one, but a whole online step (pulls, pushes, padding) about the same CPU and 15-35 % less
+        wall time; at a batch of 256 the XLA step was twice as slow, compilations included."""
         if threads is not None:
             limit_tf_threads(threads)
         super().__init__(name="freshrec")

@@ -76,7 +76,7 @@ def test_padded_sizes_are_few_and_never_smaller():
 
 def test_the_xla_step_on_padded_inputs_equals_the_plain_step():
     rng = np.random.default_rng(5)
-    plain, xla = TwoTowerRanker(SPEC, jit_compile=False), TwoTowerRanker(SPEC)
+    plain, xla = TwoTowerRanker(SPEC), TwoTowerRanker(SPEC, jit_compile=True)
     for n in (3, 8, 21):  # padded to other sizes each time
         batch, rows = _batch(rng, n)
         dense = rng.standard_normal(batch.dense.shape).astype(np.float32)
