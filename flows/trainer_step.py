@@ -27,6 +27,7 @@ from bytewax.operators import StatefulBatchLogic
 from prometheus_client import Counter, Gauge
 
 from flows.catalog import Catalog, CatalogDelta
+from flows.config import LMDB_CAP
 from flows.events import Example
 from flows.metrics import CatalogPublisher
 from flows.observe import worker_label
@@ -70,6 +71,7 @@ class TrainStepConfig:
     # Bytewax's recovery directory (resolved) when recovery is on: it names the run, so a restart
     # killed before its first snapshot still counts as a resume of the same run (at snapshot 0).
     recovery_dir: Optional[str] = None
+    lmdb_max_bytes: Optional[int] = None  # FRESHREC_LMDB_MAX_BYTES: the cap of the serving store and checkpoints
 
 
 @dataclass
@@ -144,7 +146,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         params = trainer = keys = None
         if cfg.train:
             params, trainer, keys = self._open_trainer()
-        store = LmdbServingStore(cfg.state_dir / "serving", writer=True)
+        store = LmdbServingStore(cfg.state_dir / "serving", writer=True, max_map_size=cfg.lmdb_max_bytes,
+                                 cap_name=LMDB_CAP)
         deltas = None
         if cfg.deltas_brokers:
             deltas = KafkaDeltaProducer(cfg.deltas_brokers, cfg.deltas_topic, dict(cfg.kafka_settings))
@@ -167,7 +170,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         if not self.resumed and ckpt.exists() and not any(ckpt.iterdir()):
             shutil.rmtree(ckpt)
         spec = FeatureSpec(cfg.user_slots, cfg.item_slots, cfg.dense, cfg.dim)
-        params = parameter_store(spec, ckpt)
+        params = parameter_store(spec, ckpt, checkpoint_max_bytes=cfg.lmdb_max_bytes, cap_name=LMDB_CAP)
         tags = params.tags()
         if self.resumed and self.seq:
             params.restore(self.seq)
