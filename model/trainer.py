@@ -86,13 +86,16 @@ class OnlineTrainer:
         loss, scores, grads = self.model.train(batch, rows, dense)
         arrivals = np.array([e.label_received_at if e.label_received_at is not None else np.nan
                              for e in examples], np.float64)
+        known = not np.isnan(arrivals).all()  # replays carry no arrival times: nothing to track
         earliest_by_slot: dict[int, np.ndarray] = {}  # the bias slots share their ids' SlotIds
         for s in self.spec.slots:
             slot = batch.slots[s]
             if not slot.ids:
                 continue
             earliest = earliest_by_slot.get(id(slot))
-            if earliest is not None:
+            if not known:
+                earliest = None  # unknown, as NaN would say
+            elif earliest is not None:
                 earliest = earliest.copy()  # the store may keep what it is given
             else:
                 # The earliest arrival behind each row's update: min over the examples that hold it.

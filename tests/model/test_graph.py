@@ -8,7 +8,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from model.features import FeatureSpec, make_batch  # noqa: E402
-from model.graph import TwoTowerRanker, _FusedAdam  # noqa: E402
+from model.graph import TwoTowerRanker, _FusedAdam, padded_size  # noqa: E402
 from tests.model.test_recommender import random_events  # noqa: E402
 
 SPEC = FeatureSpec(user_slots=("country",), item_slots=("author", "tags"), dense=("duration_s",), dim=8)
@@ -65,3 +65,29 @@ def test_the_step_is_traced_once_for_batches_of_any_shape():
         batch, rows = _batch(rng, n)
         model.train(batch, rows, batch.dense)
     assert model._step.experimental_get_tracing_count() == 1
+
+
+def test_padded_sizes_are_few_and_never_smaller():
+    sizes = [padded_size(n) for n in range(1, 5000)]
+    assert all(p >= n for n, p in zip(range(1, 5000), sizes, strict=True))
+    assert all(p <= max(16, 1.5 * n) for n, p in zip(range(1, 5000), sizes, strict=True))
+    assert len(set(sizes)) <= 2 * (5000).bit_length()
+
+
+def test_the_xla_step_on_padded_inputs_equals_the_plain_step():
+    rng = np.random.default_rng(5)
+    plain, xla = TwoTowerRanker(SPEC), TwoTowerRanker(SPEC, jit_compile=True)
+    for n in (3, 8, 21):  # padded to other sizes each time
+        batch, rows = _batch(rng, n)
+        dense = rng.standard_normal(batch.dense.shape).astype(np.float32)
+        np.testing.assert_allclose(xla.score(batch, rows, dense), plain.score(batch, rows, dense), rtol=1e-5, atol=1e-6)
+        loss_p, scores_p, grads_p = plain.train(batch, rows, dense)
+        loss_x, scores_x, grads_x = xla.train(batch, rows, dense)
+        assert loss_x == pytest.approx(loss_p, rel=1e-5)
+        assert scores_x.shape == (n,)
+        np.testing.assert_allclose(scores_x, scores_p, rtol=1e-5, atol=1e-6)
+        for s in SPEC.slots:
+            assert grads_x[s].shape == rows[s].shape, s
+            np.testing.assert_allclose(grads_x[s], grads_p[s], rtol=1e-4, atol=1e-6, err_msg=s)
+    for a, b in zip(xla.trainable_variables, plain.trainable_variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
