@@ -438,7 +438,7 @@ def test_every_server_binds_127_0_0_1_by_default(tmp_path):
     # What they bind, started with their defaults.
     metrics = observe.MetricsServer(0)
     try:
-        assert metrics.httpd.server_address[0] == "127.0.0.1"
+        assert metrics.address[0] == "127.0.0.1"
     finally:
         metrics.close()
     from tests.model.serving_fakes import ListRecommender
