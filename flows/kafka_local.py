@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -169,8 +170,25 @@ def create_topics(
         time.sleep(0.1)
 
 
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's range for outgoing connections (32768 where unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_pair() -> int:
-    """A port p such that p and p + 1 (the controller's) are both free on 127.0.0.1 right now."""
+    """A port p such that p and p + 1 (the controller's) are both free on 127.0.0.1 right now,
+    below the ephemeral range where it can: a broker restarted on its ports could otherwise find
+    one taken as the local port of some client's outgoing connection."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    if low > 10_002:
+        for _ in range(200):
+            port = rng.randrange(10_000, low - 1)
+            if _port_free(port) and _port_free(port + 1):
+                return port
     for _ in range(100):
         with socket.socket() as s:
             s.bind((HOST, 0))

@@ -92,6 +92,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         self.seq = (state or {}).get("seq", 0)
         self.publisher = JoinPublisher(worker_label())
         self.published_at = 0.0
+        self.unpublished = False
 
     def _open(self, key: str) -> JoinBucket:
         # Bytewax tells a builder no key: the bucket opens its store when its first batch comes.
@@ -131,26 +132,44 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             self.publisher.child(EVENTS_BEHIND, self.publisher.worker).inc(bucket.behind)
             bucket.behind = 0
         if now - self.published_at >= PUBLISH_EVERY_S:  # a few hundred batches a second: not each
-            self.publisher.publish(bucket.counts)
-            self.published_at = now
+            self._publish(now)
+        else:
+            self.unpublished = True  # notify_at brings the step back to publish them
         return out, False
+
+    def _publish(self, now: float) -> None:
+        self.publisher.publish(self.bucket.counts)  # type: ignore[union-attr]
+        self.published_at = now
+        self.unpublished = False
+
+    def on_eof(self) -> tuple[list[Any], bool]:
+        # Counts are published at most every PUBLISH_EVERY_S: the last batches' go out here.
+        if self.bucket is not None:
+            self._publish(time.time())
+        return [], False
 
     def on_notify(self) -> tuple[list[Any], bool]:
         if self.bucket is None:
             return [], False
-        examples, dead = self.bucket.advance(self.clock.advance(time.time()))
+        now = time.time()
+        examples, dead = self.bucket.advance(self.clock.advance(now))
+        if self.unpublished and now - self.published_at >= PUBLISH_EVERY_S:
+            self._publish(now)
         return examples + dead, False
 
     def notify_at(self) -> Optional[datetime]:
+        due = []
         if self.clock.free_running():
-            return datetime.now(UTC) + timedelta(seconds=FREE_RUN_TICK_S)
-        return None
+            due.append(datetime.now(UTC) + timedelta(seconds=FREE_RUN_TICK_S))
+        if self.unpublished:  # counts of the last batches, held back by PUBLISH_EVERY_S
+            due.append(datetime.fromtimestamp(self.published_at + PUBLISH_EVERY_S, UTC))
+        return min(due) if due else None
 
     def snapshot(self) -> dict:
         if self.bucket is not None:
             self.seq += 1
             self.bucket.flush(self.seq)
-            self.publisher.publish(self.bucket.counts)
+            self._publish(time.time())
             memory, disk = self.bucket.waiting()
             w, child = self.publisher.worker, self.publisher.child
             child(WAITING, w, self.bucket_key, "memory").set(memory)

@@ -168,6 +168,11 @@ def test_a_broker_outage_loses_nothing_and_the_flow_resumes(tmp_path, own_broker
                 clients.stop.set()
                 thread.join(60)
             metrics = server.server.metrics
+            # The server writes feature events in batches: wait for the last one's deliveries.
+            deadline = time.monotonic() + 30
+            while (metrics.features_written._value.get() + metrics.features_failed._value.get() < clients.served
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
             features_written = metrics.features_written._value.get()
             features_failed = metrics.features_failed._value.get()
         assert flow.running, "the flow died:\n" + flow.log_tail()
