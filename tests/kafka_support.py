@@ -96,3 +96,30 @@ def kafka_topics(
         compacted=[actual[name] for name in compacted],
     )
     return actual
+
+
+def read_topic(bootstrap: str, topic: str) -> list:
+    """Every message on `topic` now, partition by partition (a consumer of its own, no commits)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": "false"})
+    try:
+        meta = c.list_topics(topic, timeout=10).topics[topic]
+        out = []
+        for p in meta.partitions:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high <= low:
+                continue
+            c.assign([TopicPartition(topic, p, low)])
+            got = 0
+            while got < high - low:
+                m = c.poll(10)
+                assert m is not None, f"timed out reading {topic}"
+                if m.error():
+                    continue
+                out.append(m)
+                got += 1
+        return out
+    finally:
+        c.close()

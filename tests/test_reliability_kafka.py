@@ -26,7 +26,7 @@ from flows.processes import FlowProcess
 from flows.simulate import World
 from model.recommender import build_recommender
 from model.server import running_server
-from tests.kafka_support import kafka_unavailable
+from tests.kafka_support import kafka_unavailable, read_topic
 from tests.model.serving_fakes import call
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -59,32 +59,6 @@ def make_topics(bootstrap: str, prefix: str) -> None:
     kafka_local.create_topics(bootstrap, {prefix + s: 1 for s in ("examples", "dead-letter")})
     kafka_local.create_topics(bootstrap, {prefix + "param-deltas": 1}, compacted=[prefix + "param-deltas"])
 
-
-def read_topic(bootstrap: str, topic: str) -> list:
-    """Every message of `topic` now, from all partitions."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": "false"})
-    try:
-        meta = c.list_topics(topic, timeout=10).topics[topic]
-        out = []
-        for p in meta.partitions:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high <= low:
-                continue
-            c.assign([TopicPartition(topic, p, low)])
-            got = 0
-            while got < high - low:
-                m = c.poll(10)
-                assert m is not None, f"timed out reading {topic}"
-                if m.error():
-                    continue
-                out.append(m)
-                got += 1
-        return out
-    finally:
-        c.close()
 
 
 @dataclass

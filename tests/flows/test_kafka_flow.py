@@ -14,6 +14,7 @@ from flows.kafka_local import create_topics
 from flows.pipeline import build_flow
 from tests.flows.test_pipeline import BAD_ACTION, BAD_LINES, T0, read_dead, write
 from tests.helpers import action, config_for, feature
+from tests.kafka_support import read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -40,29 +41,6 @@ def produce(bootstrap, topic, lines, key_field):
         p.produce(topic, line, key)
     assert p.flush(30) == 0
 
-
-def consume_all(bootstrap, topic):
-    from confluent_kafka import Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": "false"})
-    meta = c.list_topics(topic, timeout=10).topics[topic]
-    out = []
-    for p in meta.partitions:
-        low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-        if high <= low:
-            continue
-        c.assign([TopicPartition(topic, p, low)])
-        got = 0
-        while got < high - low:
-            m = c.poll(10)
-            assert m is not None, f"timed out reading {topic}"
-            if m.error():
-                continue
-            out.append(m)
-            got += 1
-    c.close()
-    return out
 
 
 def same(reason: str) -> str:
@@ -97,13 +75,13 @@ def test_the_flow_reads_the_same_events_from_kafka_as_from_files(tmp_path, kafka
     assert summary(from_kafka) == summary(from_files)
     assert len(summary(from_files)) == 200
     assert sum(e.label for e in from_files) == len(range(0, 200, 3))
-    msgs = consume_all(kafka_bootstrap, prefix + "dead-letter")
+    msgs = read_topic(kafka_bootstrap, prefix + "dead-letter")
     kafka_dead = sorted((json.loads(m.value())["stream"], same(json.loads(m.value())["reason"])) for m in msgs)
     assert kafka_dead == file_dead
     assert len(kafka_dead) == len(BAD_LINES) + 1 + 2
     # Arrival times on Kafka are the broker's log-append times.
     assert all(e.label_received_at > T0 for e in from_kafka if e.label)
-    examples = consume_all(kafka_bootstrap, prefix + "examples")
+    examples = read_topic(kafka_bootstrap, prefix + "examples")
     assert sorted(json.loads(m.value())["request_id"] for m in examples) == sorted(e.request_id for e in from_files)
     assert all(m.key() == json.loads(m.value())["request_id"].encode() for m in examples)
 
