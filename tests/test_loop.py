@@ -111,11 +111,17 @@ def check_a_fans_author_rises(loop: Loop, w: World) -> None:
     time.sleep(0.5)
     before = recommend(loop, fan)
     authors = Counter(author_of.get(it["item_id"]) for it in before["items"][:60])
-    author = next(a for a, n in authors.most_common() if a and n >= 5)
-    by_author = [it["item_id"] for it in before["items"] if author_of.get(it["item_id"]) == author]
-    liked, others = by_author[:3], set(by_author[3:])
-    # Positions counted without the liked items (they leave the list), so that alone moves nothing.
-    start = mean_position([it for it in before["items"] if it["item_id"] not in liked], others)
+
+    def pick(author: str) -> tuple[float, str, list[str], set[str]]:
+        by_author = [it["item_id"] for it in before["items"] if author_of.get(it["item_id"]) == author]
+        liked, others = by_author[:3], set(by_author[3:])
+        # Positions counted without the liked items (they leave the list), so that alone moves nothing.
+        return mean_position([it for it in before["items"] if it["item_id"] not in liked], others), author, liked, others
+
+    # The author the fan is shown most whose other items have room to rise (one whose items already
+    # stand near the top cannot rise by much: that made this flaky), else the one with the most room.
+    picks = [pick(a) for a, n in authors.most_common() if a and n >= 5]
+    start, author, liked, others = next((p for p in picks if p[0] >= 35), max(picks))
     post(loop, [{"request_id": before["request_id"], "user_id": fan, "item_id": i, "ts": time.time(),
                  "action": "like"} for i in liked])
     posted = time.monotonic()
