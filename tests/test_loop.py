@@ -131,7 +131,9 @@ def check_a_fans_author_rises(loop: Loop, w: World) -> None:
         shown = {it["item_id"] for it in after["items"]}
         return after if not shown & set(liked) and mean_position(after["items"], others) < start - 3 else None
 
-    after = wait_until(risen, 30, f"{author}'s other items rising in the fan's list (from {start:.1f})", loop)
+    # Usually within a second; once 16.6 s on the loaded machine, and the full suite's runs have
+    # missed 30 s: the wait is 60 s, and the time it took is printed.
+    after = wait_until(risen, 60, f"{author}'s other items rising in the fan's list (from {start:.1f})", loop)
     took = time.monotonic() - posted
     print(f"{author}'s other items: mean position {start:.1f} -> {mean_position(after['items'], others):.1f} "
           f"after {took:.2f} s")
