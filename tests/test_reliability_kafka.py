@@ -108,7 +108,12 @@ class Clients:
 def fault_config(tmp_path: Path, bootstrap: str, prefix: str, join_window_s: float) -> Config:
     return Config.from_env({}, source="kafka", brokers=bootstrap, topic_prefix=prefix,
                            data_dir=str(tmp_path / "data"), state_dir=str(tmp_path / "state"), follow="1",
-                           join_window_s=str(join_window_s), lateness_s="1", idle_s="1", orphan_hold_s="10",
+                           join_window_s=str(join_window_s), lateness_s="1", idle_s="1",
+                           # An action delivered just before the broker stopped can have its feature
+                           # event (sent in the server's next batch) delivered only after the outage;
+                           # the watermark runs on with the wall clock meanwhile, so the action must be
+                           # held longer than the outage or it is dead-lettered as an orphan.
+                           orphan_hold_s=str(join_window_s),
                            metrics_port="off", train="1")
 
 

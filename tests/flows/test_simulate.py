@@ -307,7 +307,7 @@ def test_open_loop_to_kafka_keys_and_parses_every_message(tmp_path, kafka_bootst
 
     from flows.kafka_local import create_topics
     from flows.outputs import open_output
-    from tests.flows.test_kafka_flow import consume_all
+    from tests.kafka_support import read_topic
 
     prefix = f"t{uuid.uuid4().hex[:8]}."
     create_topics(kafka_bootstrap, {prefix + s: 2 for s in ("items", "features", "actions")})
@@ -317,7 +317,7 @@ def test_open_loop_to_kafka_keys_and_parses_every_message(tmp_path, kafka_bootst
     out.close()
     counts = {}
     for stream, key in (("items", "item_id"), ("features", "request_id"), ("actions", "request_id")):
-        msgs = consume_all(kafka_bootstrap, prefix + stream)
+        msgs = read_topic(kafka_bootstrap, prefix + stream)
         events = [parse(stream, m.value(), time.time()) for m in msgs]  # read now, as the flow reads them
         assert all(not hasattr(e, "reason") for e in events), stream
         assert all(m.key() == getattr(e, key).encode() for m, e in zip(msgs, events, strict=True))

@@ -324,7 +324,7 @@ def test_closing_the_server_flushes_and_closes_its_logs(config):
 @pytest.mark.kafka
 def test_actions_and_feature_events_land_on_their_topics(tmp_path, kafka_bootstrap):
     from flows.kafka_local import create_topics
-    from tests.flows.test_kafka_flow import consume_all
+    from tests.kafka_support import read_topic
 
     prefix = f"t{uuid.uuid4().hex[:8]}-"
     create_topics(kafka_bootstrap, {prefix + "actions": 1, prefix + "features": 1})
@@ -335,9 +335,9 @@ def test_actions_and_feature_events_land_on_their_topics(tmp_path, kafka_bootstr
         assert call(s.url, "POST", "/actions", json.dumps([act(1), act(2)]))[2] == {"accepted": 2}
         wait_for(lambda: "freshrec_serve_feature_events_written_total 4.0" in call(s.url, "GET", "/metrics")[2],
                  what="feature events delivered")
-    actions = consume_all(kafka_bootstrap, prefix + "actions")  # 202 means delivered: no waiting
+    actions = read_topic(kafka_bootstrap, prefix + "actions")  # 202 means delivered: no waiting
     assert [(m.key(), parse("actions", m.value(), time.time()).item_id) for m in actions] == [(b"r1", "v1"), (b"r2", "v2")]
-    features = consume_all(kafka_bootstrap, prefix + "features")
+    features = read_topic(kafka_bootstrap, prefix + "features")
     parsed = [parse("features", m.value(), time.time()) for m in features]
     assert all(m.key() == rec["request_id"].encode() for m in features)
     assert [(e.item_id, e.position) for e in parsed] == [(i["item_id"], n) for n, i in enumerate(rec["items"])]

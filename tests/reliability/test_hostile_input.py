@@ -200,7 +200,7 @@ def test_hostile_input_from_files_is_dead_lettered_with_its_reason_and_valid_inp
 def test_hostile_input_from_kafka_is_dead_lettered_with_its_reason_and_valid_input_is_all_processed(
         tmp_path, kafka_bootstrap):
     from flows.kafka_local import create_topics
-    from tests.flows.test_kafka_flow import consume_all
+    from tests.kafka_support import read_topic
 
     t_start = time.monotonic()
     now = time.time()
@@ -212,8 +212,8 @@ def test_hostile_input_from_kafka_is_dead_lettered_with_its_reason_and_valid_inp
     env = flow_env(tmp_path)
     env.update(FRESHREC_SOURCE="kafka", FRESHREC_BROKERS=kafka_bootstrap, FRESHREC_TOPIC_PREFIX=prefix)
     flow_s = run_flow(env, tmp_path)
-    dead = [json.loads(m.value()) for m in consume_all(kafka_bootstrap, prefix + "dead-letter")]
-    examples = [json.loads(m.value()) for m in consume_all(kafka_bootstrap, prefix + "examples")]
+    dead = [json.loads(m.value()) for m in read_topic(kafka_bootstrap, prefix + "dead-letter")]
+    examples = [json.loads(m.value()) for m in read_topic(kafka_bootstrap, prefix + "examples")]
     report = check(injected, dead, examples, tmp_path / "state")
     report.update(flow_s=round(flow_s, 1), test_s=round(time.monotonic() - t_start, 1))
     print("\nHOSTILE-INPUT kafka " + json.dumps(report))
