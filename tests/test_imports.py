@@ -6,8 +6,6 @@ import ast
 import importlib
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("flows", "model", "paramserver", "tests", "bench")
 
