@@ -117,6 +117,12 @@ def contract_topics(partitions: int = DEFAULT_TOPIC_PARTITIONS) -> dict[str, int
     return topics
 
 
+def create_contract_topics(bootstrap: str, prefix: str = "", partitions: int = DEFAULT_TOPIC_PARTITIONS) -> list[str]:
+    """The contract's topics under `prefix` (FRESHREC_TOPIC_PREFIX), as `create_topics` makes them."""
+    return create_topics(bootstrap, {prefix + name: n for name, n in contract_topics(partitions).items()},
+                         compacted=[prefix + name for name in COMPACTED_TOPICS])
+
+
 def create_topics(
     bootstrap: str,
     partitions_by_topic: Mapping[str, int],
@@ -441,7 +447,7 @@ class LocalKafka:
         else:
             self._launch(timeout)
         if topics:
-            create_topics(self.bootstrap, contract_topics(self.topic_partitions), compacted=COMPACTED_TOPICS)
+            create_contract_topics(self.bootstrap, partitions=self.topic_partitions)
         return self.bootstrap
 
     def _launch(self, timeout: float) -> None:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -16,7 +17,7 @@ import pytest
 
 from flows import kafka_local
 
-__all__ = ["kafka_bootstrap", "kafka_topics", "kafka_unavailable"]
+__all__ = ["kafka_bootstrap", "kafka_topics", "kafka_unavailable", "read_topic", "started"]
 
 
 def kafka_unavailable(reason: str) -> NoReturn:
@@ -24,6 +25,22 @@ def kafka_unavailable(reason: str) -> NoReturn:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"Kafka is required under CI: {reason}", pytrace=False)
     pytest.skip(f"no Kafka broker: {reason}")
+
+
+@contextmanager
+def started(broker: kafka_local.LocalKafka, what: str = "the local broker", *, topics: bool = False
+            ) -> Iterator[kafka_local.LocalKafka]:
+    """`broker` started (with the contract's unprefixed topics if `topics`), and stopped after;
+    Kafka is unavailable (a skip; a failure under CI) if it will not start."""
+    try:
+        broker.start(topics=topics)
+    except kafka_local.KafkaLocalError as exc:
+        broker.stop()
+        kafka_unavailable(f"{what} did not start: {exc}")
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 def _docker_answers() -> bool:
@@ -65,15 +82,8 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             yield container.get_bootstrap_server()
         return
     broker = kafka_local.LocalKafka(kafka_local.free_port_pair(), data_dir=tmp_path_factory.mktemp("kafka"))
-    try:
-        bootstrap = broker.start()
-    except kafka_local.KafkaLocalError as exc:
-        broker.stop()
-        kafka_unavailable(f"no Docker engine, and the local broker did not start: {exc}")
-    try:
-        yield bootstrap
-    finally:
-        broker.stop()
+    with started(broker, "no Docker engine, and the local broker", topics=True):
+        yield broker.bootstrap
 
 
 def kafka_topics(

@@ -146,12 +146,10 @@ def test_the_loop_on_files_a_fans_author_rises(tmp_path):
 
 @pytest.mark.kafka
 def test_the_loop_through_kafka_a_fans_author_rises(tmp_path, kafka_bootstrap):
-    from flows.kafka_local import create_topics
+    from flows.kafka_local import create_contract_topics
 
     prefix = f"loop{uuid.uuid4().hex[:8]}."
-    create_topics(kafka_bootstrap, {prefix + s: 2 for s in ("features", "actions", "items")})
-    create_topics(kafka_bootstrap, {prefix + s: 1 for s in ("examples", "dead-letter")})
-    create_topics(kafka_bootstrap, {prefix + "param-deltas": 1}, compacted=[prefix + "param-deltas"])
+    create_contract_topics(kafka_bootstrap, prefix)
     config = loop_config(tmp_path, source="kafka", brokers=kafka_bootstrap, topic_prefix=prefix)
     with running_loop(config) as loop:
         check_a_fans_author_rises(loop, world())

@@ -26,7 +26,7 @@ from flows.processes import FlowProcess
 from flows.simulate import World
 from model.recommender import build_recommender
 from model.server import running_server
-from tests.kafka_support import kafka_unavailable, read_topic
+from tests.kafka_support import read_topic, started
 from tests.model.serving_fakes import call
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -42,23 +42,8 @@ OUTAGES = [(10.0, 45), (75.0, 120)]  # (seconds stopped, join window): 75 s outl
 @pytest.fixture
 def own_broker(tmp_path):
     """A local broker this test may stop: never the session's shared one."""
-    broker = kafka_local.LocalKafka(kafka_local.free_port_pair(), data_dir=tmp_path / "kafka")
-    try:
-        broker.start(topics=False)
-    except kafka_local.KafkaLocalError as exc:
-        broker.stop()
-        kafka_unavailable(f"the local broker did not start: {exc}")
-    try:
+    with started(kafka_local.LocalKafka(kafka_local.free_port_pair(), data_dir=tmp_path / "kafka")) as broker:
         yield broker
-    finally:
-        broker.stop()
-
-
-def make_topics(bootstrap: str, prefix: str) -> None:
-    kafka_local.create_topics(bootstrap, {prefix + s: 2 for s in ("features", "actions", "items")})
-    kafka_local.create_topics(bootstrap, {prefix + s: 1 for s in ("examples", "dead-letter")})
-    kafka_local.create_topics(bootstrap, {prefix + "param-deltas": 1}, compacted=[prefix + "param-deltas"])
-
 
 
 @dataclass
@@ -121,7 +106,7 @@ def fault_config(tmp_path: Path, bootstrap: str, prefix: str, join_window_s: flo
 def test_a_broker_outage_loses_nothing_and_the_flow_resumes(tmp_path, own_broker, outage_s, join_window_s):
     bootstrap = own_broker.bootstrap
     prefix = f"fault{uuid.uuid4().hex[:6]}."
-    make_topics(bootstrap, prefix)
+    kafka_local.create_contract_topics(bootstrap, prefix)
     config = fault_config(tmp_path, bootstrap, prefix, join_window_s)
     flow = FlowProcess(config, ["-w", "1"], log_path=tmp_path / "flow.log").start()
     recommender = build_recommender(config)

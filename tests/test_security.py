@@ -23,7 +23,7 @@ from flows.config import Config, ConfigError
 from flows.kafka_client import check_broker
 from flows.processes import config_env
 from tests.helpers import action, config_for, feature
-from tests.kafka_support import kafka_unavailable
+from tests.kafka_support import started
 
 ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "freshrec", "s3cret-pw"
@@ -40,21 +40,8 @@ def sasl_broker(tmp_path_factory):
     broker = kafka_local.LocalKafka(kafka_local.free_port_pair(), data_dir=tmp_path_factory.mktemp("kafka-sasl"),
                                     sasl_users={USER: PASSWORD, "admin": "admin-pw"},
                                     sasl_port=kafka_local.free_port_pair())
-    try:
-        broker.start(topics=False)
-    except kafka_local.KafkaLocalError as exc:
-        broker.stop()
-        kafka_unavailable(f"the local broker with SASL did not start: {exc}")
-    try:
+    with started(broker, "the local broker with SASL"):
         yield broker
-    finally:
-        broker.stop()
-
-
-def topics(broker, prefix: str) -> None:
-    kafka_local.create_topics(broker.bootstrap, {prefix + s: 2 for s in ("features", "actions", "items")})
-    kafka_local.create_topics(broker.bootstrap, {prefix + s: 1 for s in ("examples", "dead-letter")})
-    kafka_local.create_topics(broker.bootstrap, {prefix + "param-deltas": 1}, compacted=[prefix + "param-deltas"])
 
 
 def count(bootstrap: str, topic: str) -> int:
@@ -83,7 +70,7 @@ def test_every_kafka_client_authenticates_with_sasl_plain(tmp_path, sasl_broker)
     from paramserver.serving import LmdbServingStore
 
     prefix = f"sec{uuid.uuid4().hex[:6]}."
-    topics(sasl_broker, prefix)
+    kafka_local.create_contract_topics(sasl_broker.bootstrap, prefix)
     config = config_for(tmp_path, source="kafka", brokers=sasl_broker.sasl_bootstrap, topic_prefix=prefix,
                         kafka_config=sasl(), train=1, buckets=2)
     # The simulator's and replay's producer.
@@ -131,7 +118,7 @@ def test_every_kafka_client_authenticates_with_sasl_plain(tmp_path, sasl_broker)
 ])
 def test_a_flow_with_wrong_credentials_stops_naming_the_setting(tmp_path, sasl_broker, kafka_config, why):
     prefix = f"sec{uuid.uuid4().hex[:6]}."
-    topics(sasl_broker, prefix)
+    kafka_local.create_contract_topics(sasl_broker.bootstrap, prefix)
     config = config_for(tmp_path, source="kafka", brokers=sasl_broker.sasl_bootstrap, topic_prefix=prefix,
                         kafka_config=kafka_config, metrics_port="off")
     env = config_env(config)
@@ -184,15 +171,8 @@ def tls_broker(tmp_path_factory):
                        check=True, capture_output=True, timeout=120)
     broker = kafka_local.LocalKafka(kafka_local.free_port_pair(), data_dir=d / "kafka", tls_keystore=store,
                                     tls_password=STORE_PASSWORD, tls_port=kafka_local.free_port_pair())
-    try:
-        broker.start(topics=False)
-    except kafka_local.KafkaLocalError as exc:
-        broker.stop()
-        kafka_unavailable(f"the local broker with TLS did not start: {exc}")
-    try:
+    with started(broker, "the local broker with TLS"):
         yield broker, ca
-    finally:
-        broker.stop()
 
 
 @pytest.mark.kafka
@@ -205,7 +185,7 @@ def test_a_flow_over_tls_runs_with_the_brokers_ca_and_stops_naming_the_setting_w
 
     broker, ca = tls_broker
     prefix = f"tls{uuid.uuid4().hex[:6]}."
-    topics(broker, prefix)
+    kafka_local.create_contract_topics(broker.bootstrap, prefix)
     tls = json.dumps({"security.protocol": "SSL", "ssl.ca.location": str(ca)})
     config = config_for(tmp_path / "ok", source="kafka", brokers=broker.tls_bootstrap, topic_prefix=prefix,
                         kafka_config=tls, buckets=2)
