@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from flows.events import MAX_MESSAGE_BYTES
 from flows.sources import FileStreamSource
 from paramserver.records import decode_item, item_key
 from paramserver.serving import LmdbServingStore
+from tests.flows.test_recovery import flow_env as recovery_flow_env
 from tests.reliability.hostile import (
     DAY,
     FILE_BLANKS,
@@ -78,19 +78,9 @@ def build_input(now: float, kafka: bool = False) -> tuple[dict[str, Injected], d
 
 
 def flow_env(base: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FRESHREC_", "BYTEWAX_"))}
-    env.update({
-        "PYTHONPATH": str(ROOT),
-        "FRESHREC_DATA_DIR": str(base / "data"),
-        "FRESHREC_STATE_DIR": str(base / "state"),
-        "FRESHREC_METRICS_PORT": "off",
-        "FRESHREC_TRAIN": "1",
-        "FRESHREC_BUCKETS": "4",
-        # A small cache: most waiting impressions, long join keys among them, go through LMDB.
-        "FRESHREC_JOIN_CACHE": "500",
-        "FRESHREC_SOURCE_BATCH_BYTES": "262144",
-    })
-    return env
+    # A small cache: most waiting impressions, long join keys among them, go through LMDB.
+    return recovery_flow_env(base, FRESHREC_METRICS_PORT="off", FRESHREC_TRAIN="1", FRESHREC_JOIN_CACHE="500",
+                             FRESHREC_SOURCE_BATCH_BYTES="262144")
 
 
 def read_jsonl(directory: Path) -> list[dict]:
