@@ -36,7 +36,6 @@ from tests.reliability.hostile import (
     valid_events,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 STREAMS = ("features", "actions", "items")
 HOSTILE = {"features": 40_000, "actions": 40_000, "items": 20_000}  # 100,000 in all
 VALID_FEATURES, VALID_ITEMS = 20_000, 3_000
