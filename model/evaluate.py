@@ -23,7 +23,7 @@ from model.trainer import OnlineTrainer, parameter_store
 POINTS = 40  # points on the curves
 # Online steps per TensorFlow call. MovieLens-100K at batch 8 (2026, TF 2.21, busy 2-core machine):
 # one call per step ran at 0.46x River's FMClassifier, a call per 64 steps at TODO.
-STEPS_PER_CALL = 64
+STEPS_PER_CALL = 256
 
 Progress = Callable[[int], object]  # told how many more examples each step went through (a tqdm's update)
 

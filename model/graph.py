@@ -207,8 +207,8 @@ class TwoTowerRanker(tf.Module):
         # where TensorFlow's per-op cost outweighs the arithmetic.
         rows, acc = tf.TensorSpec([None, d], tf.float32), tf.TensorSpec([None, d], tf.float32)
         col, brow = tf.TensorSpec([None, 1], tf.float32), tf.TensorSpec([None, 1], tf.float32)
-        per_step = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.int32),
-                    tf.TensorSpec([None, 2, None], tf.int32), tf.TensorSpec([None, None, f], tf.float32),
+        table = tf.TensorSpec([None, None], tf.int32)
+        per_step = [table, table, table, table, tf.TensorSpec([None, 2, None], tf.int32), tf.TensorSpec([None, None, f], tf.float32),
                     tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None, None], tf.float32),
                     tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.int32)]
         self._steps = tf.function(self._train_steps, jit_compile=True, input_signature=[
@@ -288,31 +288,38 @@ class TwoTowerRanker(tf.Module):
         return loss, tf.sigmoid(rank), tf.convert_to_tensor(grads[0]), tf.convert_to_tensor(grads[1])
 
     def _train_steps(self, emb, acc, lr, eps, ready, bias, bacc, blr, beps, bready,
-                     occ_index, occ_segment, bias_index, dense, labels, weights, counts, steps):
+                     step_rows, occ_index, occ_segment, step_bias, bias_index, dense, labels, weights, counts, steps):
         """`steps` train steps in order, each as `_train` on its examples, over one working set of
         rows: `emb` (every embedding slot's rows) and `bias` (the bias rows) with their Adagrad
         accumulators `acc`, `bacc`, learning rates `lr`, `blr` and epsilons `eps`, `beps` per row.
-        A row reads zeros and takes no update before step `ready` (its id not admitted yet). Step i
-        takes occurrences `occ_index[i]` (rows of `emb`), `occ_segment[i]`, `bias_index[i]` (rows of
-        `bias`) and its examples' `dense[i]`, `labels[i]`, `weights[i]`; `counts[i]` of them are
-        real. After each step the rows take the store's sparse Adagrad on the gradient of the summed
-        loss (`OnlineTrainer.train` pushes the mean's times the batch size) and the dense weights
-        Adam's: step i + 1 sees step i's updates. Returns the rows and accumulators after the last
-        step, each step's scores (taken before its update) and loss."""
+        A row reads zeros and takes no update before step `ready` (its id not admitted yet).
+        Step i takes its distinct rows `step_rows[i]` of `emb` and `step_bias[i]` of `bias` (padded
+        with rows never ready), its occurrences `occ_index[i]` (into `step_rows[i]`) and
+        `occ_segment[i]`, `bias_index[i]` (into `step_bias[i]`), and its examples' `dense[i]`,
+        `labels[i]`, `weights[i]`; `counts[i]` of them are real. After each step its rows take the
+        store's sparse Adagrad on the gradient of the summed loss (`OnlineTrainer.train` pushes the
+        mean's times the batch size) and the dense weights Adam's: step i + 1 sees step i's updates.
+        Returns the rows and accumulators after the last step, each step's scores (taken before
+        its update) and loss."""
         n = tf.shape(labels)[1]
         k = tf.shape(labels)[0]
         bce = tf.nn.sigmoid_cross_entropy_with_logits
         variables = self.trainable_variables
 
-        def adagrad(w, a, g, rate, epsilon, live):
-            a2 = a + g * g  # rows outside the step have g = 0: unchanged
-            w2 = w - g / (tf.sqrt(a2) + epsilon) * rate
-            return tf.where(live, w2, w), tf.where(live, a2, a)
+        def adagrad(table, accs, rates, epsilons, ready_at, rows, i, g):
+            live = (tf.gather(ready_at, rows) <= i)[:, None]
+            w, a = tf.gather(table, rows), tf.gather(accs, rows)
+            a2 = a + g * g
+            w2 = w - g / (tf.sqrt(a2) + tf.gather(epsilons, rows)) * tf.gather(rates, rows)
+            # Padding rows repeat, never ready: each writes back the value it had.
+            at = rows[:, None]
+            return (tf.tensor_scatter_nd_update(table, at, tf.where(live, w2, w)),
+                    tf.tensor_scatter_nd_update(accs, at, tf.where(live, a2, a)))
 
         def step(i, emb, acc, bias, bacc, scores, losses, dense_w, adam_m, adam_v):
-            live, blive = (ready <= i)[:, None], (bready <= i)[:, None]
-            e_in = tf.where(live, emb, 0.0)
-            b_in = tf.where(blive, bias, 0.0)
+            rows, brows = step_rows[i], step_bias[i]
+            e_in = tf.where((tf.gather(ready, rows) <= i)[:, None], tf.gather(emb, rows), 0.0)
+            b_in = tf.where((tf.gather(bready, brows) <= i)[:, None], tf.gather(bias, brows), 0.0)
             with tf.GradientTape() as tape:
                 tape.watch([e_in, b_in, *dense_w])
                 rank, dot, _, _ = self._forward_packed(e_in, occ_index[i], occ_segment[i], b_in, bias_index[i],
@@ -321,17 +328,17 @@ class TwoTowerRanker(tf.Module):
                 per_example = w * (bce(labels=labels[i], logits=rank) + bce(labels=labels[i], logits=dot))
                 loss = tf.reduce_sum(per_example) / counts[i]
             grads = tape.gradient(loss, [e_in, b_in, *dense_w])
-            dense_w, adam_m, adam_v = adam.update(grads[2:], dense_w, adam_m, adam_v, adam.iterations + tf.cast(i, tf.int64))
-            emb, acc = adagrad(emb, acc, tf.convert_to_tensor(grads[0]) * counts[i], lr, eps, live)
-            bias, bacc = adagrad(bias, bacc, tf.convert_to_tensor(grads[1]) * counts[i], blr, beps, blive)
+            dense_w, adam_m, adam_v = adam.update(grads[2:], dense_w, adam_m, adam_v,
+                                                  adam.iterations + tf.cast(i, tf.int64))
+            emb, acc = adagrad(emb, acc, lr, eps, ready, rows, i, tf.convert_to_tensor(grads[0]) * counts[i])
+            bias, bacc = adagrad(bias, bacc, blr, beps, bready, brows, i, tf.convert_to_tensor(grads[1]) * counts[i])
             return (i + 1, emb, acc, bias, bacc, scores.write(i, tf.sigmoid(rank)), losses.write(i, loss),
                     dense_w, adam_m, adam_v)
 
         adam = self.optimizer
         scores = tf.TensorArray(tf.float32, size=k, element_shape=[None])
         losses = tf.TensorArray(tf.float32, size=k, element_shape=[])
-        # The dense weights and Adam's slots ride the loop as tensors (XLA fuses their updates; the
-        # variables' own update op, step after step, took 40 % of the loop) and are stored at its end.
+        # The dense weights and Adam's slots ride the loop as tensors and are stored at its end.
         carried = [[tf.identity(v) for v in vs] for vs in (variables, adam.m, adam.v)]
         _, emb, acc, bias, bacc, scores, losses, dense_w, adam_m, adam_v = tf.while_loop(
             lambda i, *_: i < steps, step, [tf.constant(0), emb, acc, bias, bacc, scores, losses, *carried],
@@ -345,19 +352,26 @@ class TwoTowerRanker(tf.Module):
     def train_steps(self, rows: dict[str, np.ndarray], per_step: dict[str, np.ndarray], steps: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`_train_steps` on numpy arrays (`rows`: emb, acc, lr, eps, ready, bias, bacc, blr, beps,
-        bready; `per_step`: occ_index, occ_segment, bias_index, dense, labels, weights, counts),
-        padded to the largest sizes seen so far (XLA compiles one program per shape): extra rows
-        are zeros that are never ready, extra occurrences point at such a row in no segment, extra
-        examples weigh 0 and extra steps do not run. Returns the real part of what it returns."""
+        bready; `per_step`: step_rows, occ_index, occ_segment, step_bias, bias_index, dense, labels,
+        weights, counts; row paddings in `step_rows` and `step_bias` are -1), padded to the largest
+        sizes seen so far, with room to spare (XLA compiles one program per shape, in about two
+        seconds): extra rows are zeros that are never ready, extra occurrences fall in no segment,
+        extra examples weigh 0 and extra steps do not run. Returns the real part of the results."""
         m, mb = len(rows["emb"]), len(rows["bias"])
-        k, o = per_step["occ_index"].shape
+        k, u = per_step["step_rows"].shape
+        o, ub = per_step["occ_index"].shape[1], per_step["step_bias"].shape[1]
         n = per_step["labels"].shape[1]
-        sizes = (padded_size(m + 1), padded_size(mb + 1), padded_size(k), padded_size(o), n)  # n: every step's
-        if self._steps_sizes is not None:
-            sizes = tuple(max(a, b) for a, b in zip(sizes, self._steps_sizes, strict=True))
-        if sizes != self._steps_sizes:
-            self._steps_sizes = sizes
-        mp, mbp, kp, op, n_p = sizes
+
+        def room(x: int) -> int:
+            return padded_size(x + x // 2 + 1)
+
+        need = (m + 1, mb + 1, k, u + 1, o, ub + 1, n)
+        seen = self._steps_sizes
+        if seen is None or any(a > b for a, b in zip(need, seen, strict=True)):
+            # Grow every size with room, so that a stream compiles a program or two, not one per chunk.
+            grown = (room(m), room(mb), k, room(u), room(o), room(ub), n)
+            self._steps_sizes = grown if seen is None else tuple(max(a, b) for a, b in zip(grown, seen, strict=True))
+        mp, mbp, kp, up, op, ubp, n_p = self._steps_sizes
         never = np.int32(np.iinfo(np.int32).max)
 
         def pad(a, shape, fill=0):
@@ -367,17 +381,22 @@ class TwoTowerRanker(tf.Module):
             out[tuple(slice(0, x) for x in a.shape)] = a
             return out
 
+        def rows_of(a, shape, dummy):
+            out = pad(a, shape, dummy)
+            out[out < 0] = dummy
+            return out
+
         d = self.spec.dim
         inputs = [pad(rows["emb"], (mp, d)), pad(rows["acc"], (mp, d)), pad(rows["lr"], (mp, 1)),
                   pad(rows["eps"], (mp, 1), 1.0), pad(rows["ready"], (mp,), never),
                   pad(rows["bias"], (mbp, 1)), pad(rows["bacc"], (mbp, 1)), pad(rows["blr"], (mbp, 1)),
                   pad(rows["beps"], (mbp, 1), 1.0), pad(rows["bready"], (mbp,), never),
-                  pad(per_step["occ_index"], (kp, op), m), pad(per_step["occ_segment"], (kp, op), -1),
-                  pad(per_step["bias_index"], (kp, 2, n_p), mb), pad(per_step["dense"], (kp, n_p, len(self.spec.dense))),
+                  rows_of(per_step["step_rows"], (kp, up), m), pad(per_step["occ_index"], (kp, op)),
+                  pad(per_step["occ_segment"], (kp, op), -1), rows_of(per_step["step_bias"], (kp, ubp), mb),
+                  pad(per_step["bias_index"], (kp, 2, n_p)), pad(per_step["dense"], (kp, n_p, len(self.spec.dense))),
                   pad(per_step["labels"], (kp, n_p)), pad(per_step["weights"], (kp, n_p)),
                   pad(per_step["counts"], (kp,), 1.0), np.int32(steps)]
-        fn = self._concrete("_steps")
-        emb, acc, bias, bacc, scores, losses = fn(*_tensors(*inputs))
+        emb, acc, bias, bacc, scores, losses = self._concrete("_steps")(*_tensors(*inputs))
         return (emb.numpy()[:m], acc.numpy()[:m], bias.numpy()[:mb], bacc.numpy()[:mb],
                 scores.numpy()[:steps, :n], losses.numpy()[:steps])
 

@@ -51,6 +51,18 @@ def parameter_store(spec: FeatureSpec, checkpoint_dir: Any = None, *, checkpoint
                           checkpoint_max_bytes=checkpoint_max_bytes, cap_name=cap_name)
 
 
+def _per_step(step: np.ndarray, row: np.ndarray, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Occurrences of rows (< m) in steps (< k) as each step's distinct rows (k, width; -1 pads)
+    and each occurrence's position among its step's."""
+    uniq, inv = np.unique(step.astype(np.int64) * m + row, return_inverse=True)
+    u_step = uniq // m
+    per = np.bincount(u_step, minlength=k)
+    rank = (np.arange(len(uniq)) - (np.cumsum(per) - per)[u_step]).astype(np.int32)
+    rows = np.full((k, max(int(per.max()), 1)), -1, np.int32)
+    rows[u_step, rank] = uniq % m
+    return rows, rank[inv.reshape(-1)]
+
+
 @dataclass
 class _WorkingSlot:
     """One slot's rows for `OnlineTrainer.train_steps`: the pulled `WorkingRows`, the step from
@@ -64,17 +76,10 @@ class _WorkingSlot:
     lr: np.ndarray
     eps: np.ndarray
     state: np.ndarray
+    updates: np.ndarray  # the steps that update each row: those it appears in from its `ready` step on
 
     def _live(self) -> np.ndarray:
         return self.occ_step >= self.ready[self.occ_row]
-
-    def updates(self) -> np.ndarray:
-        """Steps that updated each row: those it appears in from its `ready` step on."""
-        live = self._live()
-        m = len(self.ready)
-        k = int(self.occ_step.max()) + 1 if len(self.occ_step) else 1
-        pairs = np.unique(self.occ_row[live].astype(np.int64) * k + self.occ_step[live])
-        return np.bincount(pairs // k, minlength=m)
 
     def arrival(self, arrivals: Optional[np.ndarray], example: np.ndarray) -> Optional[np.ndarray]:
         """The earliest arrival behind each row's updates (NaN where unknown); None if none known."""
@@ -178,7 +183,8 @@ class OnlineTrainer:
         if np.isnan(arrivals).all():
             arrivals = None  # replays carry no arrival times: nothing to track
         step_of = np.arange(n, dtype=np.int32) // batch_size
-        work = {s: self._working_set(s, batch.slots[s], step_of, k, now) for s in self.spec.slots}
+        pairs: dict[int, tuple] = {}
+        work = {s: self._working_set(s, batch.slots[s], step_of, k, now, pairs) for s in self.spec.slots}
 
         fields = (*self.spec.user_side, *self.spec.item_side)
         emb_slots, bias_slots = fields, ("user_id.bias", "item_id.bias")
@@ -196,35 +202,37 @@ class OnlineTrainer:
                 "beps": np.concatenate([work[s].eps for s in bias_slots]),
                 "bready": np.concatenate([work[s].ready for s in bias_slots])}
         # Each step's occurrences, field after field as `TwoTowerRanker.pack` lays out a batch.
-        occ_row = np.concatenate([offsets[f] + work[s].occ_row for f, s in enumerate(emb_slots)]).astype(np.int32)
+        occ_row = np.concatenate([offsets[f] + work[s].occ_row for f, s in enumerate(emb_slots)])
         occ_ex = np.concatenate([batch.slots[s].example for s in emb_slots])
         occ_seg = np.concatenate([(batch.slots[s].example % batch_size) * len(fields) + f
                                   for f, s in enumerate(emb_slots)]).astype(np.int32)
-        order = np.argsort(step_of[occ_ex], kind="stable")
-        occ_step = step_of[occ_ex][order]
+        order = np.argsort(occ_ex // batch_size, kind="stable")
+        occ_step = step_of[occ_ex[order]]
+        step_rows, at_row = _per_step(occ_step, occ_row[order], k, m)
         per = np.bincount(occ_step, minlength=k)
-        at = np.arange(len(order)) - np.repeat(np.cumsum(per) - per, per)
-        width = int(per.max()) if len(per) else 0
-        occ_index = np.full((k, width), m, np.int32)
-        occ_segment = np.full((k, width), -1, np.int32)
-        occ_index[occ_step, at] = occ_row[order]
+        at = np.arange(len(order)) - (np.cumsum(per) - per)[occ_step]
+        occ_index = np.zeros((k, max(int(per.max()), 1)), np.int32)
+        occ_segment = np.full(occ_index.shape, -1, np.int32)
+        occ_index[occ_step, at] = at_row
         occ_segment[occ_step, at] = occ_seg[order]
-        bias_index = np.full((k, 2, batch_size), mb, np.int32)
         pos = np.arange(n) % batch_size
-        bias_index[step_of, 0, pos] = boffsets[0] + work["user_id.bias"].occ_row
-        bias_index[step_of, 1, pos] = boffsets[1] + work["item_id.bias"].occ_row
+        ub, ib = work["user_id.bias"].occ_row, boffsets[1] + work["item_id.bias"].occ_row
+        step_bias, bias_at = _per_step(np.concatenate([step_of, step_of]), np.concatenate([ub, ib]), k, mb)
+        bias_index = np.zeros((k, 2, batch_size), np.int32)
+        bias_index[step_of, 0, pos] = bias_at[:n]
+        bias_index[step_of, 1, pos] = bias_at[n:]
         shaped = np.zeros((k, batch_size), np.float32)
         lab, wts = shaped.copy(), shaped.copy()
         lab[step_of, pos], wts[step_of, pos] = labels, weights
         counts = np.bincount(step_of, minlength=k).astype(np.float32)
         emb, acc, bias, bacc, scores, losses = self.model.train_steps(
-            rows, {"occ_index": occ_index, "occ_segment": occ_segment, "bias_index": bias_index, "dense": dense,
-                   "labels": lab, "weights": wts, "counts": counts}, k)
+            rows, {"step_rows": step_rows, "occ_index": occ_index, "occ_segment": occ_segment, "step_bias": step_bias,
+                   "bias_index": bias_index, "dense": dense, "labels": lab, "weights": wts, "counts": counts}, k)
         scores = scores[step_of, pos].astype(np.float64)
         for s, (lo, hi), (w, a) in [*((s, offsets[f:f + 2], (emb, acc)) for f, s in enumerate(emb_slots)),
                                     *((s, boffsets[f:f + 2], (bias, bacc)) for f, s in enumerate(bias_slots))]:
             ws = work[s]
-            self.params.write_working(ws.rows, w[lo:hi].reshape(ws.rows.values.shape), a[lo:hi], ws.updates(),
+            self.params.write_working(ws.rows, w[lo:hi].reshape(ws.rows.values.shape), a[lo:hi], ws.updates,
                                       arrival=ws.arrival(arrivals, batch.slots[s].example), now=now)
         self._validate(examples, scores, labels, arrival_scores)
         self.steps += k
@@ -246,13 +254,18 @@ class OnlineTrainer:
         return StepResult(float(np.mean([r.loss for r in results])), np.concatenate([r.scores for r in results]),
                           np.concatenate([r.labels for r in results]), len(examples))
 
-    def _working_set(self, slot: str, ids: Any, step_of: np.ndarray, k: int, now: float) -> _WorkingSlot:
-        """The rows of `slot` for a run of `k` steps: pulled, with the step each starts at."""
+    def _working_set(self, slot: str, ids: Any, step_of: np.ndarray, k: int, now: float,
+                     pairs: dict[int, tuple]) -> _WorkingSlot:
+        """The rows of `slot` for a run of `k` steps: pulled, with the step each starts at and the
+        steps that update it. `pairs` keeps the (id, step) pairs of slots that share their ids."""
         occ_step = step_of[ids.example]
         n_ids = len(ids.ids)
-        # Distinct (id, step) pairs, by id then step: an id's sightings in step order.
-        pairs = np.unique(ids.index.astype(np.int64) * k + occ_step)
-        pair_id, pair_step = pairs // k, (pairs % k).astype(np.int32)
+        got = pairs.get(id(ids))
+        if got is None:
+            # Distinct (id, step) pairs, by id then step: an id's sightings in step order.
+            both = np.unique(ids.index.astype(np.int64) * k + occ_step)
+            got = pairs[id(ids)] = (both // k, (both % k).astype(np.int32))
+        pair_id, pair_step = got
         sightings = np.bincount(pair_id, minlength=n_ids)
         rows = self.params.pull_working(slot, ids.ids, sightings, now=now)
         first = np.cumsum(sightings) - sightings
@@ -262,13 +275,20 @@ class OnlineTrainer:
         id_ready[late] = pair_step[first[late] + rows.ready[late]]
         id_ready[late & (rows.ready == 0)] = 0
         m = len(rows.values)
-        ready = np.full(m, never, np.int32)
-        np.minimum.at(ready, rows.index, id_ready)
+        if m == n_ids and (rows.index == np.arange(n_ids)).all():
+            ready = id_ready
+            live = pair_step >= ready[pair_id]
+            updates = np.bincount(pair_id[live], minlength=m)
+        else:  # ids share rows (a hashed table): a row's steps are its ids' steps, once each
+            ready = np.full(m, never, np.int32)
+            np.minimum.at(ready, rows.index, id_ready)
+            row_steps = np.unique(rows.index[pair_id].astype(np.int64) * k + pair_step)
+            row, row_step = row_steps // k, row_steps % k
+            updates = np.bincount(row[row_step >= ready[row]], minlength=m)
         opt = rows.optimizer
-        width = self.spec.width(slot)
         return _WorkingSlot(rows, ready, rows.index[ids.index].astype(np.int32), occ_step,
                             np.full((m, 1), opt.lr, np.float32), np.full((m, 1), opt.eps, np.float32),
-                            rows.state.reshape(m, width))
+                            rows.state.reshape(m, self.spec.width(slot)), updates)
 
     def _validate(self, examples: Sequence[Any], scores: np.ndarray, labels: np.ndarray,
                   arrival_scores: Optional[np.ndarray]) -> None:
