@@ -211,7 +211,7 @@ class TwoTowerRanker(tf.Module):
         per_step = [table, table, table, table, tf.TensorSpec([None, 2, None], tf.int32), tf.TensorSpec([None, None, f], tf.float32),
                     tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None, None], tf.float32),
                     tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.int32)]
-        self._steps = tf.function(self._train_steps, jit_compile=True, input_signature=[
+        self._steps = tf.function(self._train_steps, jit_compile=True, autograph=False, input_signature=[
             rows, acc, col, col, ints, brow, brow, col, col, ints, *per_step])
         self._steps_sizes: Optional[tuple[int, ...]] = None
         # The exported signature keeps its per-slot inputs (rows, indices, example ids by slot).

@@ -17,7 +17,7 @@ def test_progress_counts_every_example_each_run_goes_through(run):
     told: list[int] = []
     run(examples, SPEC, batch_size=16, progress=told.append)
     assert sum(told) == examples_gone_through(run, len(examples))
-    assert max(told) <= 16 * (1 if run is frozen else STEPS_PER_CALL)  # online: told once per call
+    assert max(told) <= 16 * STEPS_PER_CALL  # told once per TensorFlow call
     assert examples_gone_through(run, len(examples)) == (101 * 2 + 102 if run is frozen else 203)
 
 
