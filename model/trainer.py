@@ -93,7 +93,8 @@ class _WorkingSlot:
 
 
 class OnlineTrainer:
-    """Trains the graph and the parameter store together, one mini-batch at a time."""
+    """Trains the graph and the parameter store together, one mini-batch at a time (`train`) or many
+    in one TensorFlow call (`train_steps`)."""
 
     def __init__(self, spec: FeatureSpec, params: Any, model: Any = None, *, window: int = 10_000):
         if model is None:
