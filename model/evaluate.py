@@ -22,9 +22,9 @@ from model.trainer import OnlineTrainer, parameter_store
 
 POINTS = 40  # points on the curves
 # Online steps per TensorFlow call (`OnlineTrainer.train_steps`). MovieLens-100K at batch 8 (2026,
-# TF 2.21, busy 2-core machine): one call per step ran at 0.46x River's FMClassifier; 256 per call
-# at 3.3x-4.3x (64 per call: 0.39 ms a step against 0.29 ms, Python's share per call larger).
-STEPS_PER_CALL = 256
+# TF 2.21, busy 2-core machine), events/s against River's FMClassifier in the same run: one call
+# per step 0.46x; 256 per call 4.1x-4.2x, 512 per call 4.3x-4.4x (fewer calls, less Python).
+STEPS_PER_CALL = 512
 
 Progress = Callable[[int], object]  # told how many more examples each step went through (a tqdm's update)
 
