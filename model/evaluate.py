@@ -21,6 +21,10 @@ from model.features import FeatureSpec
 from model.trainer import OnlineTrainer, parameter_store
 
 POINTS = 40  # points on the curves
+# Online steps per TensorFlow call (`OnlineTrainer.train_steps`). MovieLens-100K at batch 8 (2026,
+# TF 2.21, busy 2-core machine), events/s against River's FMClassifier in the same run: one call
+# per step 0.46x; 256 per call 4.1x-4.2x, 512 per call 4.3x-4.4x (fewer calls, less Python).
+STEPS_PER_CALL = 512
 
 Progress = Callable[[int], object]  # told how many more examples each step went through (a tqdm's update)
 
@@ -58,13 +62,15 @@ def _finish(run: Run, scores: np.ndarray, labels: np.ndarray, seconds: float, n_
 
 
 def online(examples: Sequence[Any], spec: FeatureSpec, name: str = "online", batch_size: int = 256,
-           params: Any = None, progress: Progress = _quiet) -> Run:
-    """Predict, then learn, batch by batch, over the whole stream."""
+           params: Any = None, progress: Progress = _quiet, steps_per_call: int = STEPS_PER_CALL) -> Run:
+    """Predict, then learn, batch by batch, over the whole stream (`steps_per_call` batches in one
+    TensorFlow call: the same steps, see `OnlineTrainer.train_steps`)."""
     trainer = OnlineTrainer(spec, params if params is not None else parameter_store(spec))
     scores = np.empty(len(examples), np.float64)
     t0 = time.perf_counter()
-    for i in range(0, len(examples), batch_size):
-        step = trainer.train(examples[i:i + batch_size])
+    run = batch_size * steps_per_call
+    for i in range(0, len(examples), run):
+        step = trainer.train_steps(examples[i:i + run], batch_size)
         scores[i:i + len(step.scores)] = step.scores
         progress(step.size)
     seconds = time.perf_counter() - t0
@@ -74,15 +80,17 @@ def online(examples: Sequence[Any], spec: FeatureSpec, name: str = "online", bat
 
 def frozen(examples: Sequence[Any], spec: FeatureSpec, batch_size: int = 256, epochs: int = 2,
            progress: Progress = _quiet) -> Run:
-    """Trained on the first half (progressively on its first epoch), then frozen for the second.
+    """Trained on the first half (progressively on its first epoch, `STEPS_PER_CALL` batches per
+    TensorFlow call as `online`), then frozen for the second.
     `progress` counts every example gone through: half the stream per epoch, then the second half."""
     half = len(examples) // 2
     trainer = OnlineTrainer(spec, parameter_store(spec))
     scores = np.empty(len(examples), np.float64)
     t0 = time.perf_counter()
+    run = batch_size * STEPS_PER_CALL
     for epoch in range(epochs):
-        for i in range(0, half, batch_size):
-            step = trainer.train(examples[i:min(i + batch_size, half)])
+        for i in range(0, half, run):
+            step = trainer.train_steps(examples[i:min(i + run, half)], batch_size)
             if epoch == 0:
                 scores[i:i + len(step.scores)] = step.scores
             progress(step.size)

@@ -95,21 +95,25 @@ def make_batch(events: Sequence[HasFeatures], spec: FeatureSpec,
     """The model's inputs for a batch of examples (or of feature events, for scoring)."""
     n = len(events)
     slots: dict[str, SlotIds] = {}
+    every = np.arange(n, dtype=np.int32)
+    sparse = [e.sparse for e in events] if len(spec.embedding_slots) > 2 else []
     for slot in spec.embedding_slots:
         if slot == "user_id":
-            raw = [e.user_id for e in events]
-            example = np.arange(n, dtype=np.int32)
+            raw, example = [e.user_id for e in events], every
         elif slot == "item_id":
-            raw = [e.item_id for e in events]
-            example = np.arange(n, dtype=np.int32)
+            raw, example = [e.item_id for e in events], every
         else:
-            per = [_values(e.sparse.get(slot)) for e in events]
-            lengths = np.fromiter(map(len, per), np.int32, n)
-            example = np.repeat(np.arange(n, dtype=np.int32), lengths)
-            raw = [v for vs in per for v in vs]
-        uniq: dict[str, int] = {}
-        index = np.fromiter((uniq.setdefault(v, len(uniq)) for v in raw), np.int32, len(raw))
-        ids = list(uniq)
+            raw = [sp.get(slot) for sp in sparse]
+            if set(map(type, raw)) <= {str}:  # one value per event: no list per event
+                example = every
+            else:
+                per = list(map(_values, raw))
+                example = np.repeat(every, np.fromiter(map(len, per), np.int32, n))
+                raw = [v for vs in per for v in vs]
+        # Distinct ids in order of first sight, and each occurrence's place among them.
+        ids = list(dict.fromkeys(raw))
+        place = {v: i for i, v in enumerate(ids)}
+        index = np.fromiter(map(place.__getitem__, raw), np.int32, len(raw))
         if ids and max(map(len, ids)) * 4 > MAX_KEY_BYTES:
             # The parameter tables take ids of at most 640 bytes and LMDB keys of 511: a longer id
             # is the digest its serving key holds (paramserver/records.py), which is unique too.

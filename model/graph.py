@@ -141,6 +141,22 @@ class _FusedAdam(tf.Module):
                                          epsilon=tf.constant(self.epsilon), grad=g)
         self.iterations.assign_add(1)
 
+    def update(self, grads, weights, m, v, iterations):
+        """`apply` as arithmetic on tensors (the loop of `TwoTowerRanker._train_steps` carries the
+        weights and slots, which XLA then fuses): (weights, m, v) after one step at `iterations`.
+        The formulas of `ResourceApplyAdam`."""
+        step = tf.cast(iterations + 1, tf.float32)
+        b1, b2 = tf.constant(self.beta_1), tf.constant(self.beta_2)
+        alpha = self.learning_rate * tf.sqrt(1.0 - tf.pow(b2, step)) / (1.0 - tf.pow(b1, step))
+        out_w, out_m, out_v = [], [], []
+        for w, m1, v1, g in zip(weights, m, v, grads, strict=True):
+            m2 = m1 + (g - m1) * (1.0 - b1)
+            v2 = v1 + (tf.square(g) - v1) * (1.0 - b2)
+            out_w.append(w - m2 * alpha / (tf.sqrt(v2) + self.epsilon))
+            out_m.append(m2)
+            out_v.append(v2)
+        return out_w, out_m, out_v
+
 
 class TwoTowerRanker(tf.Module):
     """user tower · item tower (retrieval) + cross-network head (ranking)."""
@@ -187,6 +203,17 @@ class TwoTowerRanker(tf.Module):
         self._score_packed = tf.function(self._score_logits, input_signature=[*packed, tf.TensorSpec([], tf.int32)],
                                          jit_compile=jit_compile)
         self._concrete_fns: dict = {}
+        # Many steps in one call (see `train_steps`), compiled with XLA: a loop of tiny steps is
+        # where TensorFlow's per-op cost outweighs the arithmetic.
+        rows, acc = tf.TensorSpec([None, d], tf.float32), tf.TensorSpec([None, d], tf.float32)
+        col, brow = tf.TensorSpec([None, 1], tf.float32), tf.TensorSpec([None, 1], tf.float32)
+        table = tf.TensorSpec([None, None], tf.int32)
+        per_step = [table, table, table, table, tf.TensorSpec([None, 2, None], tf.int32), tf.TensorSpec([None, None, f], tf.float32),
+                    tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None, None], tf.float32),
+                    tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.int32)]
+        self._steps = tf.function(self._train_steps, jit_compile=True, autograph=False, input_signature=[
+            rows, acc, col, col, ints, brow, brow, col, col, ints, *per_step])
+        self._steps_sizes: Optional[tuple[int, ...]] = None
         # The exported signature keeps its per-slot inputs (rows, indices, example ids by slot).
         rows = {s: tf.TensorSpec([None, spec.width(s)], tf.float32) for s in spec.slots}
         by_slot = {s: ints for s in spec.slots}
@@ -195,31 +222,38 @@ class TwoTowerRanker(tf.Module):
 
     # -- the graph ---------------------------------------------------------------------------
 
-    def _forward_packed(self, emb, emb_index, emb_segment, bias_rows, bias_index, dense, n):
+    def _forward_packed(self, emb, emb_index, emb_segment, bias_rows, bias_index, dense, n, weights=None):
         """(rank, dot, u, v) from packed inputs (see `Packed`): `emb` holds every embedding slot's
         rows, `emb_index` each occurrence's row in it and `emb_segment` its example * fields + field;
-        `bias_rows` the user then item bias rows, `bias_index` (2, n) each example's."""
+        `bias_rows` the user then item bias rows, `bias_index` (2, n) each example's. `weights`: the
+        dense weights to use, in `trainable_variables` order (default: the variables)."""
+        w = self._named(weights)
         d, k = self.spec.dim, self._fields
         pooled = tf.math.unsorted_segment_mean(tf.gather(emb, emb_index), emb_segment, n * k)
         # Segments run example-major in tower order (user side, then item side), so each example's
         # fields are one row of (n, k * d): the towers' inputs are its two halves.
         flat = tf.reshape(pooled, [n, k * d])
-        bias = tf.reduce_sum(tf.reshape(tf.gather(bias_rows, bias_index), [2, n]), axis=0) + self.global_bias
+        bias = tf.reduce_sum(tf.reshape(tf.gather(bias_rows, bias_index), [2, n]), axis=0) + w["global_bias"]
         u_in, i_emb = flat[:, :self._user_width], flat[:, self._user_width:]
         i_in = tf.concat([i_emb, dense], axis=1)
-        u = tf.nn.relu(u_in @ self.user1[0] + self.user1[1]) @ self.user2[0] + self.user2[1]
-        v = tf.nn.relu(i_in @ self.item1[0] + self.item1[1]) @ self.item2[0] + self.item2[1]
+        u = tf.nn.relu(u_in @ w["user1_w"] + w["user1_b"]) @ w["user2_w"] + w["user2_b"]
+        v = tf.nn.relu(i_in @ w["item1_w"] + w["item1_b"]) @ w["item2_w"] + w["item2_b"]
         dot = tf.reduce_sum(u * v, axis=1) + bias
         x0 = tf.concat([flat, dense, u, v, u * v], axis=1)  # = [u_in, i_in, u, v, u * v]
-        x1 = x0 * (x0 @ self.cross[0] + self.cross[1]) + x0  # one DCN-v2 cross layer
-        h = tf.nn.relu(x1 @ self.head1[0] + self.head1[1])
-        rank = tf.squeeze(h @ self.head2[0] + self.head2[1], axis=1) + dot
+        x1 = x0 * (x0 @ w["cross_w"] + w["cross_b"]) + x0  # one DCN-v2 cross layer
+        h = tf.nn.relu(x1 @ w["head1_w"] + w["head1_b"])
+        rank = tf.squeeze(h @ w["head2_w"] + w["head2_b"], axis=1) + dot
         # FM's pairwise term over every field's pooled row: sum over pairs i<j of <e_i, e_j>.
         # No weights of its own; it lifted MovieLens's online AUC from 0.765 to 0.769.
         fields = tf.reshape(pooled, [n, k, d])
         fm = 0.5 * tf.reduce_sum(tf.square(tf.reduce_sum(fields, 1)) - tf.reduce_sum(tf.square(fields), 1), 1)
         rank = rank + fm
         return rank, dot, u, v
+
+    def _named(self, weights=None) -> dict:
+        """The dense weights by variable name: the variables, or `weights` in their order."""
+        names = [v.name.split(":")[0] for v in self.trainable_variables]
+        return dict(zip(names, self.trainable_variables if weights is None else weights, strict=True))
 
     def _forward(self, rows: dict, index: dict, example: dict, dense, n):
         """(rank, dot, u, v) from each slot's rows, row indices and example ids: packs them and
@@ -252,6 +286,119 @@ class TwoTowerRanker(tf.Module):
         grads = tape.gradient(loss, [emb, bias_rows, *variables])
         self.optimizer.apply(grads[2:], variables)
         return loss, tf.sigmoid(rank), tf.convert_to_tensor(grads[0]), tf.convert_to_tensor(grads[1])
+
+    def _train_steps(self, emb, acc, lr, eps, ready, bias, bacc, blr, beps, bready,
+                     step_rows, occ_index, occ_segment, step_bias, bias_index, dense, labels, weights, counts, steps):
+        """`steps` train steps in order, each as `_train` on its examples, over one working set of
+        rows: `emb` (every embedding slot's rows) and `bias` (the bias rows) with their Adagrad
+        accumulators `acc`, `bacc`, learning rates `lr`, `blr` and epsilons `eps`, `beps` per row.
+        A row reads zeros and takes no update before step `ready` (its id not admitted yet).
+        Step i takes its distinct rows `step_rows[i]` of `emb` and `step_bias[i]` of `bias` (padded
+        with rows never ready), its occurrences `occ_index[i]` (into `step_rows[i]`) and
+        `occ_segment[i]`, `bias_index[i]` (into `step_bias[i]`), and its examples' `dense[i]`,
+        `labels[i]`, `weights[i]`; `counts[i]` of them are real. After each step its rows take the
+        store's sparse Adagrad on the gradient of the summed loss (`OnlineTrainer.train` pushes the
+        mean's times the batch size) and the dense weights Adam's: step i + 1 sees step i's updates.
+        Returns the rows and accumulators after the last step, each step's scores (taken before
+        its update) and loss."""
+        n = tf.shape(labels)[1]
+        k = tf.shape(labels)[0]
+        bce = tf.nn.sigmoid_cross_entropy_with_logits
+        variables = self.trainable_variables
+
+        def adagrad(table, accs, rates, epsilons, ready_at, rows, i, g):
+            live = (tf.gather(ready_at, rows) <= i)[:, None]
+            w, a = tf.gather(table, rows), tf.gather(accs, rows)
+            a2 = a + g * g
+            w2 = w - g / (tf.sqrt(a2) + tf.gather(epsilons, rows)) * tf.gather(rates, rows)
+            # Padding rows repeat, never ready: each writes back the value it had.
+            at = rows[:, None]
+            return (tf.tensor_scatter_nd_update(table, at, tf.where(live, w2, w)),
+                    tf.tensor_scatter_nd_update(accs, at, tf.where(live, a2, a)))
+
+        def step(i, emb, acc, bias, bacc, scores, losses, dense_w, adam_m, adam_v):
+            rows, brows = step_rows[i], step_bias[i]
+            e_in = tf.where((tf.gather(ready, rows) <= i)[:, None], tf.gather(emb, rows), 0.0)
+            b_in = tf.where((tf.gather(bready, brows) <= i)[:, None], tf.gather(bias, brows), 0.0)
+            with tf.GradientTape() as tape:
+                tape.watch([e_in, b_in, *dense_w])
+                rank, dot, _, _ = self._forward_packed(e_in, occ_index[i], occ_segment[i], b_in, bias_index[i],
+                                                       dense[i], n, dense_w)
+                w = weights[i]
+                per_example = w * (bce(labels=labels[i], logits=rank) + bce(labels=labels[i], logits=dot))
+                loss = tf.reduce_sum(per_example) / counts[i]
+            grads = tape.gradient(loss, [e_in, b_in, *dense_w])
+            dense_w, adam_m, adam_v = adam.update(grads[2:], dense_w, adam_m, adam_v,
+                                                  adam.iterations + tf.cast(i, tf.int64))
+            emb, acc = adagrad(emb, acc, lr, eps, ready, rows, i, tf.convert_to_tensor(grads[0]) * counts[i])
+            bias, bacc = adagrad(bias, bacc, blr, beps, bready, brows, i, tf.convert_to_tensor(grads[1]) * counts[i])
+            return (i + 1, emb, acc, bias, bacc, scores.write(i, tf.sigmoid(rank)), losses.write(i, loss),
+                    dense_w, adam_m, adam_v)
+
+        adam = self.optimizer
+        scores = tf.TensorArray(tf.float32, size=k, element_shape=[None])
+        losses = tf.TensorArray(tf.float32, size=k, element_shape=[])
+        # The dense weights and Adam's slots ride the loop as tensors and are stored at its end.
+        carried = [[tf.identity(v) for v in vs] for vs in (variables, adam.m, adam.v)]
+        _, emb, acc, bias, bacc, scores, losses, dense_w, adam_m, adam_v = tf.while_loop(
+            lambda i, *_: i < steps, step, [tf.constant(0), emb, acc, bias, bacc, scores, losses, *carried],
+            maximum_iterations=k)
+        for targets, values in ((variables, dense_w), (adam.m, adam_m), (adam.v, adam_v)):
+            for var, value in zip(targets, values, strict=True):
+                var.assign(value)
+        adam.iterations.assign_add(tf.cast(steps, tf.int64))
+        return emb, acc, bias, bacc, scores.stack(), losses.stack()
+
+    def train_steps(self, rows: dict[str, np.ndarray], per_step: dict[str, np.ndarray], steps: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`_train_steps` on numpy arrays (`rows`: emb, acc, lr, eps, ready, bias, bacc, blr, beps,
+        bready; `per_step`: step_rows, occ_index, occ_segment, step_bias, bias_index, dense, labels,
+        weights, counts; row paddings in `step_rows` and `step_bias` are -1), padded to the largest
+        sizes seen so far, with room to spare (XLA compiles one program per shape, in about two
+        seconds): extra rows are zeros that are never ready, extra occurrences fall in no segment,
+        extra examples weigh 0 and extra steps do not run. Returns the real part of the results."""
+        m, mb = len(rows["emb"]), len(rows["bias"])
+        k, u = per_step["step_rows"].shape
+        o, ub = per_step["occ_index"].shape[1], per_step["step_bias"].shape[1]
+        n = per_step["labels"].shape[1]
+
+        def room(x: int) -> int:
+            return padded_size(x + x // 2 + 1)
+
+        need = (m + 1, mb + 1, k, u + 1, o, ub + 1, n)
+        seen = self._steps_sizes
+        if seen is None or any(a > b for a, b in zip(need, seen, strict=True)):
+            # Grow every size with room, so that a stream compiles a program or two, not one per chunk.
+            grown = (room(m), room(mb), k, room(u), room(o), room(ub), n)
+            self._steps_sizes = grown if seen is None else tuple(max(a, b) for a, b in zip(grown, seen, strict=True))
+        mp, mbp, kp, up, op, ubp, n_p = self._steps_sizes
+        never = np.int32(np.iinfo(np.int32).max)
+
+        def pad(a, shape, fill=0):
+            if a.shape == shape:
+                return a
+            out = np.full(shape, fill, a.dtype)
+            out[tuple(slice(0, x) for x in a.shape)] = a
+            return out
+
+        def rows_of(a, shape, dummy):
+            out = pad(a, shape, dummy)
+            out[out < 0] = dummy
+            return out
+
+        d = self.spec.dim
+        inputs = [pad(rows["emb"], (mp, d)), pad(rows["acc"], (mp, d)), pad(rows["lr"], (mp, 1)),
+                  pad(rows["eps"], (mp, 1), 1.0), pad(rows["ready"], (mp,), never),
+                  pad(rows["bias"], (mbp, 1)), pad(rows["bacc"], (mbp, 1)), pad(rows["blr"], (mbp, 1)),
+                  pad(rows["beps"], (mbp, 1), 1.0), pad(rows["bready"], (mbp,), never),
+                  rows_of(per_step["step_rows"], (kp, up), m), pad(per_step["occ_index"], (kp, op)),
+                  pad(per_step["occ_segment"], (kp, op), -1), rows_of(per_step["step_bias"], (kp, ubp), mb),
+                  pad(per_step["bias_index"], (kp, 2, n_p)), pad(per_step["dense"], (kp, n_p, len(self.spec.dense))),
+                  pad(per_step["labels"], (kp, n_p)), pad(per_step["weights"], (kp, n_p)),
+                  pad(per_step["counts"], (kp,), 1.0), np.int32(steps)]
+        emb, acc, bias, bacc, scores, losses = self._concrete("_steps")(*_tensors(*inputs))
+        return (emb.numpy()[:m], acc.numpy()[:m], bias.numpy()[:mb], bacc.numpy()[:mb],
+                scores.numpy()[:steps, :n], losses.numpy()[:steps])
 
     # -- numpy in, numpy out -----------------------------------------------------------------
 

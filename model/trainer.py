@@ -51,8 +51,50 @@ def parameter_store(spec: FeatureSpec, checkpoint_dir: Any = None, *, checkpoint
                           checkpoint_max_bytes=checkpoint_max_bytes, cap_name=cap_name)
 
 
+def _per_step(step: np.ndarray, row: np.ndarray, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Occurrences of rows (< m) in steps (< k) as each step's distinct rows (k, width; -1 pads)
+    and each occurrence's position among its step's."""
+    uniq, inv = np.unique(step.astype(np.int64) * m + row, return_inverse=True)
+    u_step = uniq // m
+    per = np.bincount(u_step, minlength=k)
+    rank = (np.arange(len(uniq)) - (np.cumsum(per) - per)[u_step]).astype(np.int32)
+    rows = np.full((k, max(int(per.max()), 1)), -1, np.int32)
+    rows[u_step, rank] = uniq % m
+    return rows, rank[inv.reshape(-1)]
+
+
+@dataclass
+class _WorkingSlot:
+    """One slot's rows for `OnlineTrainer.train_steps`: the pulled `WorkingRows`, the step from
+    which each row counts (`ready`, int32 max: never), each occurrence's row and step, and each
+    row's Adagrad rate, epsilon and accumulator."""
+
+    rows: Any
+    ready: np.ndarray
+    occ_row: np.ndarray
+    occ_step: np.ndarray
+    lr: np.ndarray
+    eps: np.ndarray
+    state: np.ndarray
+    updates: np.ndarray  # the steps that update each row: those it appears in from its `ready` step on
+
+    def _live(self) -> np.ndarray:
+        return self.occ_step >= self.ready[self.occ_row]
+
+    def arrival(self, arrivals: Optional[np.ndarray], example: np.ndarray) -> Optional[np.ndarray]:
+        """The earliest arrival behind each row's updates (NaN where unknown); None if none known."""
+        if arrivals is None:
+            return None
+        live = self._live()
+        out = np.full(len(self.ready), np.inf)
+        np.fmin.at(out, self.occ_row[live], arrivals[example[live]])
+        out[np.isinf(out)] = np.nan
+        return out
+
+
 class OnlineTrainer:
-    """Trains the graph and the parameter store together, one mini-batch at a time."""
+    """Trains the graph and the parameter store together, one mini-batch at a time (`train`) or many
+    in one TensorFlow call (`train_steps`)."""
 
     def __init__(self, spec: FeatureSpec, params: Any, model: Any = None, *, window: int = 10_000):
         if model is None:
@@ -106,6 +148,151 @@ class OnlineTrainer:
             # Rows get the gradient of the summed loss (per-example scale): a row sits in a few
             # examples of a batch, and the batch mean would shrink its steps by the batch size.
             self.params.push(s, slot.ids, grads[s] * len(examples), now=now, arrival=earliest)
+        self._validate(examples, scores, batch.labels, arrival_scores)
+        self.steps += 1
+        self.examples += len(examples)
+        self.last_loss = loss
+        return StepResult(loss, scores, batch.labels, len(examples))
+
+    def train_steps(self, examples: Sequence[Any], batch_size: int, now: Optional[float] = None,
+                    arrival_scores: Optional[np.ndarray] = None) -> StepResult:
+        """`train` on each `batch_size` slice of `examples` in turn, in one TensorFlow call.
+
+        The rows every slice touches (values and optimizer state) are pulled from the store once,
+        with the admissions the slices' pulls would make (an id not admitted until its n-th slice
+        reads zeros and takes no update before it); the graph runs the steps in order on that
+        working set, each slice scored before it is learned, and the rows go back to the store
+        once. Scores, rows and dense weights are those of the steps one by one, to float rounding.
+        Slots whose optimizer is not Adagrad, and single slices, take `train` step by step.
+        The result holds every example's score and label, and the mean of the steps' losses."""
+        now = time.time() if now is None else now
+        n = len(examples)
+        if n <= batch_size or not self._steps_apply():
+            return self._one_by_one(examples, batch_size, now, arrival_scores)
+        k = -(-n // batch_size)
+        labels = np.array([e.label for e in examples], np.float32)
+        weights = np.array([e.weight for e in examples], np.float32)
+        batch = make_batch(examples, self.spec, labels, weights)
+        dense = np.zeros((k, batch_size, len(self.spec.dense)), np.float32)
+        if self.spec.dense:  # normalised as `train` does: with what was known before each slice
+            for i in range(k):
+                part = batch.dense[i * batch_size:(i + 1) * batch_size]
+                dense[i, :len(part)] = self.normalizer.apply(part)
+                self.normalizer.update(part)
+        arrivals = np.array([e.label_received_at if e.label_received_at is not None else np.nan
+                             for e in examples], np.float64)
+        if np.isnan(arrivals).all():
+            arrivals = None  # replays carry no arrival times: nothing to track
+        step_of = np.arange(n, dtype=np.int32) // batch_size
+        pairs: dict[int, tuple] = {}
+        work = {s: self._working_set(s, batch.slots[s], step_of, k, now, pairs) for s in self.spec.slots}
+
+        fields = (*self.spec.user_side, *self.spec.item_side)
+        emb_slots, bias_slots = fields, ("user_id.bias", "item_id.bias")
+        offsets = np.cumsum([0] + [len(work[s].rows.values) for s in emb_slots])
+        boffsets = np.cumsum([0] + [len(work[s].rows.values) for s in bias_slots])
+        m, mb = int(offsets[-1]), int(boffsets[-1])
+        rows = {"emb": np.concatenate([work[s].rows.values.reshape(-1, self.spec.dim) for s in emb_slots]),
+                "acc": np.concatenate([work[s].rows.state for s in emb_slots]),
+                "lr": np.concatenate([work[s].lr for s in emb_slots]),
+                "eps": np.concatenate([work[s].eps for s in emb_slots]),
+                "ready": np.concatenate([work[s].ready for s in emb_slots]),
+                "bias": np.concatenate([work[s].rows.values for s in bias_slots]),
+                "bacc": np.concatenate([work[s].rows.state for s in bias_slots]),
+                "blr": np.concatenate([work[s].lr for s in bias_slots]),
+                "beps": np.concatenate([work[s].eps for s in bias_slots]),
+                "bready": np.concatenate([work[s].ready for s in bias_slots])}
+        # Each step's occurrences, field after field as `TwoTowerRanker.pack` lays out a batch.
+        occ_row = np.concatenate([offsets[f] + work[s].occ_row for f, s in enumerate(emb_slots)])
+        occ_ex = np.concatenate([batch.slots[s].example for s in emb_slots])
+        occ_seg = np.concatenate([(batch.slots[s].example % batch_size) * len(fields) + f
+                                  for f, s in enumerate(emb_slots)]).astype(np.int32)
+        order = np.argsort(occ_ex // batch_size, kind="stable")
+        occ_step = step_of[occ_ex[order]]
+        step_rows, at_row = _per_step(occ_step, occ_row[order], k, m)
+        per = np.bincount(occ_step, minlength=k)
+        at = np.arange(len(order)) - (np.cumsum(per) - per)[occ_step]
+        occ_index = np.zeros((k, max(int(per.max()), 1)), np.int32)
+        occ_segment = np.full(occ_index.shape, -1, np.int32)
+        occ_index[occ_step, at] = at_row
+        occ_segment[occ_step, at] = occ_seg[order]
+        pos = np.arange(n) % batch_size
+        ub, ib = work["user_id.bias"].occ_row, boffsets[1] + work["item_id.bias"].occ_row
+        step_bias, bias_at = _per_step(np.concatenate([step_of, step_of]), np.concatenate([ub, ib]), k, mb)
+        bias_index = np.zeros((k, 2, batch_size), np.int32)
+        bias_index[step_of, 0, pos] = bias_at[:n]
+        bias_index[step_of, 1, pos] = bias_at[n:]
+        shaped = np.zeros((k, batch_size), np.float32)
+        lab, wts = shaped.copy(), shaped.copy()
+        lab[step_of, pos], wts[step_of, pos] = labels, weights
+        counts = np.bincount(step_of, minlength=k).astype(np.float32)
+        emb, acc, bias, bacc, scores, losses = self.model.train_steps(
+            rows, {"step_rows": step_rows, "occ_index": occ_index, "occ_segment": occ_segment, "step_bias": step_bias,
+                   "bias_index": bias_index, "dense": dense, "labels": lab, "weights": wts, "counts": counts}, k)
+        scores = scores[step_of, pos].astype(np.float64)
+        for s, (lo, hi), (w, a) in [*((s, offsets[f:f + 2], (emb, acc)) for f, s in enumerate(emb_slots)),
+                                    *((s, boffsets[f:f + 2], (bias, bacc)) for f, s in enumerate(bias_slots))]:
+            ws = work[s]
+            self.params.write_working(ws.rows, w[lo:hi].reshape(ws.rows.values.shape), a[lo:hi], ws.updates,
+                                      arrival=ws.arrival(arrivals, batch.slots[s].example), now=now)
+        self._validate(examples, scores, labels, arrival_scores)
+        self.steps += k
+        self.examples += n
+        self.last_loss = float(losses[-1])
+        return StepResult(float(losses.mean()), scores, labels, n)
+
+    def _steps_apply(self) -> bool:
+        """Whether every slot learns with Adagrad, the optimizer `TwoTowerRanker.train_steps` runs."""
+        from paramserver.optimizers import Adagrad
+
+        return all(type(self.params.config_for(s).optimizer) is Adagrad for s in self.spec.slots)
+
+    def _one_by_one(self, examples: Sequence[Any], batch_size: int, now: float,
+                    arrival_scores: Optional[np.ndarray]) -> StepResult:
+        results = [self.train(examples[i:i + batch_size], now,
+                              None if arrival_scores is None else arrival_scores[i:i + batch_size])
+                   for i in range(0, len(examples), batch_size)]
+        return StepResult(float(np.mean([r.loss for r in results])), np.concatenate([r.scores for r in results]),
+                          np.concatenate([r.labels for r in results]), len(examples))
+
+    def _working_set(self, slot: str, ids: Any, step_of: np.ndarray, k: int, now: float,
+                     pairs: dict[int, tuple]) -> _WorkingSlot:
+        """The rows of `slot` for a run of `k` steps: pulled, with the step each starts at and the
+        steps that update it. `pairs` keeps the (id, step) pairs of slots that share their ids."""
+        occ_step = step_of[ids.example]
+        n_ids = len(ids.ids)
+        got = pairs.get(id(ids))
+        if got is None:
+            # Distinct (id, step) pairs, by id then step: an id's sightings in step order.
+            both = np.unique(ids.index.astype(np.int64) * k + occ_step)
+            got = pairs[id(ids)] = (both // k, (both % k).astype(np.int32))
+        pair_id, pair_step = got
+        sightings = np.bincount(pair_id, minlength=n_ids)
+        rows = self.params.pull_working(slot, ids.ids, sightings, now=now)
+        first = np.cumsum(sightings) - sightings
+        never = np.iinfo(np.int32).max
+        late = rows.ready < sightings
+        id_ready = np.full(n_ids, never, np.int32)
+        id_ready[late] = pair_step[first[late] + rows.ready[late]]
+        id_ready[late & (rows.ready == 0)] = 0
+        m = len(rows.values)
+        if m == n_ids and (rows.index == np.arange(n_ids)).all():
+            ready = id_ready
+            live = pair_step >= ready[pair_id]
+            updates = np.bincount(pair_id[live], minlength=m)
+        else:  # ids share rows (a hashed table): a row's steps are its ids' steps, once each
+            ready = np.full(m, never, np.int32)
+            np.minimum.at(ready, rows.index, id_ready)
+            row_steps = np.unique(rows.index[pair_id].astype(np.int64) * k + pair_step)
+            row, row_step = row_steps // k, row_steps % k
+            updates = np.bincount(row[row_step >= ready[row]], minlength=m)
+        opt = rows.optimizer
+        return _WorkingSlot(rows, ready, rows.index[ids.index].astype(np.int32), occ_step,
+                            np.full((m, 1), opt.lr, np.float32), np.full((m, 1), opt.eps, np.float32),
+                            rows.state.reshape(m, self.spec.width(slot)), updates)
+
+    def _validate(self, examples: Sequence[Any], scores: np.ndarray, labels: np.ndarray,
+                  arrival_scores: Optional[np.ndarray]) -> None:
         logged = np.array([e.score if e.score is not None else np.nan for e in examples], np.float64)
         # Progressive validation scores an impression with the model as it was when it happened: the
         # score the model server logged; else the trainer's score when the impression arrived; else
@@ -113,12 +300,7 @@ class OnlineTrainer:
         # this step.
         if arrival_scores is not None:
             logged = np.where(np.isnan(logged), arrival_scores, logged)
-        pv_scores = np.where(np.isnan(logged), scores, logged)
-        self.validation.update(pv_scores, batch.labels)
-        self.steps += 1
-        self.examples += len(examples)
-        self.last_loss = loss
-        return StepResult(loss, scores, batch.labels, len(examples))
+        self.validation.update(np.where(np.isnan(logged), scores, logged), labels)
 
     def score(self, events: Sequence[Any], now: Optional[float] = None) -> np.ndarray:
         """Scores of feature events (or examples) with the model as it is now."""

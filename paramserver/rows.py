@@ -46,3 +46,30 @@ class DenseBlob:
     version: int
     arrays: dict[str, np.ndarray]
     updated_at: float
+
+
+@dataclass
+class WorkingRows:
+    """The rows of one slot that a trainer takes out for several sequential steps at once
+    (`ParameterStore.pull_working`), and hands back with `write_working`.
+
+    `values` and `state` (optimizer state, float32 (m, state width)) are copies of the `m` rows the
+    ids touch; `index[i]` is the row of `ids[i]` among them (colliding ids of a hashed table share
+    one). `sightings[i]` is in how many of the steps `ids[i]` appears; the id reads zeros and takes
+    no update in its first `ready[i]` sightings (it is not admitted yet), and in all of them when
+    `ready[i] == sightings[i]`. `unadmitted` counts those sightings. The rest is the table's
+    bookkeeping, for the write-back.
+    """
+
+    slot: str
+    ids: list[str]
+    index: np.ndarray
+    values: np.ndarray
+    state: np.ndarray
+    sightings: np.ndarray
+    ready: np.ndarray
+    optimizer: object
+    unadmitted: int = 0
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # table row of each (0: none)
+    owner: object = None  # the table the rows came from
+    epoch: int = 0  # the owner's evictions count when they were taken

@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 
 from paramserver.checkpoint import DENSE_TABLE, CheckpointMeta, CheckpointStore, DenseMeta, PartMeta, TableMeta
-from paramserver.rows import DenseBlob, RowBatch
+from paramserver.rows import DenseBlob, RowBatch, WorkingRows
 from paramserver.table import Ids, SlotConfig, _RowTable, make_table
 
 DEFAULT_SLOT = SlotConfig(min_count=2)
@@ -122,6 +122,39 @@ class ParameterStore:
                 self.counts["refused_pushes"] += len(ids)
                 return
             t.push(ids, grads, now=self._clock() if now is None else now, arrival=arrival)
+
+    def pull_working(self, slot: str, ids: Ids, sightings: np.ndarray, *, now: Optional[float] = None) -> WorkingRows:
+        """The rows (values and optimizer state) of distinct `ids` in `slot` for a run of sequential
+        steps, each id appearing in `sightings[i]` of them: admissions and counts as that many
+        training pulls, one per step (see `WorkingRows.ready`). A trainer runs the steps on the
+        copies and hands them back with `write_working`; the store stays the owner of the rows."""
+        with self._lock:
+            t = self._tables.get(slot) or self.table(slot)
+            if t is not None:
+                return t.pull_working(ids, sightings, now=self._clock() if now is None else now)
+            ids = list(ids)
+            sightings = np.asarray(sightings, np.int64)
+            self.counts["refused_pulls"] += int(sightings.sum())
+            cfg = self.config_for(slot)
+            n, width = len(ids), cfg.optimizer.state_width * cfg.dim
+            return WorkingRows(slot=slot, ids=ids, index=np.arange(n), values=np.zeros((n, cfg.dim), np.float32),
+                               state=cfg.optimizer.init_state(n, cfg.dim).reshape(n, width), sightings=sightings,
+                               ready=sightings.copy(), optimizer=cfg.optimizer, unadmitted=int(sightings.sum()),
+                               rows=np.zeros(n, np.int64))
+
+    def write_working(self, rows: WorkingRows, values: np.ndarray, state: np.ndarray, updates: np.ndarray, *,
+                      arrival: Optional[np.ndarray] = None, now: Optional[float] = None) -> None:
+        """Hand back the rows of `pull_working` after the steps: their values and optimizer state
+        after `updates[r]` steps of row r, with the earliest `arrival` behind each (NaN: unknown).
+        The sync, checkpoints and expiry see them as if each step had been pushed."""
+        with self._lock:
+            t = self._tables.get(rows.slot)
+            if t is None:
+                self.counts["refused_pushes"] += int(rows.sightings.sum())
+                return
+            t.write_working(rows, np.asarray(values, np.float32), np.asarray(state, np.float32),
+                            np.asarray(updates, np.int64), now=self._clock() if now is None else now,
+                            arrival=None if arrival is None else np.asarray(arrival, np.float64))
 
     def set_dense(self, arrays: Mapping[str, np.ndarray], now: Optional[float] = None) -> int:
         """Replace the dense weights (kept as float32 copies); returns the new version."""

@@ -24,7 +24,7 @@ import numpy as np
 
 from paramserver.idmap import IdIndex, encode, key_hash, mix64, uniform01, zeros
 from paramserver.optimizers import Adagrad, Adam, Ftrl, Optimizer, Sgd
-from paramserver.rows import RowBatch
+from paramserver.rows import RowBatch, WorkingRows
 
 __all__ = ["Adagrad", "Adam", "EmbeddingTable", "Ftrl", "HashedEmbeddingTable", "SlotConfig", "Sgd", "make_table"]
 
@@ -113,6 +113,7 @@ class _RowTable:
         self._alloc(max(2, capacity))
         self._reset_trackers()
         self._ckpt_hw = 0
+        self._generation = 0  # grows when rows are evicted: a `WorkingRows`' row numbers may be stale
 
     # --- storage ------------------------------------------------------------------------------------
     def _alloc(self, cap: int) -> None:
@@ -299,6 +300,75 @@ class _RowTable:
             keep = ~np.isin(r, rows)
             self._touched_rows, self._touched_arr = [r[keep]], [a[keep]]
             self._touched_n = int(keep.sum())
+
+    # --- many steps at once -----------------------------------------------------------------------
+    def pull_working(self, ids: Ids, sightings: np.ndarray, *, now: float) -> WorkingRows:
+        """The rows of distinct `ids` for a run of sequential steps in which each id appears in
+        `sightings[i]` of them: the same admissions (and counts) as that many training pulls, one
+        per step, made now; `ready` says at which sighting each id's row starts to count."""
+        ids = ids if type(ids) is list else list(ids)
+        sightings = np.asarray(sightings, np.int64)
+        if sightings.shape != (len(ids),) or (len(ids) and sightings.min() < 1):
+            raise ValueError(f"slot {self.name!r}: one count of at least 1 sightings per id, "
+                             f"not {sightings.shape} for {len(ids)} ids")
+        self._cache_ids = None
+        rows, ready = self._working_rows(ids, sightings, now)
+        self.counts["pulls"] += int(sightings.sum())
+        unadmitted = int(ready.sum())
+        self.counts["unadmitted_pulls"] += unadmitted
+        local, index = np.unique(rows, return_inverse=True) if self.kind == "hashed" else (rows, np.arange(len(ids)))
+        state = self._state[local, : self._sw] if self._sw else np.zeros((len(local), 0), np.float32)
+        return WorkingRows(slot=self.name, ids=ids, index=index.reshape(-1), values=self._gather(local),
+                           state=state, sightings=sightings, ready=ready, optimizer=self._opt,
+                           unadmitted=unadmitted, rows=local, owner=self, epoch=self._generation)
+
+    def _working_rows(self, ids: list[str], sightings: np.ndarray, now: float) -> tuple[np.ndarray, np.ndarray]:
+        """Row of each id (0: none) and the sightings before it has one, admitting as due."""
+        raise NotImplementedError
+
+    def write_working(self, w: WorkingRows, values: np.ndarray, state: np.ndarray, updates: np.ndarray, *,
+                      now: float, arrival: Optional[np.ndarray] = None) -> None:
+        """Set the rows of `w` (taken by `pull_working`) to `values` and `state` after `updates[r]`
+        optimizer steps of row r (0: untouched, left as it is), as that many pushes would have:
+        versions, update times, the sync's touched rows with the earliest `arrival` behind each
+        (NaN: unknown), the checkpoint's changed rows and the counts. Rows evicted meanwhile are
+        not written (their ids' rows are looked up again)."""
+        m = len(w.rows)
+        if values.shape != (m, self.dim) or state.shape != (m, self._sw) or updates.shape != (m,):
+            raise ValueError(f"slot {self.name!r}: {m} rows of {self.dim} values and {self._sw} state, "
+                             f"not {values.shape}, {state.shape}, {updates.shape} updates")
+        if arrival is not None and arrival.shape != (m,):
+            raise ValueError(f"slot {self.name!r}: {arrival.shape} arrival times for {m} rows")
+        self.counts["pushes"] += int(w.sightings.sum())
+        self.counts["ignored_pushes"] += w.unadmitted
+        rows = w.rows
+        if w.owner is not self or w.epoch != self._generation:
+            rows = np.zeros(m, np.int64)
+            rows[w.index] = self._rows_for_push(w.ids)
+            rows[rows < 0] = 0
+        sel = np.flatnonzero((updates > 0) & (rows > 0))
+        if not len(sel):
+            return
+        r = rows[sel]
+        self._values[r] = values[sel]
+        if self._sw:
+            self._state[r, : self._sw] = state[sel]
+        self._version[r] += updates[sel].astype(np.uint64)
+        self._last[r] = stamp(now)
+        self.counts["updates"] += int(updates[sel].sum())
+        if self._ckpt_hw:
+            self._mark_dirty(r)
+        self._touched_rows.append(r)
+        self._touched_arr.append(_NAN if arrival is None else arrival[sel].astype(np.float64))
+        self._touched_n += len(r)
+        if not now <= self._touched_at:
+            self._touched_at = now
+        self._wrote_working(w, sel)
+        if self._touched_n > max(1 << 16, self.hw):
+            self._consolidate_touched()
+
+    def _wrote_working(self, w: WorkingRows, written: np.ndarray) -> None:
+        pass
 
     def _ids_of(self, rows: np.ndarray) -> list[str]:
         raise NotImplementedError
@@ -538,6 +608,11 @@ class EmbeddingTable(_RowTable):
     def _count_sightings(self, keys: np.ndarray, h: np.ndarray, cnt: np.ndarray, now: float) -> np.ndarray:
         """Add `cnt` sightings to each (distinct) id; True for those that reach min_count, which
         leave the pending set."""
+        return self._count_sightings_before(keys, h, cnt, now)[0]
+
+    def _count_sightings_before(self, keys: np.ndarray, h: np.ndarray, cnt: np.ndarray,
+                                now: float) -> tuple[np.ndarray, np.ndarray]:
+        """`_count_sightings`, and the sightings each id had before these."""
         p = self._pending
         pr = p.lookup(keys, h)
         fresh = np.flatnonzero(pr < 0)
@@ -547,7 +622,8 @@ class EmbeddingTable(_RowTable):
                 grow = p.capacity - len(self._pcount)
                 self._pcount = np.concatenate((self._pcount, np.zeros(grow, np.uint32)))
                 self._pseen = np.concatenate((self._pseen, np.zeros(grow, np.uint32)))
-        total = self._pcount[pr].astype(np.int64) + cnt
+        before = self._pcount[pr].astype(np.int64)
+        total = before + cnt
         ready = total >= self.config.min_count
         done = pr[ready]
         if len(done):
@@ -562,7 +638,47 @@ class EmbeddingTable(_RowTable):
             self._pdirty.append(old)
             if len(self._pdirty) > 64:
                 self._pdirty = [np.unique(np.concatenate(self._pdirty))]
-        return ready
+        return ready, before
+
+    def _working_rows(self, ids: list[str], sightings: np.ndarray, now: float) -> tuple[np.ndarray, np.ndarray]:
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"slot {self.name!r}: pull_working takes distinct ids")
+        rows = self._rows(ids)  # admits none
+        ready = np.zeros(len(ids), np.int64)
+        miss = np.flatnonzero(rows == 0)
+        if len(miss):
+            mids = list(map(ids.__getitem__, miss.tolist())) if len(miss) < len(ids) else ids
+            keys, h = self._encode(mids)
+            rows[miss], ready[miss] = self._admit_counted(keys, h, sightings[miss], now)
+        return rows, ready
+
+    def _admit_counted(self, keys: np.ndarray, h: np.ndarray, cnt: np.ndarray,
+                       now: float) -> tuple[np.ndarray, np.ndarray]:
+        """`_admit` for distinct ids without rows, each seen in `cnt` pulls to come: the rows of
+        those admitted now (else 0) and how many of their sightings come before (all, if none)."""
+        cfg = self.config
+        admit = np.ones(len(keys), bool)
+        wait = cnt.copy()
+        if cfg.admit_p < 1.0:
+            admit = uniform01(h, self._seed) < cfg.admit_p
+            self.counts["refused_by_p"] += int(cnt[~admit].sum())
+        if self._pending is not None:
+            cand = np.flatnonzero(admit)
+            ready, before = self._count_sightings_before(keys[cand], h[cand], cnt[cand], now)
+            admit[cand[~ready]] = False
+            # Admitted at the sighting that brings the count to min_count.
+            wait[cand[ready]] = np.maximum(0, cfg.min_count - 1 - before[ready])
+        else:
+            wait[admit] = 0
+        new = np.zeros(len(keys), np.int64)
+        take = np.flatnonzero(admit)
+        if len(take):
+            r = self._index.insert(keys[take], h[take])
+            self._ensure(self._index.capacity)
+            self._start_rows(r, h[take], now)
+            new[take] = r
+            self.counts["admitted"] += len(take)
+        return new, wait
 
     def expire(self, now: float) -> int:
         """Evict the rows not updated for `expire_s` (with their optimizer state; their row numbers
@@ -584,6 +700,7 @@ class EmbeddingTable(_RowTable):
             self._clear_rows(rows)
             self._forget_touched(rows)
             self._cache_ids = None
+            self._generation += 1
             self.counts["evicted"] += len(rows)
         if self._pending is not None:
             seen = self._pseen[: self._pending.hw]
@@ -748,6 +865,18 @@ class HashedEmbeddingTable(_RowTable):
 
     def expire(self, now: float) -> int:
         return 0
+
+    def _working_rows(self, ids: list[str], sightings: np.ndarray, now: float) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._rows(ids) if ids else np.zeros(0, np.int64)
+        cold = rows[self._last[rows] == 0]
+        if len(cold):
+            cold = np.unique(cold)
+            self._start_rows(cold, mix64(cold.astype(np.uint64)), now)
+            self.counts["admitted"] += len(cold)
+        return rows, np.zeros(len(ids), np.int64)
+
+    def _wrote_working(self, w: WorkingRows, written: np.ndarray) -> None:
+        self._touched_id_lists.append(list(compress(w.ids, np.isin(w.index, written).tolist())))
 
     def take_touched(self, now: float) -> RowBatch:
         rows, arr = self._consolidate_touched()

@@ -109,3 +109,82 @@ def test_the_dense_graph_exports_as_a_saved_model_that_scores_alike(tmp_path):
     assert "score" in loaded.signatures
     rank, _dot, _u, _v = loaded._score(r, idx, ex, d, tf.constant(batch.size))
     np.testing.assert_allclose(tf.sigmoid(rank).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def _hashed_store(spec: FeatureSpec):
+    from paramserver.store import ParameterStore
+    from paramserver.table import SlotConfig
+
+    ref = parameter_store(spec)
+    return ParameterStore({s: SlotConfig(dim=spec.width(s), optimizer=ref.config_for(s).optimizer, hash_bits=3)
+                           for s in spec.slots}, default=SlotConfig(dim=spec.dim))
+
+
+@pytest.mark.parametrize("store", [parameter_store, _hashed_store], ids=["collisionless", "hashed"])
+def test_many_steps_in_one_call_equal_the_steps_one_by_one(store):
+    """`train_steps` runs the slices of a stream as `train` does one after another: the same scores
+    (each taken before its slice is learned), rows, optimizer state, versions, admissions (author
+    and tags ids need two sightings: some are admitted in the middle of a call), dense weights,
+    normaliser, counts and touched rows with their earliest arrivals, to float rounding."""
+    batch = 8
+    stream = examples(700, seed=6, users=50, items=120)
+    for i, e in enumerate(stream):
+        e.sparse["author"] = f"a{i // 11}"  # authors first seen all along the stream
+    a, b = (OnlineTrainer(SPEC, store(SPEC)) for _ in range(2))
+    now = T0 + 10_000
+    for t in (a, b):  # some ids seen once, or admitted, before
+        for i in range(0, 40, batch):
+            t.train(stream[i:i + batch], now)
+        t.params.take_touched()
+    scores_a = np.concatenate([a.train(stream[i:i + batch], now).scores for i in range(40, len(stream), batch)])
+    # Calls of 37, 33 (padded to 37 steps) and 12.5 steps (a last step of 4 examples).
+    cuts = [40, 336, 600, 700]
+    parts = [b.train_steps(stream[lo:hi], batch, now) for lo, hi in zip(cuts, cuts[1:], strict=False)]
+    scores_b = np.concatenate([p.scores for p in parts])
+    np.testing.assert_allclose(scores_b, scores_a, rtol=1e-4, atol=1e-5)
+    assert b.steps == a.steps and b.examples == a.examples
+    for slot in SPEC.slots:
+        ta, tb = a.params.tables[slot], b.params.tables[slot]
+        assert tb.counts == ta.counts, slot
+        assert len(tb) == len(ta) and getattr(tb, "pending", 0) == getattr(ta, "pending", 0)
+        field = slot.split(".")[0]
+        ids = sorted({getattr(e, field) if field in ("user_id", "item_id") else v
+                      for e in stream for v in ([None] if field in ("user_id", "item_id") else
+                                                np.atleast_1d(e.sparse[field]).tolist())})
+        sa, sb = ta.row_state(ids), tb.row_state(ids)
+        np.testing.assert_allclose(sb["values"], sa["values"], rtol=1e-4, atol=1e-5, err_msg=slot)
+        np.testing.assert_allclose(sb["state"], sa["state"], rtol=1e-4, atol=1e-5, err_msg=slot)
+        assert np.array_equal(sb["version"], sa["version"]), slot
+    wa, wb = a.model.weights(), b.model.weights()
+    for name in wa:
+        np.testing.assert_allclose(wb[name], wa[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    for ma, mb in zip(a.model.optimizer.m + a.model.optimizer.v, b.model.optimizer.m + b.model.optimizer.v,
+                      strict=True):
+        np.testing.assert_allclose(mb.numpy(), ma.numpy(), rtol=1e-4, atol=1e-7)
+    assert int(b.model.optimizer.iterations.numpy()) == int(a.model.optimizer.iterations.numpy())
+    for k, v in a.normalizer.state().items():
+        np.testing.assert_allclose(b.normalizer.state()[k], v)
+    touched_a = {r.slot: r for r in a.params.take_touched()}
+    touched_b = {r.slot: r for r in b.params.take_touched()}
+    assert touched_b.keys() == touched_a.keys()
+    for slot, ra in touched_a.items():
+        rb = touched_b[slot]
+        got_a = dict(zip(ra.ids, zip(ra.versions.tolist(), ra.earliest_arrival.tolist(), strict=True), strict=True))
+        got_b = dict(zip(rb.ids, zip(rb.versions.tolist(), rb.earliest_arrival.tolist(), strict=True), strict=True))
+        assert got_b == got_a, slot
+    assert list(b.validation.scores) == pytest.approx(list(a.validation.scores), rel=1e-4, abs=1e-5)
+
+
+def test_many_steps_keep_progressive_validation_on_logged_scores():
+    t = OnlineTrainer(SPEC, parameter_store(SPEC), window=100_000)
+    batch = examples(100, seed=22)
+    for i, e in enumerate(batch[:50]):
+        e.score = 0.25 + i * 1e-3
+    arrival = np.full(100, np.nan)
+    arrival[60:] = 0.75
+    step = t.train_steps(batch, 8, arrival_scores=arrival)
+    logged = list(t.validation.scores)
+    assert logged[:50] == [e.score for e in batch[:50]]
+    assert logged[50:60] == pytest.approx(step.scores[50:60].tolist())
+    assert logged[60:] == [0.75] * 40
+    assert step.size == 100 and t.steps == 13 and t.examples == 100

@@ -642,3 +642,122 @@ def test_a_look_without_admission_counts_nothing():
     h = HashedEmbeddingTable("h", SlotConfig(dim=2, hash_bits=4))
     assert not h.pull(["a"], now=1.0, admit=False).any() and len(h) == 0
     assert h.pull(["a"], now=1.0).any() and len(h) == 1
+
+
+# --- many steps at once (pull_working / write_working) ---------------------------------------------
+
+def _steps_one_by_one(store: ParameterStore, slot: str, steps: list[list[str]], grads: list[np.ndarray],
+                      arrivals: list[np.ndarray], now: float) -> None:
+    for ids, g, arr in zip(steps, grads, arrivals, strict=True):
+        store.pull(slot, ids, now=now)
+        store.push(slot, ids, g, now=now, arrival=arr)
+
+
+def _steps_working(store: ParameterStore, slot: str, steps: list[list[str]], grads: list[np.ndarray],
+                   arrivals: list[np.ndarray], now: float) -> None:
+    """The same steps on a working set: a trainer's loop, here in numpy with the slot's optimizer."""
+    distinct = list(dict.fromkeys(i for ids in steps for i in ids))
+    place = {v: k for k, v in enumerate(distinct)}
+    sightings = np.zeros(len(distinct), np.int64)
+    for ids in steps:
+        for i in set(ids):
+            sightings[place[i]] += 1
+    w = store.pull_working(slot, distinct, sightings, now=now)
+    values, state = w.values.copy(), w.state.copy()
+    updates = np.zeros(len(values), np.int64)
+    arrival = np.full(len(values), np.inf)
+    seen = np.zeros(len(distinct), np.int64)
+    for ids, g, arr in zip(steps, grads, arrivals, strict=True):
+        live_rows: dict[int, np.ndarray] = {}
+        for i in dict.fromkeys(ids):
+            if seen[place[i]] >= w.ready[place[i]]:
+                live_rows.setdefault(int(w.index[place[i]]), np.zeros(values.shape[1], np.float32))
+            seen[place[i]] += 1
+        for j, i in enumerate(ids):  # repeated ids (and ids sharing a row) sum their gradients
+            r = int(w.index[place[i]])
+            if r in live_rows:
+                live_rows[r] += g[j]
+                arrival[r] = np.fmin(arrival[r], arr[j])
+        if live_rows:
+            rows = np.array(sorted(live_rows))
+            v, s = values[rows], state[rows]
+            updates[rows] += 1
+            w.optimizer.apply(v, s, np.stack([live_rows[r] for r in rows.tolist()]), updates[rows].astype(np.uint64))
+            values[rows], state[rows] = v, s
+    arrival[np.isinf(arrival)] = np.nan
+    store.write_working(w, values, state, updates, arrival=arrival, now=now)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(st.integers(0, 14), min_size=0, max_size=6), min_size=1, max_size=12),
+       st.integers(1, 3), st.sampled_from([1.0, 0.6]), st.booleans(), st.integers(0, 2**31))
+def test_working_rows_equal_the_same_steps_pulled_and_pushed_one_by_one(steps, min_count, admit_p, hashed, seed):
+    """Admissions (an id admitted at its n-th step reads zeros and takes no update before), values,
+    optimizer state, versions, counts, pending sightings and the sync's touched rows with their
+    earliest arrivals all come out as if each step had been pulled and pushed."""
+    rng = np.random.default_rng(seed)
+    cfg = SlotConfig(dim=3, min_count=min_count, admit_p=admit_p, optimizer=Adagrad(lr=0.3),
+                     hash_bits=2 if hashed else None)
+    # A trainer pulls each step's distinct ids (a step's occurrences of an id add up to one gradient).
+    steps = [list(dict.fromkeys(f"t{i}" for i in s)) for s in steps]
+    grads = [rng.normal(size=(len(s), 3)).astype(np.float32) for s in steps]
+    arrivals = [np.where(rng.random(len(s)) < 0.3, np.nan, rng.uniform(0, 100, len(s))) for s in steps]
+    prefix = [[f"t{i}" for i in range(0, 15, 3)]]  # some ids seen (or admitted) before the run
+    a, b = (ParameterStore({"tag": cfg}) for _ in range(2))
+    for s in (a, b):
+        _steps_one_by_one(s, "tag", prefix, [np.ones((5, 3), np.float32)], [np.full(5, 1.0)], now=50.0)
+        s.take_touched()
+    _steps_one_by_one(a, "tag", steps, grads, arrivals, now=100.0)
+    _steps_working(b, "tag", [list(x) for x in steps], grads, arrivals, now=100.0)
+    ta, tb = a.tables["tag"], b.tables["tag"]
+    every = [f"t{i}" for i in range(15)]
+    sa, sb = ta.row_state(every), tb.row_state(every)
+    np.testing.assert_allclose(sb["values"], sa["values"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sb["state"], sa["state"], rtol=1e-6, atol=1e-7)
+    assert np.array_equal(sb["version"], sa["version"]) and np.array_equal(sb["last"], sa["last"])
+    assert tb.counts == ta.counts
+    assert getattr(tb, "pending", 0) == getattr(ta, "pending", 0) and len(tb) == len(ta)
+    ta_, tb_ = a.take_touched(200.0), b.take_touched(200.0)
+    assert len(tb_) == len(ta_)
+    for ka, kb in zip(ta_, tb_, strict=True):
+        got_a = dict(zip(ka.ids, zip(ka.versions.tolist(), ka.earliest_arrival.tolist(), strict=True), strict=True))
+        got_b = dict(zip(kb.ids, zip(kb.versions.tolist(), kb.earliest_arrival.tolist(), strict=True), strict=True))
+        assert got_b.keys() == got_a.keys()
+        for k, (version, arrival) in got_a.items():
+            assert got_b[k][0] == version
+            assert got_b[k][1] == arrival or (math.isnan(arrival) and math.isnan(got_b[k][1]))
+
+
+def test_working_rows_evicted_meanwhile_are_not_written_back():
+    s = ParameterStore({"tag": SlotConfig(dim=2, min_count=1, expire_s=10.0)})
+    s.pull("tag", ["old"], now=100.0)
+    w = s.pull_working("tag", ["old", "new"], np.array([1, 1]), now=120.0)
+    assert w.ready.tolist() == [0, 0]
+    s.expire(now=115.0)  # "old" was last updated at 100: evicted; its row number is free again
+    s.pull("tag", ["other"], now=121.0)  # and may be reused
+    other = s.pull("tag", ["other"], now=121.0).copy()
+    s.write_working(w, np.full((2, 2), 7.0, np.float32), w.state + 1, np.array([1, 1]), now=122.0)
+    assert not s.pull("tag", ["old"], now=123.0, admit=False).any()
+    assert np.array_equal(s.pull("tag", ["other"], now=123.0, admit=False), other)
+    assert s.pull("tag", ["new"], now=123.0, admit=False).tolist() == [[7.0, 7.0]]
+    assert [b.ids for b in s.take_touched()] == [["new"]]
+
+
+def test_working_rows_of_a_refused_slot_are_zeros_and_counted():
+    s = ParameterStore(default=SlotConfig(dim=3, min_count=1), max_slots=1)
+    s.pull("a", ["1"], now=1.0)
+    w = s.pull_working("b", ["1", "2"], np.array([2, 1]), now=1.0)
+    assert not w.values.any() and w.ready.tolist() == [2, 1]
+    s.write_working(w, w.values + 1, w.state, np.array([1, 1]), now=1.0)
+    st_ = s.stats()
+    assert st_["refused_pulls"] == 3 and st_["refused_pushes"] == 3 and set(st_["tables"]) == {"a"}
+
+
+def test_pull_working_takes_distinct_ids_and_a_count_for_each():
+    s = ParameterStore({"tag": SlotConfig(dim=2)})
+    with pytest.raises(ValueError, match="distinct"):
+        s.pull_working("tag", ["a", "a"], np.array([1, 1]), now=1.0)
+    with pytest.raises(ValueError, match="sightings"):
+        s.pull_working("tag", ["a", "b"], np.array([1]), now=1.0)
+    with pytest.raises(ValueError, match="sightings"):
+        s.pull_working("tag", ["a"], np.array([0]), now=1.0)
