@@ -1,0 +1,67 @@
+import gc
+import weakref
+
+import pytest
+
+from flows.heap import FreezeAfterSlowCollections, freeze_now
+
+
+class Node:
+    def __init__(self):
+        self.other = None
+
+
+@pytest.fixture
+def unfrozen():
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def cycle() -> weakref.ref:
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
+def test_a_slow_full_collection_freezes_what_survived_it_and_no_garbage(unfrozen):
+    kept = [[i] for i in range(200_000)]  # long-lived tracked objects: a full collection walks them
+    freezer = FreezeAfterSlowCollections(slow_ms=0.0).install()
+    try:
+        garbage = cycle()
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert freezer.full_collections == 1 and freezer.freezes == 1
+        assert garbage() is None  # the cycle was collected before the freeze, not frozen
+        assert gc.get_freeze_count() >= len(kept)
+        # Frozen objects dropped later still go, by reference counting.
+        before = gc.get_freeze_count()
+        del kept
+        assert gc.get_freeze_count() <= before - 200_000
+    finally:
+        freezer.uninstall()
+    assert freezer._callback not in gc.callbacks
+
+
+def test_a_quick_full_collection_freezes_nothing(unfrozen):
+    freezer = FreezeAfterSlowCollections(slow_ms=1e9).install()
+    try:
+        gc.collect()
+        assert freezer.full_collections == 1 and freezer.freezes == 0
+        assert gc.get_freeze_count() == 0
+        gc.collect(0)  # a young collection is none of its business
+        assert freezer.full_collections == 1
+    finally:
+        freezer.uninstall()
+
+
+def test_freeze_now_collects_first_and_full_collections_then_skip_what_it_froze(unfrozen):
+    garbage = cycle()
+    kept = [1]
+    freeze_now()
+    assert garbage() is None
+    assert gc.get_freeze_count() > 0
+    gc.collect()
+    assert not any(o is kept for g in range(3) for o in gc.get_objects(generation=g))
+    fresh = [2]
+    assert any(o is fresh for g in range(3) for o in gc.get_objects(generation=g))
