@@ -119,15 +119,13 @@ def _entry(key: object, example: object, actions: object, due: cython.double) ->
 
 @cython.cfunc
 @cython.inline
-def _prepare(f: object) -> object:
+def _prepare(t: tuple) -> object:
     """The training example of impression `f`, all but its label: label 0, weight 1, no actions
     yet (`_label` fills them when the label is decided). Made when the impression comes, while its
     fields are fresh in the CPU's cache from parsing, in arrival order; a label seconds later
     then touches this one object, not the impression's nine scattered fields (the joiner's
     largest cost when it copied them at label time: one cache miss per field)."""
-    # All fields in one call: its tight loop over them lets the CPU fetch the cold ones at once,
-    # where nine attribute reads would wait for each in turn. Positional, in Example's order.
-    t: tuple = _astuple(f)
+    # `t` is the impression as a tuple (`_astuple`). Positional, in Example's field order.
     return Example(t[0], t[1], t[2], t[3], 0.0, 0, None, 1.0, t[4], t[8], t[7], t[5], t[6], None)
 
 
@@ -157,6 +155,9 @@ class _Stored(msgspec.Struct, array_like=True, gc=False):
     pending: Optional[_Pending] = None
 
 
+# An event's fields in one call, as a tuple: its tight loop over them lets the CPU fetch the cold
+# ones at once, where an attribute read per field waits for each in turn (each first touch of a
+# field is a cache miss when the event was parsed long before: the joiner's largest cost).
 _astuple = msgspec.structs.astuple
 _ENCODE = msgspec.msgpack.Encoder().encode
 _DECODE = msgspec.msgpack.Decoder(_Stored).decode
@@ -173,7 +174,7 @@ def _load(key: Key, b: bytes) -> _Entry:
     s = _DECODE(b)
     if s.waiting is not None:
         w = s.waiting
-        return _entry(key, _prepare(w.feature), w.actions or None, w.due)
+        return _entry(key, _prepare(_astuple(w.feature)), w.actions or None, w.due)
     p = s.pending
     return _entry(key, None, p.actions, p.due)
 
@@ -254,7 +255,7 @@ class JoinBucket:
         self.counts = JoinCounts()
         self.watermark = -math.inf
         self.behind = 0
-        self._cache = {}  # key -> _Entry; None: deleted, not yet flushed
+        self._cache = _hashed_dict()  # key -> _Entry; None: deleted, not yet flushed (and `_HASHED`)
         self._on_disk = set()  # keys of cached entries that the store holds too
         # Keys in `_on_disk` whose entry changed since the last flush. A cached entry not on disk is
         # unflushed by definition, so it needs no mark: that spares a set insert and a removal per
@@ -362,8 +363,8 @@ class JoinBucket:
             last_due = cython.cast(_Entry, fifo[len(fifo) - 1]).due
         for i in range(n):
             key = keys[i]
-            f = events[i]
-            ts: cython.double = f.ts
+            f: tuple = _astuple(events[i])
+            ts: cython.double = f[3]
             if ts < watermark:
                 behind += 1
             entry = cache.get(key)
@@ -446,7 +447,8 @@ class JoinBucket:
         for i in range(n):
             key = keys[i]
             a = events[i]
-            a_ts = a.ts
+            t: tuple = _astuple(a)  # (request_id, user_id, item_id, ts, action, value, event_id, received_at)
+            a_ts = t[3]
             ts: cython.double = a_ts
             if ts < watermark:
                 behind += 1
@@ -480,8 +482,8 @@ class JoinBucket:
                 continue
             # `_apply` and `_resolve`, inlined for the common case.
             joined += 1
-            action = a.action
-            if action in positive or (watch_s is not None and action == "watch" and (a.value or 0.0) >= watch_s):
+            action = t[4]
+            if action in positive or (watch_s is not None and action == "watch" and (t[5] or 0.0) >= watch_s):
                 positives += 1
                 positive_label = True
             elif action in negative:
@@ -501,8 +503,8 @@ class JoinBucket:
             else:
                 del cache[key]
             if actions is None:
-                eid = a.event_id
-                value = a.value
+                eid = t[6]
+                value = t[5]
                 resolved[key] = eid if eid is not None else ((action, a_ts, value),)
                 ex_actions = [ExampleAction(action, a_ts, value)]
             else:
@@ -519,7 +521,7 @@ class JoinBucket:
                 ex.label = 1  # prepared as 0
             ex.label_ts = a_ts
             ex.actions = ex_actions
-            ex.label_received_at = a.received_at
+            ex.label_received_at = t[7]
             out.append(ex)
         counts = self.counts
         counts.cache_hits += hits
@@ -654,7 +656,7 @@ class JoinBucket:
     # -- persistence -------------------------------------------------------------------------
 
     def over_capacity(self) -> bool:
-        return len(self._cache) > self.s.cache_size
+        return len(self._cache) - 1 > self.s.cache_size  # less `_HASHED`
 
     def flush(self, tag: int, durable: bool = True) -> int:
         """Write what changed since the last flush in one transaction tagged `tag`; returns writes.
@@ -671,7 +673,7 @@ class JoinBucket:
             else:
                 writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
         # Entries never flushed (a None entry is always on disk).
-        new = [key for key in cache if key not in on_disk]
+        new = [key for key in cache if key not in on_disk and key is not _HASHED]
         for key in new:
             entry = cache[key]
             writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
@@ -695,7 +697,7 @@ class JoinBucket:
         on_disk = self._on_disk
         dropped = 0
         for key in list(cache):
-            if len(cache) <= keep:
+            if len(cache) - 1 <= keep:  # less `_HASHED`
                 break
             if key not in dirty and key in on_disk:
                 del cache[key]
@@ -709,7 +711,7 @@ class JoinBucket:
             self.store.clear()
         else:
             self.store.rollback(tag)
-        self._cache.clear()
+        self._cache = _hashed_dict()
         self._dirty.clear()
         self._on_disk.clear()
         self._heap.clear()
