@@ -98,7 +98,9 @@ class _Entry:
     example, made when the impression came, waiting for its label) with the neutral actions seen
     so far, or actions whose impression has not come yet (`example` None; orphans when the
     watermark passes `due`). `actions` is None until there is one: most impressions get their
-    label from their first action, so most never need a list."""
+    label from their first action, so most never need a list. An entry that has left the cache
+    (its key resolved, or its held actions now an impression's) has both None: the FIFO, which
+    keeps entries until their due, tells by that alone that it is no longer the cache's."""
 
     key = cython.declare(object)
     example = cython.declare(object)
@@ -392,6 +394,7 @@ class JoinBucket:
             # Its actions came first: replay them in arrival order now that the impression is here.
             self.counts.impressions += 1
             pending = e.actions
+            e.actions = None  # no longer the cache's (see `_Entry`)
             self.counts.actions_pending -= len(pending)
             w = _entry(key, _prepare(f), None, ts + window)
             self._put(w)
@@ -515,7 +518,7 @@ class JoinBucket:
             if len(resolved) > resolved_size + 1:  # one more: `_HASHED`
                 self._forget(resolved_size)
             ex = e.example
-            e.example = None  # see `_label`
+            e.example = None  # no longer the cache's, see `_label`
             e.actions = None
             if positive_label:
                 ex.label = 1  # prepared as 0
@@ -598,13 +601,14 @@ class JoinBucket:
         head: cython.Py_ssize_t = self._fifo_head
         n: cython.Py_ssize_t = len(fifo)
         e: _Entry
-        # Every impression passes the FIFO once (most already resolved, so skipped).
+        # Every impression passes the FIFO once (most already resolved, so skipped). A look in the
+        # cache would read its key, not touched since it came (a cache miss per impression).
         while head < n:
             e = fifo[head]
             if e.due > wm:
                 break
             head += 1
-            if cache.get(e.key) is e:
+            if e.example is not None or e.actions is not None:
                 self._expire(e, examples, dead)
         if head == n:
             fifo.clear()
@@ -644,6 +648,7 @@ class JoinBucket:
                     "actions", f"orphan: no feature event for this (request_id, item_id) by "
                                f"watermark {self.watermark:.3f} (action ts + {self.s.orphan_hold_s:g} s hold)",
                     encode(a).decode(), None, False, a.received_at or 0.0))
+            e.actions = None  # no longer the cache's (see `_Entry`)
             return
         rate = self.s.neg_sample_rate
         self._resolve(e)
@@ -652,6 +657,8 @@ class JoinBucket:
             examples.append(_label(e, 0, e.due, 1.0 / rate, None))
         else:
             self.counts.sampled_out += 1
+            e.example = None  # no longer the cache's (see `_Entry`)
+            e.actions = None
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -743,8 +750,8 @@ def _label(w: _Entry, label: cython.int, label_ts: object, weight: cython.double
     """The prepared example of `w`, now with its label (what `_prepare` left open)."""
     ex = w.example
     acts = w.actions
-    # The entry may live on in the FIFO until its due (until the next flush): it lets go of what
-    # went into the example, which goes downstream and should die there.
+    # No longer the cache's (see `_Entry`). The entry may live on in the FIFO until its due (or the
+    # next flush): it lets go of what went into the example, which should die downstream.
     w.example = None
     w.actions = None
     if label:
