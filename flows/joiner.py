@@ -122,12 +122,13 @@ def _entry(key: object, example: object, actions: object, due: cython.double) ->
 @cython.cfunc
 @cython.inline
 def _prepare(t: tuple) -> object:
-    """The training example of impression `f`, all but its label: label 0, weight 1, no actions
-    yet (`_label` fills them when the label is decided). Made when the impression comes, while its
-    fields are fresh in the CPU's cache from parsing, in arrival order; a label seconds later
-    then touches this one object, not the impression's nine scattered fields (the joiner's
-    largest cost when it copied them at label time: one cache miss per field)."""
-    # `t` is the impression as a tuple (`_astuple`). Positional, in Example's field order.
+    """The training example of an impression (`t`, its fields as `_astuple` gives them), all but
+    its label: label 0, weight 1, no actions yet (`_label` fills them when the label is decided).
+    Made when the impression comes, in arrival order and while its fields are still in the CPU's
+    cache from parsing; a label seconds later then touches this one object, not the impression's
+    nine scattered fields (the joiner's largest cost when it copied them at label time: a cache
+    miss per field)."""
+    # Positional, in Example's field order.
     return Example(t[0], t[1], t[2], t[3], 0.0, 0, None, 1.0, t[4], t[8], t[7], t[5], t[6], None)
 
 
