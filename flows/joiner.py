@@ -94,26 +94,51 @@ class JoinCounts:
 @cython.freelist(256)
 @cython.cclass
 class _Entry:
-    """A join key's state: an impression waiting for its label (`feature` set) with the neutral
-    actions seen so far, or actions whose impression has not come yet (`feature` None; orphans
-    when the watermark passes `due`). `actions` is None until there is one: most impressions get
-    their label from their first action, so most never need a list."""
+    """A join key's state: an impression waiting for its label (`example` set: its training
+    example, made when the impression came, waiting for its label) with the neutral actions seen
+    so far, or actions whose impression has not come yet (`example` None; orphans when the
+    watermark passes `due`). `actions` is None until there is one: most impressions get their
+    label from their first action, so most never need a list. An entry that has left the cache
+    (its key resolved, or its held actions now an impression's) has both None: the FIFO, which
+    keeps entries until their due, tells by that alone that it is no longer the cache's."""
 
     key = cython.declare(object)
-    feature = cython.declare(object)
+    example = cython.declare(object)
     actions = cython.declare(object)
     due = cython.declare(cython.double)
 
 
 @cython.cfunc
 @cython.inline
-def _entry(key: object, feature: object, actions: object, due: cython.double) -> _Entry:
+def _entry(key: object, example: object, actions: object, due: cython.double) -> _Entry:
     e: _Entry = _Entry.__new__(_Entry)  # no __init__: a freelist slot filled in place when compiled
     e.key = key
-    e.feature = feature
+    e.example = example
     e.actions = actions
     e.due = due
     return e
+
+
+@cython.cfunc
+@cython.inline
+def _prepare(t: tuple) -> object:
+    """The training example of an impression (`t`, its fields as `_astuple` gives them), all but
+    its label: label 0, weight 1, no actions yet (`_label` fills them when the label is decided).
+    Made when the impression comes, in arrival order and while its fields are still in the CPU's
+    cache from parsing; a label seconds later then touches this one object, not the impression's
+    nine scattered fields (the joiner's largest cost when it copied them at label time: a cache
+    miss per field)."""
+    # Positional, in Example's field order.
+    return Example(t[0], t[1], t[2], t[3], 0.0, 0, None, 1.0, t[4], t[8], t[7], t[5], t[6], None)
+
+
+@cython.cfunc
+@cython.inline
+def _feature(x: object) -> object:
+    """The impression behind a prepared example, for the store (its own event_id and arrival
+    time are not kept: nothing after the join reads them)."""
+    return FeatureEvent(x.request_id, x.user_id, x.item_id, x.ts, x.position, x.sparse, x.dense,
+                        x.model_version, x.score)
 
 
 # The store's records (its format): an impression or held actions, msgpack arrays.
@@ -133,14 +158,18 @@ class _Stored(msgspec.Struct, array_like=True, gc=False):
     pending: Optional[_Pending] = None
 
 
+# An event's fields in one call, as a tuple: its tight loop over them lets the CPU fetch the cold
+# ones at once, where an attribute read per field waits for each in turn (each first touch of a
+# field is a cache miss when the event was parsed long before: the joiner's largest cost).
+_astuple = msgspec.structs.astuple
 _ENCODE = msgspec.msgpack.Encoder().encode
 _DECODE = msgspec.msgpack.Decoder(_Stored).decode
 
 
 def _dump(e: _Entry) -> bytes:
     acts = e.actions if e.actions is not None else []
-    if e.feature is not None:
-        return _ENCODE(_Stored(waiting=_Waiting(e.feature, acts, e.due)))
+    if e.example is not None:
+        return _ENCODE(_Stored(waiting=_Waiting(_feature(e.example), acts, e.due)))
     return _ENCODE(_Stored(pending=_Pending(acts, e.due)))
 
 
@@ -148,7 +177,7 @@ def _load(key: Key, b: bytes) -> _Entry:
     s = _DECODE(b)
     if s.waiting is not None:
         w = s.waiting
-        return _entry(key, w.feature, w.actions or None, w.due)
+        return _entry(key, _prepare(_astuple(w.feature)), w.actions or None, w.due)
     p = s.pending
     return _entry(key, None, p.actions, p.due)
 
@@ -172,6 +201,21 @@ def keep_fraction(key: Key) -> float:
 
 def _action_id(a: ActionEvent) -> object:
     return a.event_id if a.event_id is not None else (a.action, a.ts, a.value)
+
+
+_HASHED = object()  # the one key of a `_hashed_dict` that is not a str (never a join key)
+
+
+def _hashed_dict() -> dict:
+    """An empty dict (but for one key, `_HASHED`) that keeps each key's hash beside it.
+
+    CPython (3.11, 3.12) keeps a dict whose keys are all str without their hashes, so each probe
+    of a used slot reads the key object to compare hashes: in a large dict of old keys, a cache
+    miss per probe (a fifth of the join's time in a profile). One key that is not a str switches
+    the dict to a table that holds the hashes, for good (until `clear()`): a probe then reads a
+    key object only when the hashes match. Its length is one more than its join keys.
+    """
+    return {_HASHED: None}
 
 
 _ORDER_COMPACT = 1 << 16  # forgotten slots at the front of the resolved-order list before it is compacted
@@ -214,7 +258,7 @@ class JoinBucket:
         self.counts = JoinCounts()
         self.watermark = -math.inf
         self.behind = 0
-        self._cache = {}  # key -> _Entry; None: deleted, not yet flushed
+        self._cache = _hashed_dict()  # key -> _Entry; None: deleted, not yet flushed (and `_HASHED`)
         self._on_disk = set()  # keys of cached entries that the store holds too
         # Keys in `_on_disk` whose entry changed since the last flush. A cached entry not on disk is
         # unflushed by definition, so it needs no mark: that spares a set insert and a removal per
@@ -231,7 +275,7 @@ class JoinBucket:
         # key -> ids of its actions (one action's event_id alone, else a tuple of ids), and the
         # keys in the order they were resolved (read from `_order_head`) so that the oldest is
         # forgotten first. A key is resolved again only after it was forgotten, so it is listed once.
-        self._resolved = {}
+        self._resolved = _hashed_dict()
         self._order = []
         self._order_head = 0
         self._stored = len(store)
@@ -288,15 +332,21 @@ class JoinBucket:
 
     # -- events ------------------------------------------------------------------------------
 
-    def on_features(self, events: list, keys: Optional[list] = None) -> list:
-        """A batch of feature events in arrival order; `keys` are their join keys if known (route
-        makes them to hash the events to their bucket)."""
+    @cython.cfunc
+    def _batch_keys(self, events: list, keys: object) -> list:
+        """The join keys of a batch (made here when the caller has none; route makes them to hash
+        the events to their bucket), with the batch's stored entries brought into the cache."""
         if keys is None:
             keys = [join_key(x.request_id, x.item_id) for x in events]
-        if len(keys) != len(events):
+        elif len(keys) != len(events):
             raise ValueError(f"{len(events)} events but {len(keys)} keys")
         if self._stored:
             self._prefetch(keys)
+        return keys
+
+    def on_features(self, events: list, keys: Optional[list] = None) -> list:
+        """A batch of feature events in arrival order; `keys` are their join keys if known."""
+        keys = self._batch_keys(events, keys)
         out: list = []
         cache: dict = self._cache
         resolved: dict = self._resolved
@@ -316,8 +366,8 @@ class JoinBucket:
             last_due = cython.cast(_Entry, fifo[len(fifo) - 1]).due
         for i in range(n):
             key = keys[i]
-            f = events[i]
-            ts: cython.double = f.ts
+            f: tuple = _astuple(events[i])
+            ts: cython.double = f[3]
             if ts < watermark:
                 behind += 1
             entry = cache.get(key)
@@ -327,7 +377,7 @@ class JoinBucket:
                     continue
                 misses += 1
                 due = ts + window
-                e = _entry(key, f, None, due)
+                e = _entry(key, _prepare(f), None, due)
                 cache[key] = e  # not cached, so not on disk: unflushed, no dirty mark
                 if due >= last_due:
                     fifo.append(e)
@@ -339,14 +389,15 @@ class JoinBucket:
                 continue
             hits += 1
             e = entry  # a typed assignment: checked when compiled, free when not
-            if e.feature is not None:
+            if e.example is not None:
                 duplicates += 1
                 continue
             # Its actions came first: replay them in arrival order now that the impression is here.
             self.counts.impressions += 1
             pending = e.actions
+            e.actions = None  # no longer the cache's (see `_Entry`)
             self.counts.actions_pending -= len(pending)
-            w = _entry(key, f, None, ts + window)
+            w = _entry(key, _prepare(f), None, ts + window)
             self._put(w)
             if len(fifo) > self._fifo_head:
                 last_due = cython.cast(_Entry, fifo[len(fifo) - 1]).due
@@ -371,12 +422,7 @@ class JoinBucket:
 
     def on_actions(self, events: list, keys: Optional[list] = None) -> list:
         """A batch of action events in arrival order; `keys` as in `on_features`."""
-        if keys is None:
-            keys = [join_key(x.request_id, x.item_id) for x in events]
-        if len(keys) != len(events):
-            raise ValueError(f"{len(events)} events but {len(keys)} keys")
-        if self._stored:
-            self._prefetch(keys)
+        keys = self._batch_keys(events, keys)
         out: list = []
         cache: dict = self._cache
         resolved: dict = self._resolved
@@ -400,12 +446,14 @@ class JoinBucket:
         positives: cython.Py_ssize_t = 0
         negatives: cython.Py_ssize_t = 0
         behind: cython.Py_ssize_t = 0
-        label: cython.int
+        positive_label: cython.bint
         e: _Entry
         for i in range(n):
             key = keys[i]
             a = events[i]
-            ts: cython.double = a.ts
+            t: tuple = _astuple(a)  # (request_id, user_id, item_id, ts, action, value, event_id, received_at)
+            a_ts = t[3]
+            ts: cython.double = a_ts
             if ts < watermark:
                 behind += 1
             entry = cache.get(key)
@@ -430,7 +478,7 @@ class JoinBucket:
             if actions is not None and _seen(tuple(map(_action_id, actions)), a):
                 duplicates += 1
                 continue
-            if e.feature is None:
+            if e.example is None:
                 pending_n += 1
                 actions.append(a)
                 if on_disk and key in on_disk:
@@ -438,13 +486,13 @@ class JoinBucket:
                 continue
             # `_apply` and `_resolve`, inlined for the common case.
             joined += 1
-            action = a.action
-            if action in positive or (watch_s is not None and action == "watch" and (a.value or 0.0) >= watch_s):
+            action = t[4]
+            if action in positive or (watch_s is not None and action == "watch" and (t[5] or 0.0) >= watch_s):
                 positives += 1
-                label = 1
+                positive_label = True
             elif action in negative:
                 negatives += 1
-                label = 0
+                positive_label = False
             else:
                 if actions is None:
                     e.actions = [a]
@@ -459,19 +507,26 @@ class JoinBucket:
             else:
                 del cache[key]
             if actions is None:
-                eid = a.event_id
-                resolved[key] = eid if eid is not None else ((action, a.ts, a.value),)
-                ex_actions = [ExampleAction(action, a.ts, a.value)]
+                eid = t[6]
+                value = t[5]
+                resolved[key] = eid if eid is not None else ((action, a_ts, value),)
+                ex_actions = [ExampleAction(action, a_ts, value)]
             else:
                 actions.append(a)
                 resolved[key] = tuple(map(_action_id, actions))
                 ex_actions = [ExampleAction(b.action, b.ts, b.value) for b in actions]
             order.append(key)
-            if len(resolved) > resolved_size:
+            if len(resolved) > resolved_size + 1:  # one more: `_HASHED`
                 self._forget(resolved_size)
-            f = e.feature
-            out.append(Example(f.request_id, f.user_id, f.item_id, f.ts, ts, label, ex_actions, 1.0, f.position,
-                               f.score, f.model_version, f.sparse, f.dense, a.received_at))
+            ex = e.example
+            e.example = None  # no longer the cache's, see `_label`
+            e.actions = None
+            if positive_label:
+                ex.label = 1  # prepared as 0
+            ex.label_ts = a_ts
+            ex.actions = ex_actions
+            ex.label_received_at = t[7]
+            out.append(ex)
         counts = self.counts
         counts.cache_hits += hits
         counts.cache_misses += misses
@@ -490,7 +545,7 @@ class JoinBucket:
         """Forget the oldest resolved keys until `keep` remain; their late actions count as late."""
         resolved = self._resolved
         order = self._order
-        while len(resolved) > keep and self._order_head < len(order):
+        while len(resolved) > keep + 1 and self._order_head < len(order):  # one more: `_HASHED`
             resolved.pop(order[self._order_head], None)
             order[self._order_head] = None
             self._order_head += 1
@@ -508,24 +563,25 @@ class JoinBucket:
             w.actions.append(a)
         if self._is_positive(a):
             self.counts.positives += 1
-            return self._resolve(w, 1, a.ts, 1.0, a.received_at)
+            self._resolve(w)
+            return _label(w, 1, a.ts, 1.0, a.received_at)
         if a.action in self._negative:
             self.counts.explicit_negatives += 1
-            return self._resolve(w, 0, a.ts, 1.0, a.received_at)
+            self._resolve(w)
+            return _label(w, 0, a.ts, 1.0, a.received_at)
         self._mark(w.key)  # a neutral action waits with its impression
         return None
 
     @cython.cfunc
-    def _resolve(self, w: _Entry, label: cython.int, label_ts: cython.double, weight: cython.double,
-                 received_at: object) -> object:
+    def _resolve(self, w: _Entry) -> cython.void:
+        """The key of `w` has its outcome: its state goes, and the key is remembered as resolved."""
         key = w.key
         self._drop(key)
         resolved = self._resolved
         resolved[key] = tuple(map(_action_id, w.actions)) if w.actions is not None else ()
         self._order.append(key)
-        if len(resolved) > self.s.resolved_size:
+        if len(resolved) > self.s.resolved_size + 1:  # one more: `_HASHED`
             self._forget(self.s.resolved_size)
-        return _example(w, label, label_ts, weight, received_at)
 
     # -- the clock ---------------------------------------------------------------------------
 
@@ -546,13 +602,14 @@ class JoinBucket:
         head: cython.Py_ssize_t = self._fifo_head
         n: cython.Py_ssize_t = len(fifo)
         e: _Entry
-        # Every impression passes the FIFO once (most already resolved, so skipped).
+        # Every impression passes the FIFO once (most already resolved, so skipped). A look in the
+        # cache would read its key, not touched since it came (a cache miss per impression).
         while head < n:
             e = fifo[head]
             if e.due > wm:
                 break
             head += 1
-            if cache.get(e.key) is e:
+            if e.example is not None or e.actions is not None:
                 self._expire(e, examples, dead)
         if head == n:
             fifo.clear()
@@ -582,7 +639,7 @@ class JoinBucket:
 
     @cython.cfunc
     def _expire(self, e: _Entry, examples: list, dead: Optional[list]) -> cython.void:
-        if e.feature is None:
+        if e.example is None:
             self._drop(e.key)
             n = len(e.actions)
             self.counts.actions_pending -= n
@@ -592,19 +649,22 @@ class JoinBucket:
                     "actions", f"orphan: no feature event for this (request_id, item_id) by "
                                f"watermark {self.watermark:.3f} (action ts + {self.s.orphan_hold_s:g} s hold)",
                     encode(a).decode(), None, False, a.received_at or 0.0))
+            e.actions = None  # no longer the cache's (see `_Entry`)
             return
         rate = self.s.neg_sample_rate
+        self._resolve(e)
         if rate >= 1.0 or keep_fraction(e.key) < rate:
             self.counts.expired_kept += 1
-            examples.append(self._resolve(e, 0, e.due, 1.0 / rate, None))
+            examples.append(_label(e, 0, e.due, 1.0 / rate, None))
         else:
             self.counts.sampled_out += 1
-            self._resolve(e, 0, e.due, 1.0 / rate, None)
+            e.example = None  # no longer the cache's (see `_Entry`)
+            e.actions = None
 
     # -- persistence -------------------------------------------------------------------------
 
     def over_capacity(self) -> bool:
-        return len(self._cache) > self.s.cache_size
+        return len(self._cache) - 1 > self.s.cache_size  # less `_HASHED`
 
     def flush(self, tag: int, durable: bool = True) -> int:
         """Write what changed since the last flush in one transaction tagged `tag`; returns writes.
@@ -621,7 +681,7 @@ class JoinBucket:
             else:
                 writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
         # Entries never flushed (a None entry is always on disk).
-        new = [key for key in cache if key not in on_disk]
+        new = [key for key in cache if key not in on_disk and key is not _HASHED]
         for key in new:
             entry = cache[key]
             writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
@@ -645,7 +705,7 @@ class JoinBucket:
         on_disk = self._on_disk
         dropped = 0
         for key in list(cache):
-            if len(cache) <= keep:
+            if len(cache) - 1 <= keep:  # less `_HASHED`
                 break
             if key not in dirty and key in on_disk:
                 del cache[key]
@@ -659,13 +719,13 @@ class JoinBucket:
             self.store.clear()
         else:
             self.store.rollback(tag)
-        self._cache.clear()
+        self._cache = _hashed_dict()
         self._dirty.clear()
         self._on_disk.clear()
         self._heap.clear()
         self._fifo.clear()
         self._fifo_head = 0
-        self._resolved.clear()
+        self._resolved = _hashed_dict()
         self._order.clear()
         self._order_head = 0
         self._scan_from = None
@@ -686,11 +746,20 @@ def _seen(ids: object, a: object) -> cython.bint:
     return aid == ids
 
 
-def _example(w: _Entry, label: int, label_ts: float, weight: float,
-             received_at: Optional[float]) -> Example:
-    f = w.feature
-    # Positional (in Example's field order): a quarter faster than by keyword, once per example.
-    acts = w.actions if w.actions is not None else []
-    actions = [ExampleAction(a.action, a.ts, a.value) for a in acts]
-    return Example(f.request_id, f.user_id, f.item_id, f.ts, label_ts, label, actions, weight, f.position,
-                   f.score, f.model_version, f.sparse, f.dense, received_at)
+@cython.cfunc
+def _label(w: _Entry, label: cython.int, label_ts: object, weight: cython.double, received_at: object) -> object:
+    """The prepared example of `w`, now with its label (what `_prepare` left open)."""
+    ex = w.example
+    acts = w.actions
+    # No longer the cache's (see `_Entry`). The entry may live on in the FIFO until its due (or the
+    # next flush): it lets go of what went into the example, which should die downstream.
+    w.example = None
+    w.actions = None
+    if label:
+        ex.label = 1
+    ex.label_ts = label_ts
+    ex.actions = [ExampleAction(a.action, a.ts, a.value) for a in acts] if acts is not None else []
+    if weight != 1.0:
+        ex.weight = weight
+    ex.label_received_at = received_at
+    return ex

@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections import Counter
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -273,3 +274,57 @@ def test_the_install_compiles_the_joiner():
     import flows.joiner as joiner
 
     assert joiner.COMPILED, f"{joiner.__file__} is not the compiled module: pip install -e . builds it (setup.py)"
+
+
+def rich(k: int, ts: float) -> FeatureEvent:
+    return FeatureEvent(request_id=f"r{k}", user_id=f"u{k}", item_id=f"v{k % 3}", ts=ts, position=k % 5,
+                        sparse={"author": f"a{k}", "tags": ["x", f"t{k}"]}, dense={"ctr": k / 10},
+                        model_version="7", score=k / 100, event_id=f"f{k}", received_at=ts + 0.2)
+
+
+def test_an_example_carries_its_impression_whole_in_memory_and_through_lmdb(tmp_path):
+    # The example is prepared when the impression comes; through LMDB it is made again from the
+    # stored impression: both ways give the same whole example.
+    steps = [("f", rich(k, T0 + k * 0.01)) for k in range(400)]
+    steps += [("a", act(k, T0 + 5 + k * 0.01, ("like", "skip", "watch")[k % 3])) for k in range(0, 400, 2)]
+    steps += [("w", math.inf)]
+    _, ex_small, _ = run_bucket(steps, 5, 1.0, 0, str(tmp_path / "small"))
+    big, ex_big, _ = run_bucket(steps, 10**6, 1.0, 0, str(tmp_path / "big"))
+    assert big.counts.spill_writes == 0 and len(ex_big) == 400
+    assert sorted(ex_small, key=key) == sorted(ex_big, key=key)
+    for e in ex_big:
+        k = int(e.request_id[1:])
+        f = rich(k, T0 + k * 0.01)
+        assert (e.user_id, e.item_id, e.ts, e.position, e.sparse, e.dense, e.model_version, e.score) == (
+            f.user_id, f.item_id, f.ts, f.position, f.sparse, f.dense, f.model_version, f.score)
+        label = 1 if k % 6 == 0 else 0  # like; skip is an explicit negative; watch and none expire
+        assert e.label == label
+        assert e.weight == 1.0
+        if k % 6 in (0, 4):  # decided by its action
+            assert e.label_ts == T0 + 5 + k * 0.01 and e.label_received_at == e.label_ts + 0.1
+        else:
+            assert e.label_ts == f.ts + WINDOW and e.label_received_at is None
+
+
+def test_an_example_once_made_is_not_changed_by_what_comes_after(tmp_path):
+    b = JoinBucket(JoinSettings(window_s=WINDOW, neg_sample_rate=0.5), LmdbSpillStore(tmp_path))
+    b.on_features([rich(1, T0), rich(2, T0)])
+    [pos] = b.on_actions([act(1, T0 + 1, "like", "e1")])
+    [neg] = b.on_actions([act(2, T0 + 1, "dislike", "e2")])
+    before = [msgspec.structs.astuple(x) for x in (pos, neg)]
+    b.on_actions([act(1, T0 + 2, "share", "e3"), act(2, T0 + 2, "like", "e4"), act(1, T0 + 1, "like", "e1")])
+    b.on_features([rich(1, T0 + 3), rich(2, T0 + 3)])  # duplicates of resolved keys
+    b.flush(1)
+    b.advance(math.inf)
+    assert [msgspec.structs.astuple(x) for x in (pos, neg)] == before
+    assert (pos.label, [a.action for a in pos.actions], neg.label, neg.weight) == (1, ["like"], 0, 1.0)
+    assert (b.counts.after_example, b.counts.duplicates, b.counts.duplicate_features) == (2, 1, 2)
+
+
+def test_the_cache_bound_counts_waiting_keys_only(tmp_path):
+    b = JoinBucket(JoinSettings(window_s=WINDOW, cache_size=3), LmdbSpillStore(tmp_path))
+    b.on_features([feat(k, T0) for k in range(3)])
+    assert not b.over_capacity() and b.waiting() == (3, 0)
+    b.on_features([feat(3, T0)])
+    assert b.over_capacity() and b.waiting() == (4, 0)
+    assert b.flush(1) == 4 and b.evict(2) == 2 and b.waiting() == (2, 4)
