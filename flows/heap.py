@@ -10,6 +10,10 @@ Freezing right after a full collection leaks nothing: every unreachable cycle ha
 collected, and nothing runs between the collection and the freeze. So `FreezeAfterSlowCollections`
 freezes whenever a full collection took long (the heap has grown by what the index built since the
 last freeze), and `freeze_now` collects, then freezes, once start-up has built the index.
+
+The price: an object alive at a freeze that later dies in a reference cycle (an in-flight
+request's task and coroutine, say) is never collected. Freezes come only after slow collections,
+rare once the index is frozen, so what can be kept that way is a few requests' worth each time.
 """
 
 from __future__ import annotations
