@@ -105,7 +105,7 @@ def dashboard_overhead(quick: bool) -> Iterator[Figure]:
     # Runs of ~1 s on an idle core, 3-5 s on the loaded machine (start-up ~0.2 s of it), as many
     # pairs as fit in the budget: on a quiet machine more, and less noisy ones.
     requests = 4_000 if quick else 10_000
-    budget_s, least, most = (30.0, 4, 12) if quick else (190.0, 10, 60)
+    budget_s, least, most = (30.0, 4, 12) if quick else (480.0, 10, 200)
     phase = random.Random(7)
     root = Path(tempfile.mkdtemp(prefix="freshrec-bench-dash-"))
     port = _free_port()

@@ -93,7 +93,13 @@ def test_serve_processes_share_the_port_and_every_served_item_is_logged(tmp_path
         assert len(children) >= 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert not any(Path(f"/proc/{c}").exists() and _state(c) != "Z" for c in children)
+        # Each child ends (a server process; multiprocessing's resource tracker, when it sees the
+        # parent's end of its pipe close): gone, or a zombie of whichever process reaps it.
+        deadline = time.monotonic() + 30
+        while (alive := {c: (_state(c), _cmdline(c)) for c in children if _state(c) not in ("Z", "gone")}) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -111,10 +117,17 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return "gone"
 
 
