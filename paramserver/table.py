@@ -593,15 +593,7 @@ class EmbeddingTable(_RowTable):
             cand = np.flatnonzero(admit)
             ready = self._count_sightings(uk[cand], uh[cand], cnt[cand], now)
             admit[cand[~ready]] = False
-        new = np.zeros(len(first), np.int64)
-        take = np.flatnonzero(admit)
-        if len(take):
-            r = self._index.insert(uk[take], uh[take])
-            self._ensure(self._index.capacity)
-            self._start_rows(r, uh[take], now)
-            new[take] = r
-            self.counts["admitted"] += len(take)
-        got = new[inv]
+        got = self._insert_admitted(uk, uh, admit, now)[inv]
         rows[miss] = got
         self.counts["unadmitted_pulls"] += int((got == 0).sum())
 
@@ -670,6 +662,10 @@ class EmbeddingTable(_RowTable):
             wait[cand[ready]] = np.maximum(0, cfg.min_count - 1 - before[ready])
         else:
             wait[admit] = 0
+        return self._insert_admitted(keys, h, admit, now), wait
+
+    def _insert_admitted(self, keys: np.ndarray, h: np.ndarray, admit: np.ndarray, now: float) -> np.ndarray:
+        """New rows for the (distinct, rowless) ids where `admit` holds; the row of each id, 0 where not admitted."""
         new = np.zeros(len(keys), np.int64)
         take = np.flatnonzero(admit)
         if len(take):
@@ -678,7 +674,7 @@ class EmbeddingTable(_RowTable):
             self._start_rows(r, h[take], now)
             new[take] = r
             self.counts["admitted"] += len(take)
-        return new, wait
+        return new
 
     def expire(self, now: float) -> int:
         """Evict the rows not updated for `expire_s` (with their optimizer state; their row numbers
