@@ -63,11 +63,17 @@ def _per_step(step: np.ndarray, row: np.ndarray, k: int, m: int) -> tuple[np.nda
     return rows, rank[inv.reshape(-1)]
 
 
+def _arrivals(examples: Sequence[Any]) -> np.ndarray:
+    """When each example's label reached the flow (NaN where unknown)."""
+    return np.array([e.label_received_at if e.label_received_at is not None else np.nan for e in examples],
+                    np.float64)
+
+
 @dataclass
 class _WorkingSlot:
     """One slot's rows for `OnlineTrainer.train_steps`: the pulled `WorkingRows`, the step from
     which each row counts (`ready`, int32 max: never), each occurrence's row and step, and each
-    row's Adagrad rate, epsilon and accumulator."""
+    row's Adagrad rate and epsilon (its accumulator is `rows.state`)."""
 
     rows: Any
     ready: np.ndarray
@@ -75,17 +81,13 @@ class _WorkingSlot:
     occ_step: np.ndarray
     lr: np.ndarray
     eps: np.ndarray
-    state: np.ndarray
     updates: np.ndarray  # the steps that update each row: those it appears in from its `ready` step on
-
-    def _live(self) -> np.ndarray:
-        return self.occ_step >= self.ready[self.occ_row]
 
     def arrival(self, arrivals: Optional[np.ndarray], example: np.ndarray) -> Optional[np.ndarray]:
         """The earliest arrival behind each row's updates (NaN where unknown); None if none known."""
         if arrivals is None:
             return None
-        live = self._live()
+        live = self.occ_step >= self.ready[self.occ_row]  # occurrences from each row's ready step on
         out = np.full(len(self.ready), np.inf)
         np.fmin.at(out, self.occ_row[live], arrivals[example[live]])
         out[np.isinf(out)] = np.nan
@@ -126,8 +128,7 @@ class OnlineTrainer:
         self.normalizer.update(batch.dense)
         rows = self._rows(batch, now)
         loss, scores, grads = self.model.train(batch, rows, dense)
-        arrivals = np.array([e.label_received_at if e.label_received_at is not None else np.nan
-                             for e in examples], np.float64)
+        arrivals = _arrivals(examples)
         known = not np.isnan(arrivals).all()  # replays carry no arrival times: nothing to track
         earliest_by_slot: dict[int, np.ndarray] = {}  # the bias slots share their ids' SlotIds
         for s in self.spec.slots:
@@ -179,8 +180,7 @@ class OnlineTrainer:
                 part = batch.dense[i * batch_size:(i + 1) * batch_size]
                 dense[i, :len(part)] = self.normalizer.apply(part)
                 self.normalizer.update(part)
-        arrivals = np.array([e.label_received_at if e.label_received_at is not None else np.nan
-                             for e in examples], np.float64)
+        arrivals = _arrivals(examples)
         if np.isnan(arrivals).all():
             arrivals = None  # replays carry no arrival times: nothing to track
         step_of = np.arange(n, dtype=np.int32) // batch_size
@@ -288,8 +288,7 @@ class OnlineTrainer:
             updates = np.bincount(row[row_step >= ready[row]], minlength=m)
         opt = rows.optimizer
         return _WorkingSlot(rows, ready, rows.index[ids.index].astype(np.int32), occ_step,
-                            np.full((m, 1), opt.lr, np.float32), np.full((m, 1), opt.eps, np.float32),
-                            rows.state.reshape(m, self.spec.width(slot)), updates)
+                            np.full((m, 1), opt.lr, np.float32), np.full((m, 1), opt.eps, np.float32), updates)
 
     def _validate(self, examples: Sequence[Any], scores: np.ndarray, labels: np.ndarray,
                   arrival_scores: Optional[np.ndarray]) -> None:
