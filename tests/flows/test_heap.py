@@ -65,3 +65,20 @@ def test_freeze_now_collects_first_and_full_collections_then_skip_what_it_froze(
     assert not any(o is kept for g in range(3) for o in gc.get_objects(generation=g))
     fresh = [2]
     assert any(o is fresh for g in range(3) for o in gc.get_objects(generation=g))
+
+
+def test_the_flow_process_freezes_its_start_up_heap_and_watches_full_collections(tmp_path):
+    """`bytewax.run flows.pipeline:flow` builds the flow through `main_flow`: what start-up made
+    (TensorFlow's objects, with training on) is frozen, and slow full collections freeze again."""
+    import subprocess
+    import sys
+
+    from tests.flows.test_recovery import flow_env
+
+    probe = ("import gc, flows.pipeline as p; flow = p.flow; "
+             "print(gc.get_freeze_count(), p.FLOW_HEAP._callback in gc.callbacks, 'tensorflow' in __import__('sys').modules)")
+    env = flow_env(tmp_path, FRESHREC_TRAIN="1", FRESHREC_METRICS_PORT="0")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    frozen, installed, tf = out.stdout.split()
+    assert int(frozen) > 100_000 and installed == "True" and tf == "True"
