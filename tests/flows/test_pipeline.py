@@ -128,3 +128,32 @@ def test_the_flow_ends_by_itself_at_the_end_of_its_input(tmp_path):
     t0 = time.monotonic()
     run_main(build_flow(config))
     assert time.monotonic() - t0 < 60
+
+
+def test_snapshots_write_the_join_state_to_lmdb_unless_recovery_is_known_to_be_off(tmp_path, monkeypatch):
+    import flows.pipeline as pipeline
+    from flows.metrics import JOIN
+
+    def spill_writes() -> float:
+        return sum(m.value for m in JOIN["spill_writes"].collect()[0].samples if m.name.endswith("_total"))
+
+    # Impressions whose labels never come wait out a long window (far below the cache bound)
+    # while snapshots are taken; the end of the input expires them.
+    lines = [encode(feature(i, T0 + i)) for i in range(400)]
+    got = {}
+    recovery_off = pipeline.recovery_off
+    for off in (False, True):
+        config = config_for(tmp_path / f"off-{off}", join_window_s=86400, buckets=2, source_batch_bytes=2048)
+        write(config.stream_dir("features") / "f.jsonl", lines)
+        monkeypatch.setattr(pipeline, "recovery_off", lambda off=off: off)
+        out: list = []
+        before = spill_writes()
+        run_main(build_flow(config, tap=TestingSink(out)), epoch_interval=timedelta(0))
+        got[off] = (spill_writes() - before > 0, len(out))
+    # With recovery possibly on (run_main's is out of a flow's sight), snapshots write the waiting
+    # impressions to LMDB; known off, nothing is written (there was no memory pressure).
+    assert got == {False: (True, 400), True: (False, 400)}
+    assert recovery_off(["/v/lib/bytewax/run.py", "flows.pipeline:flow"], {})
+    assert not recovery_off(["/v/lib/bytewax/run.py", "flows.pipeline:flow", "-r", "rec"], {})
+    assert not recovery_off(["/v/lib/bytewax/run.py", "x:flow"], {"BYTEWAX_RECOVERY_DIRECTORY": "rec"})
+    assert not recovery_off(["/usr/bin/pytest"], {})
