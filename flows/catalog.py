@@ -265,17 +265,12 @@ class Catalog:
 
     def take_dirty(self) -> tuple[dict[str, dict], dict[str, list]]:
         """The entries changed since the last call (for `DeltaSync`'s `extra`). Items no stream
-        has described yet stay behind until one does."""
+        has described yet are left out: the merge that describes one marks it changed again. (They
+        were once kept among the changed ones, and walked at every sync: with many items known
+        only from actions, that walk was 39% of a files flow without training.)"""
         items = self.items
-        out_items = {}
-        held = set()
-        for i in self.dirty_items:
-            e = items[i]
-            if e["source"] is None:
-                held.add(i)
-            else:
-                out_items[i] = e
-        self.dirty_items = held
+        out_items = {i: e for i in self.dirty_items if (e := items[i])["source"] is not None}
+        self.dirty_items = set()
         users = self.users
         out_users = {u: users[u] for u in self.dirty_users}
         self.dirty_users = set()

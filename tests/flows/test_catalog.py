@@ -148,6 +148,7 @@ def test_an_item_no_stream_described_waits_for_one():
     cat = make()
     cat.merge(deltas(batch("actions", [act("v7", T0, "like")])))
     assert "v7" not in cat.take_dirty()[0]
+    assert not cat.dirty_items  # not walked again at every sync: describing it marks it changed
     cat.merge(deltas(batch("items", [item("v7", T0 + 1)])))
     v7 = cat.take_dirty()[0]["v7"]
     assert (v7["positives"], v7["source"]) == (1, "items")
