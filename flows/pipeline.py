@@ -287,8 +287,10 @@ def join_settings(config: Config) -> JoinSettings:
 
 
 def build_flow(config: Config, *, tap: Sink | None = None,
-               sources: dict[str, Any] | None = None) -> Dataflow:
-    """The dataflow for `config`; `tap` also receives every example (tests, tools)."""
+               sources: dict[str, Any] | None = None, recovery: bool | None = None) -> Dataflow:
+    """The dataflow for `config`; `tap` also receives every example (tests, tools). `recovery`:
+    whether the flow will run with Bytewax's recovery; None (unknown) is taken as on, except
+    under `bytewax.run` without a recovery directory (`recovery_off`)."""
     ensure_state_dir(config)
     if config.source == "kafka":
         # Refused credentials stop the start here, naming the setting; Bytewax's partition listing
@@ -306,7 +308,8 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     keyed = op.flat_map("route", join_in, partial(route, buckets=config.buckets))
     step = JoinStepConfig(partitions, config.lateness_s, config.state_dir, config.undo_keep,
                           join_settings(config), forward_impressions=config.train,
-                          lmdb_max_bytes=config.lmdb_max_bytes, flush_at_snapshot=not recovery_off())
+                          lmdb_max_bytes=config.lmdb_max_bytes,
+                          flush_at_snapshot=not recovery_off() if recovery is None else recovery)
     joined = op.stateful_batch("join", keyed, lambda state: JoinLogic(step, state))
     outcomes = op.map("outcome", joined, lambda kv: kv[1])
     dead_or_not = op.branch("split_dead", outcomes, _is_dead)

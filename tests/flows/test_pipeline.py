@@ -142,17 +142,20 @@ def test_snapshots_write_the_join_state_to_lmdb_unless_recovery_is_known_to_be_o
     lines = [encode(feature(i, T0 + i)) for i in range(400)]
     got = {}
     recovery_off = pipeline.recovery_off
-    for off in (False, True):
-        config = config_for(tmp_path / f"off-{off}", join_window_s=86400, buckets=2, source_batch_bytes=2048)
+    # (recovery_off's answer, build_flow's `recovery`)
+    for off, recovery in ((False, None), (True, None), (False, False), (True, True)):
+        config = config_for(tmp_path / f"{off}-{recovery}", join_window_s=86400, buckets=2, source_batch_bytes=2048)
         write(config.stream_dir("features") / "f.jsonl", lines)
         monkeypatch.setattr(pipeline, "recovery_off", lambda off=off: off)
         out: list = []
         before = spill_writes()
-        run_main(build_flow(config, tap=TestingSink(out)), epoch_interval=timedelta(0))
-        got[off] = (spill_writes() - before > 0, len(out))
+        run_main(build_flow(config, tap=TestingSink(out), recovery=recovery), epoch_interval=timedelta(0))
+        got[off, recovery] = (spill_writes() - before > 0, len(out))
     # With recovery possibly on (run_main's is out of a flow's sight), snapshots write the waiting
-    # impressions to LMDB; known off, nothing is written (there was no memory pressure).
-    assert got == {False: (True, 400), True: (False, 400)}
+    # impressions to LMDB; known off, nothing is written (there was no memory pressure). The
+    # caller's word wins.
+    assert got == {(False, None): (True, 400), (True, None): (False, 400),
+                   (False, False): (False, 400), (True, True): (True, 400)}
     assert recovery_off(["/v/lib/bytewax/run.py", "flows.pipeline:flow"], {})
     assert not recovery_off(["/v/lib/bytewax/run.py", "flows.pipeline:flow", "-r", "rec"], {})
     assert not recovery_off(["/v/lib/bytewax/run.py", "x:flow"], {"BYTEWAX_RECOVERY_DIRECTORY": "rec"})
