@@ -244,7 +244,7 @@ class Runs:
         """A run of the real join step; returns the number of outcomes (examples, dead letters)."""
 
         def run() -> int:
-            step = JoinStepConfig(PARTITIONS, LATENESS_S, self.fresh("state"), 12, settings)
+            step = JoinStepConfig(PARTITIONS, LATENESS_S, self.fresh("state"), 12, settings, recovery=recovery)
             logics = self.logics = []
 
             def build(state: Any) -> JoinLogic:

@@ -77,8 +77,9 @@ class JoinStepConfig:
     forward_impressions: bool = False
     lmdb_max_bytes: Optional[int] = None
     # False only where recovery is known to be off (`bytewax.run` without a recovery directory):
-    # no resume will read LMDB, so a snapshot writes nothing there (pressure flushes still do).
-    flush_at_snapshot: bool = True
+    # no resume will read LMDB, so a snapshot writes nothing there (pressure flushes still do) and
+    # the store syncs nothing to disk.
+    recovery: bool = True
 
 
 class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
@@ -86,9 +87,9 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
 
     Bytewax's snapshot of a bucket is a manifest (`seq`, the clock); each `snapshot()` flushes the
     bucket's changes to LMDB tagged `seq`, and a resume rolls LMDB back to the manifest's `seq`.
-    Bytewax takes snapshots with recovery off too: then (`flush_at_snapshot` False) only the
-    counts are published, as a fresh start clears LMDB anyway (measured on the files flow with
-    training: 14% more events/s).
+    Bytewax takes snapshots with recovery off too: then (`recovery` False) only the counts are
+    published, as a fresh start clears LMDB anyway (measured on the files flow with training: 14%
+    more events/s), and the store's flushes skip fsync (`join.spill` 0.12x -> 0.19x).
     """
 
     def __init__(self, cfg: JoinStepConfig, state: Optional[dict]):
@@ -106,7 +107,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         # Bytewax tells a builder no key: the bucket opens its store when its first batch comes.
         self.bucket_key = key
         store = LmdbSpillStore(self.cfg.state_dir / "join" / key, undo_keep=self.cfg.undo_keep,
-                               max_map_size=self.cfg.lmdb_max_bytes, cap_name=LMDB_CAP)
+                               max_map_size=self.cfg.lmdb_max_bytes, cap_name=LMDB_CAP, durable=self.cfg.recovery)
         bucket = JoinBucket(self.cfg.settings, store)
         bucket.resume(self.seq)  # 0: a fresh start, so nothing of an earlier run is kept
         bucket.advance(self.clock.watermark)
@@ -176,7 +177,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
     def snapshot(self) -> dict:
         if self.bucket is not None:
             self.seq += 1
-            if self.cfg.flush_at_snapshot:
+            if self.cfg.recovery:
                 self.bucket.flush(self.seq)
             self._publish(time.time())
             memory, disk = self.bucket.waiting()
@@ -309,7 +310,7 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     step = JoinStepConfig(partitions, config.lateness_s, config.state_dir, config.undo_keep,
                           join_settings(config), forward_impressions=config.train,
                           lmdb_max_bytes=config.lmdb_max_bytes,
-                          flush_at_snapshot=not recovery_off() if recovery is None else recovery)
+                          recovery=not recovery_off() if recovery is None else recovery)
     joined = op.stateful_batch("join", keyed, lambda state: JoinLogic(step, state))
     outcomes = op.map("outcome", joined, lambda kv: kv[1])
     dead_or_not = op.branch("split_dead", outcomes, _is_dead)

@@ -128,6 +128,7 @@ class LmdbSpillStore:
     due prefix + key -> b"", so a cursor walks in due order), `undo` (8-byte big-endian tag + key
     -> b"\\x00" if the key was absent before that tag, or b"\\x01" + its stored value), and `meta`.
     Keys are non-empty bytes of at most 503 bytes (LMDB's 511 less the 8-byte prefixes).
+    `durable=False` syncs nothing to disk, for a store no resume will read (recovery off).
     One process, one open store per directory: LMDB forbids opening an environment twice in a process.
     """
 
@@ -139,6 +140,7 @@ class LmdbSpillStore:
         map_size: int = 64 << 20,
         max_map_size: int | None = None,
         cap_name: str = "max_map_size",
+        durable: bool = True,
     ) -> None:
         if undo_keep < 1:
             raise ValueError(f"undo_keep must be at least 1 (the undo of the last flush), got {undo_keep}")
@@ -147,6 +149,9 @@ class LmdbSpillStore:
         self.undo_keep = undo_keep
         self.max_map_size = max_map_size
         self.cap_name = cap_name  # what the error of a full store tells the operator to raise
+        # False: nothing is synced to disk (a store no resume will read: recovery is off). A
+        # process crash still loses nothing committed; a system crash can lose or tear the store.
+        self.durable = durable
         self.path.mkdir(parents=True, exist_ok=True)
         data_file = self.path / _DATA_FILE
         if data_file.exists():
@@ -162,7 +167,7 @@ class LmdbSpillStore:
             # Every commit syncs its data pages, so a system crash can at worst undo the last
             # commits whole (ACI kept); a durable flush also syncs the meta page (`flush`). The
             # undo records are what makes a resume correct.
-            sync=True,
+            sync=durable,
             metasync=False,
             lock=True,
             readahead=False,  # reads are random lookups by join key
@@ -259,7 +264,7 @@ class LmdbSpillStore:
                 raw_due = _raw_due(entry[0])
                 items.append((key, raw_due + entry[1], _index_prefix(raw_due) + key))
         dropped = self._write(lambda txn: self._flush_txn(txn, tag, items))
-        if durable:
+        if durable and self.durable:
             self._env.sync(True)  # the meta page too: this flush survives a system crash
         self._last_tag = tag
         self._dropped = dropped

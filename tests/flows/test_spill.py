@@ -172,6 +172,38 @@ def test_reopen_keeps_data_and_last_tag(tmp_path):
         assert s.last_tag() == 3 and everything_due(s) == [(1.0, b"a"), (2.0, b"b")]
 
 
+def test_a_store_no_resume_reads_syncs_nothing_and_keeps_what_it_committed(tmp_path, monkeypatch):
+    synced = []
+    with LmdbSpillStore(tmp_path / "durable") as s:
+        monkeypatch.setattr(s, "_env", _Spy(s._env, synced))
+        assert s._env.flags()["sync"]  # every commit syncs its data pages
+        s.flush(1, {b"a": (1.0, b"x")})
+        assert synced == [True]  # and a durable flush the meta page too
+    synced.clear()
+    with LmdbSpillStore(tmp_path / "b", durable=False) as s:
+        monkeypatch.setattr(s, "_env", _Spy(s._env, synced))
+        assert not s._env.flags()["sync"]
+        s.flush(1, {b"a": (1.0, b"x"), b"b": (2.0, b"y")})
+        s.flush(2, {b"b": None}, durable=False)
+        assert synced == []
+    with LmdbSpillStore(tmp_path / "b", durable=False) as s:  # a process's commits outlive it
+        assert s.last_tag() == 2 and everything_due(s) == [(1.0, b"a")]
+
+
+class _Spy:
+    """An LMDB environment that records its `sync` calls."""
+
+    def __init__(self, env, calls):
+        self._env, self._calls = env, calls
+
+    def sync(self, force=False):
+        self._calls.append(force)
+        return self._env.sync(force)
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
 def test_clear_empties_everything(store):
     store.flush(7, {b"a": (1.0, b"x"), b"b": (2.0, b"y")})
     store.clear()
