@@ -22,7 +22,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,9 @@ from bench import Figure, benchmark, compared
 from flows.clock import ACTIVE, ENDED, BucketBatch, SourceBatch, bucket_of, route
 from flows.config import Config
 from flows.events import ActionEvent, Example, ExampleAction, FeatureEvent, encode_lines
-from flows.heap import freeze_now
+from flows.heap import frozen_heap
 from flows.joiner import JoinBucket, JoinCounts, JoinSettings
-from flows.pipeline import EVICT_TO, FLOW_HEAP, JoinLogic, JoinStepConfig, build_flow
+from flows.pipeline import EVICT_TO, JoinLogic, JoinStepConfig, build_flow
 from flows.spill import LmdbSpillStore
 
 T0 = 1764288000.0
@@ -517,19 +516,6 @@ def _lines(directory: Path) -> int:
     return total
 
 
-@contextmanager
-def flow_process_heap() -> Iterator[None]:
-    """The heap as `flows.pipeline.main_flow` keeps it in a flow process (frozen after start-up and
-    after slow full collections), for a flow run in this process; then as it was."""
-    freeze_now()
-    FLOW_HEAP.install()
-    try:
-        yield
-    finally:
-        FLOW_HEAP.uninstall()
-        gc.unfreeze()
-
-
 @benchmark("join.flow_files")
 def join_flow_files(quick: bool) -> Iterator[Figure]:
     impressions = 30_000 if quick else 300_000
@@ -551,7 +537,7 @@ def join_flow_files(quick: bool) -> Iterator[Figure]:
             # Config does not have is ignored).
             config = Config.from_env({}, data_dir=str(run / "data"), state_dir=str(run / "state"), train="0")
             flow = build_flow(config, recovery=False)
-            with flow_process_heap():
+            with frozen_heap():  # as `flows.pipeline.main_flow` keeps a flow process's heap
                 run_main(flow, epoch_interval=EPOCH)
             made.append(_lines(config.stream_dir("examples")))
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 SLOW_MS = 10.0  # a full collection this long means many long-lived objects: freeze them
@@ -66,3 +68,17 @@ class FreezeAfterSlowCollections:
         if self.last_ms >= self.slow_ms:
             gc.freeze()  # the collection is over: the generations hold only what is reachable
             self.freezes += 1
+
+
+@contextmanager
+def frozen_heap(slow_ms: float = SLOW_MS) -> Iterator[FreezeAfterSlowCollections]:
+    """For work inside a process that lives on after it (a command's runs, a benchmark's): what is
+    alive now frozen (`freeze_now`), slow full collections freeze what survived them, and at the
+    end the hook goes and everything frozen is the collector's again."""
+    freeze_now()
+    freezer = FreezeAfterSlowCollections(slow_ms).install()
+    try:
+        yield freezer
+    finally:
+        freezer.uninstall()
+        gc.unfreeze()

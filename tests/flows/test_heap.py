@@ -82,3 +82,14 @@ def test_the_flow_process_freezes_its_start_up_heap_and_watches_full_collections
     assert out.returncode == 0, out.stderr
     frozen, installed, tf = out.stdout.split()
     assert int(frozen) > 100_000 and installed == "True" and tf == "True"
+
+
+def test_frozen_heap_freezes_for_its_block_then_gives_everything_back(unfrozen):
+    from flows.heap import frozen_heap
+
+    kept = [[i] for i in range(1000)]
+    with frozen_heap(slow_ms=0.0) as freezer:
+        assert gc.get_freeze_count() >= len(kept) and freezer._callback in gc.callbacks
+        gc.collect()
+        assert freezer.freezes == 1
+    assert gc.get_freeze_count() == 0 and freezer._callback not in gc.callbacks
