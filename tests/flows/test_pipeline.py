@@ -156,12 +156,18 @@ def test_snapshots_write_the_join_state_to_lmdb_unless_recovery_is_known_to_be_o
     # caller's word wins.
     assert got == {(False, None): (True, 400), (True, None): (False, 400),
                    (False, False): (False, 400), (True, True): (True, 400)}
-    # The bucket's store syncs to disk only when a resume may read it.
+    # The bucket's store syncs to disk only when a resume may read it; without recovery, a store
+    # an earlier run left (torn by a system crash, say) goes unread.
     for recovery in (True, False):
-        step = pipeline.JoinStepConfig(("features-0",), 5.0, tmp_path / f"open-{recovery}", 12,
-                                       pipeline.join_settings(config), recovery=recovery)
+        state = tmp_path / f"open-{recovery}"
+        step = pipeline.JoinStepConfig(("features-0",), 5.0, state, 12, pipeline.join_settings(config),
+                                       recovery=recovery)
+        if not recovery:
+            (state / "join" / "b0000").mkdir(parents=True)
+            (state / "join" / "b0000" / "data.mdb").write_bytes(b"torn" * 4096)
         bucket = pipeline.JoinLogic(step, None)._open("b0000")
         assert bucket.store.durable is recovery and bucket.store._env.flags()["sync"] is recovery
+        assert bucket.waiting() == (0, 0)
         bucket.store.close()
     assert recovery_off(["/v/lib/bytewax/run.py", "flows.pipeline:flow"], {})
     assert not recovery_off(["/v/lib/bytewax/run.py", "flows.pipeline:flow", "-r", "rec"], {})
