@@ -239,7 +239,8 @@ def train_step_config(config: Config) -> TrainStepConfig:
         dense_interval_s=config.dense_sync_s,
         deltas_brokers=config.brokers if config.source == "kafka" else None,
         deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()),
-        train=config.train, user_recent=config.user_recent, undo_keep=config.undo_keep,
+        train=config.train, trained_keys_log=config.trained_keys_log, user_recent=config.user_recent,
+        undo_keep=config.undo_keep,
         recovery_dir=recovery_run_name(bytewax_recovery_dir()), lmdb_max_bytes=config.lmdb_max_bytes)
 
 

@@ -69,6 +69,7 @@ class TrainStepConfig:
     deltas_topic: str = "param-deltas"
     kafka_settings: tuple[tuple[str, str], ...] = ()
     train: bool = True  # False: no trainer, no tables; the step writes the catalog only
+    trained_keys_log: bool = False  # FRESHREC_TRAINED_KEYS_LOG: list the join keys each checkpoint covers
     user_recent: int = 50  # actions kept per user in the catalog
     undo_keep: int = 12  # snapshots back a resume can set the catalog's counts to
     # Bytewax's recovery directory (resolved, with when it was made) when recovery is on: it names
@@ -198,8 +199,10 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         dense = params.dense()
         if dense.arrays:
             trainer.load_dense_state(dense.arrays)
-        keys = TrainedKeysLog(cfg.state_dir / "trainer" / "trained-keys.log")
-        keys.cut_after(self.seq)
+        keys = None
+        if cfg.trained_keys_log:
+            keys = TrainedKeysLog(cfg.state_dir / "trainer" / "trained-keys.log")
+            keys.cut_after(self.seq)
         return params, trainer, keys
 
     def _run_began_at(self) -> Optional[int]:
@@ -251,7 +254,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             child(PV_SCORES, w, "logged").inc(logged)
             child(PV_SCORES, w, "on_arrival").inc(on_arrival)
             child(PV_SCORES, w, "at_training").inc(len(batch) - logged - on_arrival)
-            keys.write(self.seq + 1, batch)
+            if keys is not None:
+                keys.write(self.seq + 1, batch)
             child(TRAIN_EXAMPLES, w).inc(step.size)
             child(TRAIN_STEPS, w).inc()
             child(TRAIN_LOSS, w).set(step.loss)
@@ -352,6 +356,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             if trainer is not None:
                 params.set_dense(trainer.dense_state())
                 params.checkpoint(self.seq)
-                keys.flush()
+                if keys is not None:
+                    keys.flush()
             self.catalog.snapshot(self.seq)  # type: ignore[union-attr]
         return {"seq": self.seq, "run": self.run, "attempt": self.attempt, "lineage": self.lineage}

@@ -33,6 +33,7 @@ def env_1m(base: Path, train: str = "1") -> dict[str, str]:
     return flow_env(
         base,
         FRESHREC_TRAIN=train,
+        FRESHREC_TRAINED_KEYS_LOG="1",
         # The defaults' 1 MiB reads; a cache of a quarter of the waiting impressions per bucket, so
         # most wait in LMDB and its rollback is in play; a big batch keeps the trainer in step.
         FRESHREC_SOURCE_BATCH_BYTES="1048576",

@@ -28,7 +28,7 @@ def test_every_example_is_trained_once_through_sigkills_and_resumes(tmp_path):
     killed = tmp_path / "killed"
     shutil.copytree(straight / "data", killed / "data")
 
-    env = flow_env(straight, FRESHREC_TRAIN="1", FRESHREC_TRAIN_BATCH="64")
+    env = flow_env(straight, FRESHREC_TRAIN="1", FRESHREC_TRAIN_BATCH="64", FRESHREC_TRAINED_KEYS_LOG="1")
     t0 = time.monotonic()
     p = bytewax_run(env)
     assert p.wait(timeout=900) == 0, p.stderr.read().decode()[-3000:]
@@ -47,7 +47,7 @@ def test_every_example_is_trained_once_through_sigkills_and_resumes(tmp_path):
     store.close()
 
     targets = [int(rng.uniform(0.1, 0.9) * len(examples)) for _ in range(3)]
-    kills = run_with_kills(flow_env(killed, FRESHREC_TRAIN="1", FRESHREC_TRAIN_BATCH="64"),
+    kills = run_with_kills(flow_env(killed, FRESHREC_TRAIN="1", FRESHREC_TRAIN_BATCH="64", FRESHREC_TRAINED_KEYS_LOG="1"),
                            killed / "recovery", targets, lambda: lines_written(killed))
     assert kills == 3, f"the flow ended before its kills ({straight_s:.1f} s straight)"
     keys = trained_keys(killed)
@@ -94,7 +94,7 @@ def _trainer_cfg(state_dir, recovery_dir):
 
     return TrainStepConfig(state_dir=state_dir, batch_size=32, max_wait_s=60.0, user_slots=(),
                            item_slots=("author", "tags"), dense=(), dim=4, sync_interval_s=0.05,
-                           dense_interval_s=10.0, recovery_dir=str(recovery_dir))
+                           dense_interval_s=10.0, recovery_dir=str(recovery_dir), trained_keys_log=True)
 
 
 def _killed(logic) -> None:
@@ -129,3 +129,23 @@ def test_a_restart_killed_before_its_first_commit_trains_nothing_twice(tmp_path)
     other.on_batch(examples[:32])
     assert other.seq == 1 and other.snapshot()["seq"] == 2
     _killed(other)
+
+
+def test_the_trained_keys_log_is_written_only_when_asked_for(tmp_path):
+    import dataclasses
+
+    from flows.trainer_step import TrainerLogic
+
+    for wanted in (False, True):
+        state = tmp_path / f"log-{wanted}" / "state"
+        logic = TrainerLogic(dataclasses.replace(_trainer_cfg(state, tmp_path / "recovery"), trained_keys_log=wanted),
+                             None)
+        logic.on_batch(_examples(64))
+        logic.snapshot()
+        log = state / "trainer" / "trained-keys.log"
+        assert log.exists() is wanted
+        if wanted:
+            assert len(log.read_text().splitlines()) == 64
+            logic._parts[3].close()
+        logic._parts[0].close()
+        logic._parts[2].writer.store.close()
