@@ -147,7 +147,9 @@ class Config:
                               "entry); at least ceil(-b / -s) + 2 of Bytewax's recovery intervals")
     train: bool = _setting("FRESHREC_TRAIN", "1", _flag, "`1`: the online trainer step trains on the examples")
     trained_keys_log: bool = _setting("FRESHREC_TRAINED_KEYS_LOG", "0", _flag,
-                                      "`1`: the trainer lists the join keys each checkpoint covers in `$FRESHREC_STATE_DIR/trainer/trained-keys.log`, to check that each example trained once (about 40 bytes an example, never pruned: for tests and audits)")
+                                      "`1`: the trainer lists the join keys each checkpoint covers in "
+                                      "`$FRESHREC_STATE_DIR/trainer/trained-keys.log`, to check that each example "
+                                      "trained once (about 40 bytes an example, never pruned: for tests and audits)")
     user_recent: int = _setting("FRESHREC_USER_RECENT", "50", _number(int, 1, 100_000),
                                 "actions kept per user (the newest) in the serving store's `user/<id>` entries")
     train_batch: int = _setting("FRESHREC_TRAIN_BATCH", "256", _number(int, 1, 1 << 16),

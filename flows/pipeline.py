@@ -249,7 +249,7 @@ def bytewax_recovery_dir(argv: Optional[list[str]] = None, env: Optional[dict] =
     BYTEWAX_RECOVERY_DIRECTORY), resolved; None when recovery is off or this is not bytewax.run."""
     argv = sys.argv if argv is None else argv
     env = os.environ if env is None else env
-    if not argv or not argv[0].replace("\\", "/").endswith("bytewax/run.py"):
+    if not _bytewax_run(argv):
         return None
     found = env.get("BYTEWAX_RECOVERY_DIRECTORY")
     for i, a in enumerate(argv):
@@ -264,9 +264,12 @@ def recovery_off(argv: Optional[list[str]] = None, env: Optional[dict] = None) -
     """Whether this is `python -m bytewax.run` with no recovery directory: recovery known to be
     off. False elsewhere (`run_main`, say, whose recovery config a flow cannot see)."""
     argv = sys.argv if argv is None else argv
-    env = os.environ if env is None else env
-    return (bool(argv) and argv[0].replace("\\", "/").endswith("bytewax/run.py")
-            and bytewax_recovery_dir(argv, env) is None)
+    return _bytewax_run(argv) and bytewax_recovery_dir(argv, env) is None
+
+
+def _bytewax_run(argv: list[str]) -> bool:
+    """Whether `argv` is that of `python -m bytewax.run`."""
+    return bool(argv) and argv[0].replace("\\", "/").endswith("bytewax/run.py")
 
 
 def recovery_run_name(recovery_dir: Optional[str]) -> Optional[str]:
