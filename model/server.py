@@ -37,7 +37,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from flows.config import Config
 from flows.eventlog import EventLog, StreamDown, open_event_log
 from flows.events import DEFAULT_MAX_FUTURE_S, ActionEvent, DeadLetter, encode, parse
-from flows.heap import FreezeAfterSlowCollections, freeze_now
+from flows.heap import frozen_heap
 from model.recommend_types import Recommender
 from model.served_events import AnswerEncoder
 
@@ -392,10 +392,6 @@ def serve(recommender: Recommender, config: Config, host: str = "127.0.0.1", por
     # event loop, the index refresh) waits at most 1 ms for it rather than Python's 5 ms, which
     # a request paid at each hand-off whenever another thread was busy.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    # The catalog index (built by now) and whatever it builds later stay out of full collections,
-    # which otherwise walk it whole with the GIL held (flows/heap.py).
-    freeze_now()
-    freezer = FreezeAfterSlowCollections().install()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -416,10 +412,10 @@ def serve(recommender: Recommender, config: Config, host: str = "127.0.0.1", por
         finally:
             await runner.cleanup()
 
-    try:
+    # The catalog index (built by now) and whatever it builds later stay out of full collections,
+    # which otherwise walk it whole with the GIL held (flows/heap.py).
+    with frozen_heap():
         asyncio.run(main())
-    finally:
-        freezer.uninstall()
 
 
 def serve_processes(factory: Callable[..., Recommender], config: Config, host: str = "127.0.0.1",
