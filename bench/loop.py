@@ -17,8 +17,9 @@ simulator achieved over the offered rate. Absolute figures, on a shared 2-core m
 
 `FRESHREC_BENCH_LOOP_ENV` (a JSON object of FRESHREC_* settings) overrides the flow's settings, to
 try tunings without changing defaults; `FRESHREC_BENCH_LOOP_WORKERS` sets `-w`;
-`FRESHREC_BENCH_LOOP_SOURCES` (`files,kafka`) picks the sources; `KAFKA_BOOTSTRAP` names a broker
-to use instead of starting one.
+`FRESHREC_BENCH_LOOP_SOURCES` (`files,kafka`) picks the sources; `FRESHREC_BENCH_LOOP_RATE` offers
+another number of actions/s (to find the rate the loop holds; the targets are at the default);
+`KAFKA_BOOTSTRAP` names a broker to use instead of starting one.
 """
 
 from __future__ import annotations
@@ -365,6 +366,7 @@ def _broker() -> tuple[Optional[str], Any]:
 @benchmark("serve.freshness_p50", "serve.freshness_p99", "serve.rate_held")
 def loop(quick: bool) -> Iterator[Figure]:
     rate, warmup, measure = (1000.0, 15.0, 10.0) if quick else (5000.0, 15.0, 60.0)
+    rate = float(os.environ.get("FRESHREC_BENCH_LOOP_RATE", rate))
     overrides = json.loads(os.environ.get("FRESHREC_BENCH_LOOP_ENV", "{}"))
     fields = {f.metadata["env"]: f.name for f in Config.__dataclass_fields__.values()}
     overrides = {fields.get(k, k): str(v) for k, v in overrides.items()}

@@ -181,6 +181,9 @@ class Config:
                                     "partitions per stream of the files source", state=True)
     source_batch_bytes: int = _setting("FRESHREC_SOURCE_BATCH_BYTES", "1048576", _number(int, 1024),
                                        "at most this many bytes read per source batch")
+    source_max_lead_s: float = _setting("FRESHREC_SOURCE_MAX_LEAD_S", "1", _number(float, 0),
+                                        "a join stream's partition that has read this many event-time seconds "
+                                        "past the slowest one still reading pauses (0: never)")
     rotate_bytes: int = _setting("FRESHREC_ROTATE_BYTES", "67108864", _number(int, 1024),
                                  "a file sink starts a new file past this size")
     topic_prefix: str = _setting("FRESHREC_TOPIC_PREFIX", "", _topic_prefix,

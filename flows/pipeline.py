@@ -46,7 +46,7 @@ from flows.metrics import (
 )
 from flows.observe import serve_metrics, worker_label
 from flows.sinks import make_sink
-from flows.sources import make_source, partition_names
+from flows.sources import Alignment, make_source, partition_names
 from flows.spill import LmdbSpillStore
 from flows.trainer_step import TrainerLogic, TrainStepConfig
 
@@ -308,7 +308,10 @@ def build_flow(config: Config, *, tap: Sink | None = None,
         # would wait for ever.
         check_broker(config.brokers, config.kafka_settings())
     flow = Dataflow("freshrec")
-    made = {s: (sources or {}).get(s) or make_source(s, config) for s in ("features", "actions", "items")}
+    # The join's streams read in step by event time (see `Alignment`); the items stream is not the join's.
+    align = Alignment(config.source_max_lead_s)
+    made = {s: (sources or {}).get(s) or make_source(s, config, align if s in JOIN_STREAMS else None)
+            for s in ("features", "actions", "items")}
     batches = {s: op.input(f"in_{s}", flow, src) for s, src in made.items()}
 
     everything = op.merge("all_batches", *batches.values())

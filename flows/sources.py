@@ -7,6 +7,7 @@ ended) in band. A partition is fixed when the flow is built, so the clock knows 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -16,13 +17,14 @@ from typing import Optional
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from flows.clock import ENDED, PartitionClock, SourceBatch
+from flows.clock import ENDED, NO_TS, PartitionClock, SourceBatch
 from flows.config import Config
 from flows.events import parse_many
 from flows.lag import LagMonitor, monitor_for
 from flows.streams import SUFFIX, split_lines
 
 POLL_S = 0.05  # how often an idle file partition looks for new bytes and new files
+HOLD_S = 0.01  # how soon a partition paused by `Alignment` looks again
 Clock = Callable[[], float]
 
 
@@ -39,6 +41,54 @@ def owner_of(file_name: str, count: int) -> int:
     return zlib.crc32(file_name.encode()) % count
 
 
+class Alignment:
+    """Event-time alignment of the partitions of the join's streams in one process (what Flink
+    calls watermark alignment): a partition that has read more than `max_lead_s` seconds of event
+    time past the slowest partition still reading pauses until that one catches up.
+
+    Why: the join holds every impression until the watermark, the slowest partition's progress,
+    passes its due, and every action that comes before its impression. A reader that runs ahead
+    adds what it reads ahead to the join state. It did: at the loop benchmark's load both readers
+    had a backlog, and each read of at most `FRESHREC_SOURCE_BATCH_BYTES` took about 1 s of
+    event time from the actions but 0.12 s from the feature events (five of them per action,
+    larger ones). The actions ran 30 s ahead, the join state doubled past its cache bound, and a
+    fifth of the flow's time went to spilling it to LMDB and reading it back.
+
+    Only a partition with a backlog (its last read found new input) can hold others back: one
+    that has read everything there is is not slow, only quiet, and holds no one. Partitions in
+    other processes (`-i/-a`) are not seen: each process aligns its own. Thread-safe (workers of
+    one process share it)."""
+
+    def __init__(self, max_lead_s: float):
+        self.max_lead_s = max_lead_s
+        self._reading: dict[str, float] = {}  # partitions whose last read found input: their progress
+        self._lock = threading.Lock()
+        self.holds = 0  # polls paused, for tests and tuning
+
+    def reading(self, name: str, progress: float) -> None:
+        """`name` read input and may have more; `progress` is its clock's."""
+        with self._lock:
+            if progress > NO_TS:
+                self._reading[name] = progress
+
+    def quiet(self, name: str) -> None:
+        """`name` read everything there is (or ended, or closed): it holds no one back."""
+        with self._lock:
+            self._reading.pop(name, None)
+
+    def ahead(self, name: str, progress: float) -> bool:
+        """Whether `name`, at `progress`, must pause: it leads the slowest reading partition by
+        more than `max_lead_s`."""
+        if self.max_lead_s <= 0 or progress == NO_TS:
+            return False
+        with self._lock:
+            slowest = min((p for n, p in self._reading.items() if n != name), default=None)
+        if slowest is None or progress <= slowest + self.max_lead_s:
+            return False
+        self.holds += 1
+        return True
+
+
 class _ClockedPartition:
     """What both sources' partitions do with what they read: parse it and stamp the clock."""
 
@@ -46,18 +96,31 @@ class _ClockedPartition:
     name: str
     max_future_s: float
     clock: PartitionClock
+    align: Optional[Alignment] = None
     _wake: float | None = None
     _done: bool = False
+
+    def _held(self, now: float) -> bool:
+        """Whether `Alignment` pauses this partition now (it then looks again in `HOLD_S`; its
+        clock is left alone: a paused partition is not idle)."""
+        if self.align is None or not self.align.ahead(self.name, self.clock.progress):
+            return False
+        self._wake = now + HOLD_S
+        return True
 
     def _emit(self, lines: list[bytes], arrivals: float | list[float], now: float) -> list[SourceBatch]:
         events, dead = parse_many(self.stream, lines, arrivals, self.max_future_s)
         self.clock.observe(events, now)
         self._wake = None
+        if self.align is not None:
+            self.align.reading(self.name, self.clock.progress)
         return [SourceBatch(self.stream, self.name, events, dead, self.clock.progress, self.clock.status, now)]
 
     def _nothing_new(self, now: float) -> list[SourceBatch]:
         """Poll again soon; tell the buckets when this partition turns idle."""
         self._wake = now + POLL_S
+        if self.align is not None:
+            self.align.quiet(self.name)
         if self.clock.observe((), now):
             return [SourceBatch(self.stream, self.name, [], [], self.clock.progress, self.clock.status, now)]
         return []
@@ -66,7 +129,13 @@ class _ClockedPartition:
         """The end of this partition's input, said in band; the next call stops."""
         self._done = True
         self.clock.end()
+        if self.align is not None:
+            self.align.quiet(self.name)
         return [SourceBatch(self.stream, self.name, [], [], self.clock.progress, ENDED, now)]
+
+    def _forget(self) -> None:
+        if self.align is not None:
+            self.align.quiet(self.name)
 
     def next_awake(self) -> Optional[datetime]:
         return None if self._wake is None else _at(self._wake)
@@ -156,6 +225,8 @@ class _FilePartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, dic
     def next_batch(self) -> list[SourceBatch]:
         if self._done:
             raise StopIteration()
+        if self._held(self.now()):
+            return []
         lines = self._read_some()
         now = self.now()
         if lines:
@@ -168,6 +239,7 @@ class _FilePartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, dic
         return {"offsets": dict(self.offsets), "progress": self.clock.progress}
 
     def close(self) -> None:
+        self._forget()
         for f in self._files.values():
             f.close()  # type: ignore[attr-defined]
         self._files.clear()
@@ -176,12 +248,13 @@ class _FilePartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, dic
 class FileStreamSource(FixedPartitionedSource[SourceBatch, dict]):
     """A stream's folder of JSON Lines files as `count` partitions; state is `{file: offset}`."""
 
-    def __init__(self, stream: str, config: Config, now: Clock = time.time):
+    def __init__(self, stream: str, config: Config, now: Clock = time.time, align: Optional[Alignment] = None):
         self.stream = stream
         self.directory = config.stream_dir(stream)
         self.count = config.file_partitions
         self.config = config
         self.now = now
+        self.align = align
 
     def list_parts(self) -> list[str]:
         return file_partitions(self.stream, self.count)
@@ -194,6 +267,7 @@ class FileStreamSource(FixedPartitionedSource[SourceBatch, dict]):
                               (resume_state or {}).get("offsets"), self.now)
         if resume_state:
             part.clock.progress = resume_state.get("progress", part.clock.progress)
+        part.align = self.align
         return part
 
 
@@ -222,6 +296,8 @@ class _KafkaPartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, Op
         if self._done:
             raise StopIteration()
         now = self.now()
+        if self._held(now):
+            return []
         position = self.inner.snapshot()
         if position is None or position < 0:  # OFFSET_BEGINNING: not read yet
             position = self.low
@@ -250,6 +326,7 @@ class _KafkaPartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, Op
         return self.inner.snapshot()
 
     def close(self) -> None:
+        self._forget()
         self.inner.close()
         if self.lag is not None:
             monitor, topic, part = self.lag
@@ -259,10 +336,12 @@ class _KafkaPartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, Op
 class KafkaStreamSource(FixedPartitionedSource[SourceBatch, Optional[int]]):
     """A topic through Bytewax's `KafkaSource`; offsets live in Bytewax's recovery state."""
 
-    def __init__(self, stream: str, config: Config, topic: str | None = None, now: Clock = time.time):
+    def __init__(self, stream: str, config: Config, topic: str | None = None, now: Clock = time.time,
+                 align: Optional[Alignment] = None):
         from bytewax.connectors.kafka import KafkaSource
 
         self.stream = stream
+        self.align = align
         self.topic = topic or config.topic(stream)
         self.config = config
         self.now = now
@@ -295,14 +374,17 @@ class KafkaStreamSource(FixedPartitionedSource[SourceBatch, Optional[int]]):
         bounds = None if self.config.follow else self.bounds(part_idx)
         c = self.config
         lag = (monitor_for(c.brokers, self.settings, c.kafka_lag_s), self.topic, part_idx)
-        return _KafkaPartition(self.stream, f"{self.stream}-{part_idx}", inner, bounds, c.idle_s,
+        part = _KafkaPartition(self.stream, f"{self.stream}-{part_idx}", inner, bounds, c.idle_s,
                                c.max_future_s, self.now, lag)
+        part.align = self.align
+        return part
 
 
-def make_source(stream: str, config: Config) -> FixedPartitionedSource:
+def make_source(stream: str, config: Config, align: Optional[Alignment] = None) -> FixedPartitionedSource:
+    """`align`: shared by the sources of the join's streams (see `Alignment`)."""
     if config.source == "kafka":
-        return KafkaStreamSource(stream, config)
-    return FileStreamSource(stream, config)
+        return KafkaStreamSource(stream, config, align=align)
+    return FileStreamSource(stream, config, align=align)
 
 
 def partition_names(stream: str, config: Config, source: FixedPartitionedSource) -> list[str]:

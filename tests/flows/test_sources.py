@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from flows.clock import ACTIVE, ENDED, IDLE
+from flows.clock import ACTIVE, ENDED, IDLE, NO_TS
 from flows.events import DeadLetter, encode
-from flows.sources import FileStreamSource, owner_of
-from tests.helpers import config_for, feature
+from flows.sources import Alignment, FileStreamSource, owner_of
+from tests.helpers import action, config_for, feature
 
 
 class FakeClock:
@@ -154,3 +154,74 @@ def test_a_line_longer_than_a_batch_is_read_whole_and_dead_lettered(tmp_path):
     assert ended and [e.request_id for e in events_of(batches)] == ["r1", "r2"]
     dead = [x for b in batches for x in b.dead]
     assert len(dead) == 1 and dead[0].truncated and dead[0].reason.startswith("message larger than")
+
+
+def _two_streams(tmp_path, clock, align, features_too: bool = True):
+    """Features at 10 per second of event time and actions at one per 2 s, 40 s of each, read at
+    most 1 KiB at a time: a read takes about 1 s of feature events but 20 s of actions."""
+    config = config_for(tmp_path, file_partitions=1, follow=1, source_batch_bytes=1024, idle_s=5)
+    parts = {}
+    for stream, make, step, n in (("features", feature, 0.1, 400), ("actions", action, 2.0, 20)):
+        d = config.stream_dir(stream)
+        d.mkdir(parents=True)
+        if stream == "actions" or features_too:
+            (d / "a.jsonl").write_bytes(b"".join(encode(make(i, 1764288000.0 + i * step)) + b"\n" for i in range(n)))
+        parts[stream] = FileStreamSource(stream, config, now=clock, align=align).build_part("in", f"{stream}-0", None)
+    return parts
+
+
+def _poll_in_turn(parts, clock, rounds: int = 400):
+    """Polls each partition in turn; (events read by stream, the largest lead of the actions over
+    the features at the start of an actions read while the features still had input, statuses)."""
+    read = {s: [] for s in parts}
+    statuses = {s: [] for s in parts}
+    lead = -float("inf")
+    for _ in range(rounds):
+        for s, p in parts.items():
+            f_before, a_before = parts["features"].clock.progress, parts["actions"].clock.progress
+            batches = p.next_batch()
+            for b in batches:
+                read[s] += b.events
+                statuses[s].append(b.status)
+            features_behind = len(read["features"]) < 400
+            if s == "actions" and batches and batches[0].events and features_behind and a_before > NO_TS:
+                lead = max(lead, a_before - f_before)
+        clock.t += 0.5
+    return read, lead, statuses
+
+
+def test_a_join_stream_reading_ahead_pauses_until_the_slowest_catches_up(tmp_path):
+    clock = FakeClock()
+    align = Alignment(max_lead_s=1.0)
+    read, lead, statuses = _poll_in_turn(_two_streams(tmp_path / "aligned", clock, align), clock)
+    # Nothing lost or repeated, and the actions never began a read more than 1 s of event time
+    # ahead of the feature events while those had input left.
+    assert [e.request_id for e in read["features"]] == [f"r{i}" for i in range(400)]
+    assert [e.request_id for e in read["actions"]] == [f"r{i}" for i in range(20)]
+    assert lead <= 1.0 and align.holds > 0
+    # Paused is not idle: the actions said idle only after the features had caught up.
+    first_idle = statuses["actions"].index(IDLE)
+    assert all(st == ACTIVE for st in statuses["actions"][:first_idle])
+    # Without alignment the same polls run the actions far ahead: the test can tell.
+    _, unaligned, _ = _poll_in_turn(_two_streams(tmp_path / "free", clock, None), clock)
+    assert unaligned > 10.0
+
+
+def test_a_partition_with_nothing_to_read_holds_no_one_back(tmp_path):
+    clock = FakeClock()
+    align = Alignment(max_lead_s=1.0)
+    # The feature events' partition has read nothing and has nothing: quiet, not slow.
+    read, _, _ = _poll_in_turn(_two_streams(tmp_path, clock, align, features_too=False), clock, rounds=5)
+    assert len(read["actions"]) == 20 and align.holds == 0
+
+
+def test_alignment_off_or_alone_never_pauses():
+    assert not Alignment(0.0).ahead("a", 100.0)
+    one = Alignment(1.0)
+    one.reading("a", 100.0)
+    assert not one.ahead("a", 100.0)  # only itself is reading
+    one.reading("b", 50.0)
+    assert one.ahead("a", 100.0) and not one.ahead("b", 50.0)
+    assert not one.ahead("a", 51.0)  # within the lead
+    one.quiet("b")
+    assert not one.ahead("a", 100.0)
