@@ -17,6 +17,7 @@ simulator achieved over the offered rate. Absolute figures, on a shared 2-core m
 
 `FRESHREC_BENCH_LOOP_ENV` (a JSON object of FRESHREC_* settings) overrides the flow's settings, to
 try tunings without changing defaults; `FRESHREC_BENCH_LOOP_WORKERS` sets `-w`;
+`FRESHREC_BENCH_LOOP_PROCESSES` runs the flow as a cluster of that many processes (`-i/-a`);
 `FRESHREC_BENCH_LOOP_SOURCES` (`files,kafka`) picks the sources; `FRESHREC_BENCH_LOOP_RATE` offers
 another number of actions/s (to find the rate the loop holds; the targets are at the default);
 `KAFKA_BOOTSTRAP` names a broker to use instead of starting one.
@@ -67,6 +68,18 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _scrape_all(ports: list[int]) -> dict[tuple[str, tuple], float]:
+    """The flow's samples summed over its processes (empty if any does not answer)."""
+    out: dict[tuple[str, tuple], float] = {}
+    for port in ports:
+        got = _scrape(port)
+        if not got:
+            return {}
+        for k, v in got.items():
+            out[k] = out.get(k, 0.0) + v
     return out
 
 
@@ -248,9 +261,10 @@ def _at(progress: list, t: float, col: int) -> float:
 
 
 def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, brokers: Optional[str] = None,
-             overrides: Optional[dict[str, str]] = None, workers: int = 1, log_dir: Optional[Path] = None
-             ) -> dict[str, float]:
-    """One run of the loop; the figures as a dict (milliseconds, fractions, events/s)."""
+             overrides: Optional[dict[str, str]] = None, workers: int = 1, processes: int = 1,
+             log_dir: Optional[Path] = None) -> dict[str, float]:
+    """One run of the loop; the figures as a dict (milliseconds, fractions, events/s). `processes`
+    > 1 runs the flow as that many processes of one Bytewax cluster (metrics on consecutive ports)."""
     from flows.processes import FlowProcess
 
     ctx = multiprocessing.get_context("spawn")
@@ -268,15 +282,18 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
             settings.update(brokers=brokers, topic_prefix=prefix)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
         config = Config.from_env(env, **{**settings, **(overrides or {})})
-        log = (log_dir or tmp_path) / f"flow-{source}.log"
-        flow = FlowProcess(config, ["-w", str(workers)], log_path=log)
+        cluster = ["-a", ";".join(f"127.0.0.1:{_free_port()}" for _ in range(processes))] if processes > 1 else []
+        flows = [FlowProcess(config, ["-w", str(workers), *(["-i", str(i)] if cluster else []), *cluster],
+                             log_path=(log_dir or tmp_path) / f"flow-{source}-{i}.log") for i in range(processes)]
+        ports = [port + i for i in range(processes)]  # each process serves on the port plus its id
         sim = reader = None
         try:
-            flow.start()
+            for f in flows:
+                f.start()
             deadline = time.time() + 60
-            while not _scrape(port):  # the flow has built and serves its metrics
-                if not flow.running or time.time() > deadline:
-                    raise RuntimeError(f"the flow did not start: {flow.log_tail()}")
+            while not _scrape_all(ports):  # the flow has built and serves its metrics
+                if not all(f.running for f in flows) or time.time() > deadline:
+                    raise RuntimeError(f"the flow did not start: {' | '.join(f.log_tail() for f in flows)}")
                 time.sleep(0.2)
             duration = warmup_s + measure_s
             sim_out, read_out = str(tmp_path / "sim.json"), str(tmp_path / "read")
@@ -288,12 +305,13 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
             # The window opens after the warm-up (the trainer imports TensorFlow on the first examples).
             while time.time() < t_start + warmup_s and sim.is_alive():
                 time.sleep(0.1)
-            before, t_a = _scrape(port), time.time()
+            before, t_a = _scrape_all(ports), time.time()
             sim.join(duration + 60)
-            after, t_b = _scrape(port), time.time()
+            after, t_b = _scrape_all(ports), time.time()
             reader.join(30)
-            if not flow.running:
-                raise RuntimeError(f"the flow stopped during the run (exit {flow.proc.returncode}): {flow.log_tail()}")
+            for f in flows:
+                if not f.running:
+                    raise RuntimeError(f"the flow stopped during the run (exit {f.proc.returncode}): {f.log_tail()}")
             if sim.exitcode != 0 or reader.exitcode != 0:
                 raise RuntimeError(f"the simulator or the reader failed (exit {sim.exitcode}, {reader.exitcode})")
             simmed = json.loads(Path(sim_out).read_text())
@@ -305,7 +323,8 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
                 if p is not None and p.is_alive():
                     p.terminate()
                     p.join(10)
-            flow.stop()
+            for f in flows:
+                f.stop()
 
     prog = simmed["progress"]
     t_end = prog[-1][0]
@@ -371,9 +390,10 @@ def loop(quick: bool) -> Iterator[Figure]:
     fields = {f.metadata["env"]: f.name for f in Config.__dataclass_fields__.values()}
     overrides = {fields.get(k, k): str(v) for k, v in overrides.items()}
     workers = int(os.environ.get("FRESHREC_BENCH_LOOP_WORKERS", "1"))
+    processes = int(os.environ.get("FRESHREC_BENCH_LOOP_PROCESSES", "1"))
     sources = os.environ.get("FRESHREC_BENCH_LOOP_SOURCES", "files,kafka").split(",")
     if "files" in sources:
-        res = run_loop("files", rate, warmup, measure, overrides=overrides, workers=workers)
+        res = run_loop("files", rate, warmup, measure, overrides=overrides, workers=workers, processes=processes)
         print(f"  files: {json.dumps({k: round(v, 1) for k, v in res.items()})}", file=sys.stderr, flush=True)
         yield from _figures(res, "")
     if "kafka" in sources:
@@ -381,7 +401,7 @@ def loop(quick: bool) -> Iterator[Figure]:
         if brokers is None:
             return
         try:
-            res = run_loop("kafka", rate, warmup, measure, brokers=brokers, overrides=overrides, workers=workers)
+            res = run_loop("kafka", rate, warmup, measure, brokers=brokers, overrides=overrides, workers=workers, processes=processes)
             print(f"  kafka: {json.dumps({k: round(v, 1) for k, v in res.items()})}", file=sys.stderr, flush=True)
             yield from _figures(res, ".kafka")
         finally:
