@@ -105,6 +105,7 @@ __all__ = [
     "encode_rows",
     "encode_user_actions",
     "item_key",
+    "key_ids",
     "key_kind",
     "long_id",
     "row_dtype",
@@ -177,6 +178,13 @@ def row_keys(slot: str, ids: Sequence[str]) -> list[bytes]:
         if max(map(len, keys)) <= MAX_KEY_BYTES:
             return keys
     return [_key(prefix, i) for i in ids]  # some id holds a NUL, or is too long for a key: the slow way
+
+
+def key_ids(slot: str, ids: Sequence[str]) -> list[str]:
+    """The ids as `row_keys(slot, ids)` holds them: each id, or `long_id(id)` where the key would
+    be too long."""
+    limit = MAX_KEY_BYTES - len(check_slot(slot).encode()) - 1
+    return [i if len(i.encode()) <= limit else long_id(i) for i in ids]
 
 
 def split_row_key(key: bytes) -> tuple[str, str]:

@@ -34,6 +34,7 @@ from paramserver.idmap import IdIndex, encode, key_hash, zeros
 from paramserver.lmdb_limits import grown_size, initial_size
 from paramserver.records import (
     DENSE_CHUNK_BYTES,
+    MAX_KEY_BYTES,
     Records,
     decode_dense,
     decode_item,
@@ -43,6 +44,7 @@ from paramserver.records import (
     encode_item,
     encode_user_actions,
     item_key,
+    key_ids,
     row_keys,
     user_key,
 )
@@ -678,8 +680,16 @@ class RowCache:
         """Brings the cache up to the store's current version; returns the rows re-read."""
         got = self.store.changes_since(self.version) if self.version >= 0 else None
         if got is None:
-            return self._reload()
-        version, keys = got
+            return self.reload()
+        return self.apply(self.version, *got)
+
+    def apply(self, since: int, version: int, keys: Sequence[bytes]) -> int:
+        """`refresh` with the change log already read: `version` and `keys` are what
+        `changes_since(since)` gave (a reader that reads the log for more than this cache, as the
+        model server's item index does, reads it once). Changes that miss some of the cache's
+        (`since` newer than its version) make it reload. Returns the rows re-read."""
+        if self.version < 0 or since > self.version:
+            return self.reload()
         by_slot: dict[str, list[str]] = {}
         for k in keys:  # distinct: the change log's keys come deduplicated
             slot, sep, id_ = k.partition(b"/")
@@ -695,7 +705,9 @@ class RowCache:
         self.version = version
         return n
 
-    def _reload(self) -> int:
+    def reload(self) -> int:
+        """Reads every row of the slots again (what `refresh` does when the log no longer
+        reaches back to the cache's version); returns the rows read."""
         version = self.store.params_version()  # first: what changes after it, the next refresh re-reads
         n = 0
         for slot, dim in self.dims.items():
@@ -745,6 +757,8 @@ class RowCache:
 
     def read_rows(self, slot: str, ids: Sequence[str]) -> RowsRead:
         ids = ids if type(ids) is list else list(ids)
+        if ids and max(map(len, ids)) * 4 > MAX_KEY_BYTES - len(slot) - 1:
+            ids = key_ids(slot, ids)  # some id may be too long for a key: the store holds it by its digest
         with self._lock:
             index = self._index[slot]
             keys = encode(ids, index.words)

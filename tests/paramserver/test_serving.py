@@ -345,3 +345,36 @@ def test_a_row_cache_keys_any_id_and_grows_past_its_first_size(tmp_path):
     assert np.array_equal(want.found, got.found) and np.array_equal(want.versions, got.versions)
     assert np.array_equal(want.values, got.values) and not got.found[2] and not got.found[-1]
     s.close()
+
+
+def test_a_row_cache_reads_an_id_too_long_for_a_key_as_the_store_does(tmp_path):
+    s = LmdbServingStore(tmp_path / "s", writer=True)
+    w = ServingWriter(s)
+    long_ = ["L" * 600, "é" * 300]  # over 511 bytes: the store keys them by a digest
+    w.write([batch("s", [*long_, "short"], 1)])
+    cache = RowCache(s, {"s": 4})
+    w.write([batch("s", long_[:1], 2)])
+    cache.refresh()
+    want, got = s.read_rows("s", [*long_, "short"], dim=4), cache.read_rows("s", [*long_, "short"])
+    assert got.found.all() and got.versions.tolist() == [2, 1, 1]
+    assert np.array_equal(want.values, got.values)
+    s.close()
+
+
+def test_a_row_cache_applies_changes_read_once_for_it_and_reloads_when_they_miss_some(tmp_path):
+    s = LmdbServingStore(tmp_path / "s", writer=True)
+    w = ServingWriter(s)
+    w.write([batch("s", ["a", "b"], 1)])
+    cache = RowCache(s, {"s": 4})
+    held = cache.version
+    w.write([batch("s", ["a"], 2)])
+    version, keys = s.changes_since(held)
+    assert cache.apply(held, version, keys) == 1 and cache.version == version and cache.reloads == 1
+    assert cache.read_rows("s", ["a", "b"]).versions.tolist() == [2, 1]
+    w.write([batch("s", ["b"], 3)])
+    w.write([batch("s", ["a"], 4)])
+    later = s.changes_since(version + 1)  # the changes after the version it holds, less the first
+    assert later is not None
+    assert cache.apply(version + 1, *later) == 2 and cache.reloads == 2  # it would miss b: reload
+    assert cache.read_rows("s", ["a", "b"]).versions.tolist() == [4, 3]
+    s.close()
