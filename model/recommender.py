@@ -25,7 +25,7 @@ from flows.events import POSITIVE_ACTIONS
 from model.features import FeatureSpec
 from model.recommend_types import Health, Recommendation, Served
 from paramserver.records import LONG_ID_MARK, MAX_KEY_BYTES, RecordError, decode_item, long_id
-from paramserver.serving import ServingStore
+from paramserver.serving import RowCache, ServingStore
 
 __all__ = ["CATALOG_HALF_LIFE_S", "IndexSnapshot", "ItemIndex", "NumpyRanker", "StoreRecommender", "cold_start_scores",
            "limit_blas_threads"]
@@ -268,6 +268,10 @@ class ItemIndex:
     item-side row changed (all of them when the dense weights move) and then swaps in a new
     `IndexSnapshot` (copies, never arrays a reader may hold), so readers never see a half-updated
     index. Refreshes run one at a time.
+
+    The item-side rows (and item biases) it pools are held in a `RowCache` kept up by the same
+    reads of the change log: a refresh reads from LMDB only the rows that changed, and an item
+    recomputed because one of its author's or tags' rows moved reads its other rows from memory.
     """
 
     def __init__(self, store: ServingStore, spec: FeatureSpec):
@@ -281,6 +285,7 @@ class ItemIndex:
         # The digest that stands for an id in a key too long for LMDB -> the id (item ids, slot values).
         self._long_ids: dict[str, str] = {}
         self._broken = False
+        self.rows = RowCache(store, {**dict.fromkeys(spec.item_side, spec.dim), "item_id.bias": 1})
         self.snapshot = self._build(-1, 0, None, [])
         self.refresh()
 
@@ -302,6 +307,7 @@ class ItemIndex:
             if version == snap.params_version:
                 return 0
             try:
+                self.rows.apply(snap.params_version, version, keys)
                 return self._update(snap, version, keys)
             except BaseException:
                 self._broken = True  # the holders may be half-updated: the next refresh rebuilds
@@ -315,6 +321,8 @@ class ItemIndex:
 
     def _rebuild(self) -> int:
         version = self.store.params_version()  # first: whatever changes after it, the next refresh re-reads
+        if self.rows.version < version:
+            self.rows.reload()  # at least as new as `version`: the next refresh's changes cover the rest
         entries: list[_Entry] = []
         for k, v in self.store.scan(ITEM_PREFIX):
             e = _parse_entry(k[len(ITEM_PREFIX):].decode(), v, self.spec)
@@ -484,17 +492,17 @@ class ItemIndex:
         """One item-side slot's block of `_pool`: (n, dim)."""
         n = len(entries)
         if slot == "item_id":  # one value per item, its own id: no pooling to do
-            return self.store.read_rows(slot, [e.item_id for e in entries], self.spec.dim).values
+            return self.rows.read_rows(slot, [e.item_id for e in entries]).values
         per = [e.values[slot] for e in entries]
         lengths = np.fromiter(map(len, per), np.int64, n)
         example = np.repeat(np.arange(n), lengths)
         uniq: dict[str, int] = {}
         index = np.fromiter((uniq.setdefault(v, len(uniq)) for vs in per for v in vs), np.int64, len(example))
-        rows = self.store.read_rows(slot, list(uniq), self.spec.dim).values
+        rows = self.rows.read_rows(slot, list(uniq)).values
         return _sorted_segment_mean(rows[index], example, n)
 
     def _bias(self, entries: Sequence[_Entry]) -> np.ndarray:
-        return self.store.read_rows("item_id.bias", [e.item_id for e in entries], 1).values[:, 0]
+        return self.rows.read_rows("item_id.bias", [e.item_id for e in entries]).values[:, 0]
 
     def _raw_dense(self, entries: Sequence[_Entry]) -> np.ndarray:
         out = np.zeros((len(entries), len(self.spec.dense)), np.float32)

@@ -654,6 +654,16 @@ def _u64(v: bytes | None) -> int:
 # --------------------------------------------------------------------------- a reader's cache
 
 
+def _key_suffixes(keys: list[bytes], slot: str) -> list[str]:
+    """The ids in row keys of `slot` ("slot/id"), decoded in one go."""
+    joined = b"\0".join(keys)
+    if joined.count(b"\0") == len(keys) - 1:
+        cut = len(slot) + 1
+        return [k[cut:] for k in joined.decode().split("\0")]
+    cut = len(slot.encode()) + 1
+    return [k[cut:].decode() for k in keys]  # some id holds a NUL
+
+
 class RowCache:
     """A reader's in-memory copy of the rows of some slots, kept fresh from the store's change log:
     `refresh()` re-reads only the rows changed since the version it holds (all of them when the
@@ -690,18 +700,22 @@ class RowCache:
         (`since` newer than its version) make it reload. Returns the rows re-read."""
         if self.version < 0 or since > self.version:
             return self.reload()
-        by_slot: dict[str, list[str]] = {}
-        for k in keys:  # distinct: the change log's keys come deduplicated
-            slot, sep, id_ = k.partition(b"/")
-            s = slot.decode()
-            if sep and s in self.dims:
-                by_slot.setdefault(s, []).append(id_.decode())
         n = 0
-        for slot, ids in by_slot.items():
-            rows = self.store.read_rows(slot, ids, self.dims[slot])  # a snapshot as new or newer: fine
+        for slot, dim in self.dims.items():
+            prefix = slot.encode() + b"/"
+            mine = [k for k in keys if k.startswith(prefix)]  # distinct: the log's keys come deduplicated
+            if not mine:
+                continue
+            # Read by the very keys (no ids made into keys again), from a snapshot as new or newer.
+            vals = self.store.get(mine)
+            found = np.fromiter(map(is_not, vals, repeat(None)), bool, len(vals))
+            values = np.zeros((len(vals), dim), np.float32)
+            versions = np.zeros(len(vals), np.uint64)
+            if found.any():
+                values[found], versions[found] = decode_row_values(list(compress(vals, found)), dim)
             with self._lock:
-                self._put(slot, ids, rows)
-            n += len(ids)
+                self._put(slot, _key_suffixes(mine, slot), RowsRead(values, found, versions))
+            n += len(mine)
         self.version = version
         return n
 

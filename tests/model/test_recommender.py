@@ -243,6 +243,36 @@ def test_only_the_items_a_change_touches_are_recomputed(store):
     assert index.refresh() == len(items)
 
 
+def test_a_refresh_reads_from_the_store_only_the_rows_that_changed(store, monkeypatch):
+    rng = np.random.default_rng(10)
+    writer = ServingWriter(store)
+    items = fill(writer, rng)
+    index = ItemIndex(store, SPEC)
+    read: list[tuple[str, str]] = []
+    real_rows, real_get = store.read_rows, store.get
+
+    def counted_rows(slot, ids, dim=None):
+        read.extend((slot, i) for i in ids)
+        return real_rows(slot, ids, dim)
+
+    def counted_get(keys):  # row keys only: catalog entries are read with it too
+        read.extend(tuple(k.decode().split("/", 1)) for k in keys if not k.startswith(b"item/"))
+        return real_get(keys)
+
+    monkeypatch.setattr(store, "read_rows", counted_rows)
+    monkeypatch.setattr(store, "get", counted_get)
+    by_a2 = [i for i, e in items.items() if e["sparse"]["author"] == "a2"]
+    assert len(by_a2) > 1
+    popular = {i: {**items[i], "impressions": items[i]["impressions"] + 1} for i in by_a2}
+    writer.write([batch_of("author", ["a2"], rng.standard_normal((1, SPEC.dim))),
+                  batch_of("item_id", by_a2[:1], rng.standard_normal((1, SPEC.dim)))], items=popular)
+    assert index.refresh() == len(by_a2)
+    # Their entries changed (one more impression each): every row of theirs is pooled again, but
+    # the tags' rows, the other item_id rows and the biases come from memory.
+    assert sorted(read) == sorted([("author", "a2"), ("item_id", by_a2[0])])
+    assert_same_index(index, ItemIndex(store, SPEC))
+
+
 def test_readers_see_a_whole_snapshot_while_refreshes_run(store):
     rng = np.random.default_rng(11)
     writer = ServingWriter(store)

@@ -344,6 +344,12 @@ def test_a_row_cache_keys_any_id_and_grows_past_its_first_size(tmp_path):
     want, got = s.read_rows("s", ids, dim=4), cache.read_rows("s", ids)
     assert np.array_equal(want.found, got.found) and np.array_equal(want.versions, got.versions)
     assert np.array_equal(want.values, got.values) and not got.found[2] and not got.found[-1]
+    w.write([batch("s", odd, 3)])  # the odd ids again, through a refresh (one of them holds a NUL)
+    w.write([batch("s", ["é/ü", "x" * 100], 4)])  # and with none
+    assert cache.refresh() == len(odd) and cache.reloads == 1
+    want, got = s.read_rows("s", ids, dim=4), cache.read_rows("s", ids)
+    assert np.array_equal(want.found, got.found) and np.array_equal(want.versions, got.versions)
+    assert np.array_equal(want.values, got.values) and got.versions[:len(odd)].tolist() == [3, 3, 3, 4, 4, 3, 3]
     s.close()
 
 
