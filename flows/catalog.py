@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from flows.clock import SourceBatch
 from flows.events import ActionEvent
+from paramserver.records import UserActions
 
 _item_id = operator.attrgetter("item_id")
 _ts_of = operator.itemgetter(2)
@@ -272,7 +273,7 @@ class Catalog:
         out_items = {i: e for i in self.dirty_items if (e := items[i])["source"] is not None}
         self.dirty_items = set()
         users = self.users
-        out_users = {u: users[u] for u in self.dirty_users}
+        out_users = {u: UserActions(users[u]) for u in self.dirty_users}  # typed tuples: written as they are
         self.dirty_users = set()
         return out_items, out_users
 

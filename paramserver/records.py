@@ -52,9 +52,12 @@ Keys (UTF-8) and values:
       counts_at    the flow's own bookkeeping, for exact counts through a crash: {"run", "at":
                    [[snapshot, impressions, positives, attempt], ...], "cut"}; not for readers
 
-- `user/<id>`: a user's recent actions (any action, negatives included), a JSON array of
-  `[item_id, action, ts]` in ts order, oldest first, at most FRESHREC_USER_RECENT of the newest;
-  an action already in the list (same item, action and ts) is not repeated.
+- `user/<id>`: a user's recent actions (any action, negatives included), a msgpack array of
+  `[item_id (str), action (str), ts (float)]` in ts order, oldest first, at most
+  FRESHREC_USER_RECENT of the newest; an action already in the list (same item, action and ts) is
+  not repeated. (Stores written before it was msgpack hold the same array as JSON: readers read
+  both, told apart by the first byte, `[` for JSON. msgpack: the flow writes a user's whole list
+  at every sync that touches it, and JSON spent 6x as long formatting the floats.)
 
 A key longer than `MAX_KEY_BYTES` (511, LMDB's limit: ids are up to 128 characters, so up to 512
 bytes of UTF-8, and sparse values any length) holds, in place of its id, `LONG_ID_MARK` (`\x1f#`)
@@ -91,6 +94,7 @@ __all__ = [
     "DenseChunk",
     "RecordError",
     "Records",
+    "UserActions",
     "check_slot",
     "decode_dense",
     "decode_dense_chunk",
@@ -431,16 +435,36 @@ def decode_item(value: bytes) -> dict:
     return out
 
 
+class UserActions(list):
+    """A user's recent actions that are (str, str, float) tuples by construction (the flow's
+    catalog makes them from parsed events): `encode_user_actions` writes them as they are, where
+    any other sequence has each field converted first."""
+
+    __slots__ = ()
+
+
+_USER_ACTIONS = list[tuple[str, str, float]]
+_msgpack_encode = msgspec.msgpack.Encoder().encode
+_user_decode = msgspec.msgpack.Decoder(_USER_ACTIONS).decode
+
+
 def encode_user_actions(actions: Iterable[Sequence[Any]]) -> bytes:
     """`[[item_id, action, ts], ...]` of a user's recent (item_id, action, ts), oldest first."""
-    return _json_encode([[str(a[0]), str(a[1]), float(a[2])] for a in actions])
+    if type(actions) is not UserActions:
+        actions = [(str(a[0]), str(a[1]), float(a[2])) for a in actions]
+    return _msgpack_encode(actions)
 
 
 def decode_user_actions(value: bytes) -> list[tuple[str, str, float]]:
-    out = _json_decode(value)
-    if not isinstance(out, list):
-        raise RecordError("a user record must be a JSON array")
-    return [(a[0], a[1], float(a[2])) for a in out]
+    if value[:1] == b"[":  # JSON, as stores written before msgpack hold it
+        out = _json_decode(value)
+        if not isinstance(out, list):
+            raise RecordError("a user record must be an array")
+        return [(a[0], a[1], float(a[2])) for a in out]
+    try:
+        return _user_decode(value)
+    except msgspec.DecodeError as exc:  # not msgpack, or not of those types
+        raise RecordError(f"a user record is not an array of [item_id, action, ts]: {exc}") from None
 
 
 # ------------------------------------------------------------------------------ a write's records

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from paramserver.records import (
     ROW_HEADER_BYTES,
     RecordError,
     Records,
+    UserActions,
     decode_dense,
     decode_dense_chunk,
     decode_item,
@@ -174,14 +176,23 @@ def test_dense_chunks_that_do_not_make_one_whole_blob_are_refused():
     assert decode_dense([]) is None
 
 
-def test_catalog_and_user_records_are_json():
+def test_catalog_records_are_json_and_user_records_msgpack():
     item = {"item_id": "v1", "ts": 1764280000.0, "sparse": {"author": "a7", "tags": ["dance"]},
             "dense": {"ctr": 0.5}, "popularity": {"like": 3}}
     assert decode_item(encode_item(item)) == item
     assert encode_item({"a": 1}) == b'{"a":1}'
     acts = [("v1", "like", 1.5), ("v2", "click", 2)]
-    assert encode_user_actions(acts) == b'[["v1","like",1.5],["v2","click",2.0]]'
-    assert decode_user_actions(encode_user_actions(acts)) == [("v1", "like", 1.5), ("v2", "click", 2.0)]
+    want = [("v1", "like", 1.5), ("v2", "click", 2.0)]
+    assert msgspec.msgpack.decode(encode_user_actions(acts)) == [list(a) for a in want]
+    assert decode_user_actions(encode_user_actions(acts)) == want
+    assert decode_user_actions(encode_user_actions(iter([(7, "like", 1.5)]))) == [("7", "like", 1.5)]  # converted
+    typed = UserActions(want)
+    assert encode_user_actions(typed) == encode_user_actions(acts)
+    # What stores written before msgpack hold, JSON, reads the same.
+    assert decode_user_actions(b'[["v1","like",1.5],["v2","click",2]]') == want
+    for bad in (msgspec.msgpack.encode([[1, "like", 1.5]]), msgspec.msgpack.encode({"a": 1}), b"\xc1"):
+        with pytest.raises(RecordError, match="user record"):
+            decode_user_actions(bad)
 
 
 def test_records_of_pairs_know_what_the_writer_knows():
