@@ -94,6 +94,22 @@ class _WorkingSlot:
         return out
 
 
+@dataclass
+class _Prepared:
+    """`OnlineTrainer.prepare_steps`: a `train_steps` call's inputs from its examples alone."""
+
+    examples: Sequence[Any]
+    batch_size: int
+    k: int  # steps
+    labels: np.ndarray
+    weights: np.ndarray
+    batch: Any
+    dense: np.ndarray  # (k, batch_size, dense features), normalised
+    arrivals: Optional[np.ndarray]
+    step_of: np.ndarray  # each example's step
+    pairs: dict[int, tuple]  # by SlotIds (shared by the bias slots): distinct (id, step) pairs
+
+
 class OnlineTrainer:
     """Trains the graph and the parameter store together, one mini-batch at a time (`train`) or many
     in one TensorFlow call (`train_steps`)."""
@@ -155,21 +171,15 @@ class OnlineTrainer:
         self.last_loss = loss
         return StepResult(loss, scores, batch.labels, len(examples))
 
-    def train_steps(self, examples: Sequence[Any], batch_size: int, now: Optional[float] = None,
-                    arrival_scores: Optional[np.ndarray] = None) -> StepResult:
-        """`train` on each `batch_size` slice of `examples` in turn, in one TensorFlow call.
-
-        The rows every slice touches (values and optimizer state) are pulled from the store once,
-        with the admissions the slices' pulls would make (an id not admitted until its n-th slice
-        reads zeros and takes no update before it); the graph runs the steps in order on that
-        working set, each slice scored before it is learned, and the rows go back to the store
-        once. Scores, rows and dense weights are those of the steps one by one, to float rounding.
-        Slots whose optimizer is not Adagrad, and single slices, take `train` step by step.
-        The result holds every example's score and label, and the mean of the steps' losses."""
-        now = time.time() if now is None else now
+    def prepare_steps(self, examples: Sequence[Any], batch_size: int) -> Optional[_Prepared]:
+        """What `train_steps(examples, batch_size)` takes from the examples alone, before any pull
+        (None where it would take `train` step by step): the batch, labels, weights, arrivals, the
+        (id, step) pairs, and the dense features normalised with what was known before each slice
+        (the normaliser learns them here). Calls prepared ahead (the next one while this one runs
+        in TensorFlow, which lets Python run) must then train in the order they were prepared."""
         n = len(examples)
         if n <= batch_size or not self._steps_apply():
-            return self._one_by_one(examples, batch_size, now, arrival_scores)
+            return None
         k = -(-n // batch_size)
         labels = np.array([e.label for e in examples], np.float32)
         weights = np.array([e.weight for e in examples], np.float32)
@@ -185,7 +195,38 @@ class OnlineTrainer:
             arrivals = None  # replays carry no arrival times: nothing to track
         step_of = np.arange(n, dtype=np.int32) // batch_size
         pairs: dict[int, tuple] = {}
-        work = {s: self._working_set(s, batch.slots[s], step_of, k, now, pairs) for s in self.spec.slots}
+        for s in self.spec.slots:
+            ids = batch.slots[s]
+            if id(ids) not in pairs:
+                # Distinct (id, step) pairs, by id then step: an id's sightings in step order.
+                both = np.unique(ids.index.astype(np.int64) * k + step_of[ids.example])
+                pairs[id(ids)] = (both // k, (both % k).astype(np.int32))
+        return _Prepared(examples, batch_size, k, labels, weights, batch, dense, arrivals, step_of, pairs)
+
+    def train_steps(self, examples: Sequence[Any], batch_size: int, now: Optional[float] = None,
+                    arrival_scores: Optional[np.ndarray] = None, prepared: Optional[_Prepared] = None
+                    ) -> StepResult:
+        """`train` on each `batch_size` slice of `examples` in turn, in one TensorFlow call.
+
+        The rows every slice touches (values and optimizer state) are pulled from the store once,
+        with the admissions the slices' pulls would make (an id not admitted until its n-th slice
+        reads zeros and takes no update before it); the graph runs the steps in order on that
+        working set, each slice scored before it is learned, and the rows go back to the store
+        once. Scores, rows and dense weights are those of the steps one by one, to float rounding.
+        Slots whose optimizer is not Adagrad, and single slices, take `train` step by step.
+        The result holds every example's score and label, and the mean of the steps' losses.
+        `prepared`: `prepare_steps(examples, batch_size)`, made ahead."""
+        now = time.time() if now is None else now
+        n = len(examples)
+        if prepared is None:
+            prepared = self.prepare_steps(examples, batch_size)
+        elif prepared.examples is not examples or prepared.batch_size != batch_size:
+            raise ValueError("prepared for other examples or another batch size")
+        if prepared is None:
+            return self._one_by_one(examples, batch_size, now, arrival_scores)
+        p = prepared
+        k, labels, weights, batch, dense, arrivals, step_of = p.k, p.labels, p.weights, p.batch, p.dense, p.arrivals, p.step_of
+        work = {s: self._working_set(s, batch.slots[s], step_of, k, now, p.pairs) for s in self.spec.slots}
 
         fields = (*self.spec.user_side, *self.spec.item_side)
         emb_slots, bias_slots = fields, ("user_id.bias", "item_id.bias")
@@ -285,15 +326,10 @@ class OnlineTrainer:
     def _working_set(self, slot: str, ids: Any, step_of: np.ndarray, k: int, now: float,
                      pairs: dict[int, tuple]) -> _WorkingSlot:
         """The rows of `slot` for a run of `k` steps: pulled, with the step each starts at and the
-        steps that update it. `pairs` keeps the (id, step) pairs of slots that share their ids."""
+        steps that update it. `pairs`: the distinct (id, step) pairs of its ids (`prepare_steps`)."""
         occ_step = step_of[ids.example]
         n_ids = len(ids.ids)
-        got = pairs.get(id(ids))
-        if got is None:
-            # Distinct (id, step) pairs, by id then step: an id's sightings in step order.
-            both = np.unique(ids.index.astype(np.int64) * k + occ_step)
-            got = pairs[id(ids)] = (both // k, (both % k).astype(np.int32))
-        pair_id, pair_step = got
+        pair_id, pair_step = pairs[id(ids)]
         sightings = np.bincount(pair_id, minlength=n_ids)
         rows = self.params.pull_working(slot, ids.ids, sightings, now=now)
         first = np.cumsum(sightings) - sightings

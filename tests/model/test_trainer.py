@@ -213,3 +213,22 @@ def test_compiling_the_steps_ahead_learns_nothing_and_the_calls_then_compile_no_
     wa, wb = a.model.weights(), b.model.weights()
     for name in wa:
         np.testing.assert_allclose(wb[name], wa[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_steps_prepared_ahead_are_the_steps():
+    """Calls prepared ahead (`prepare_steps`, the next while one trains) give the results of calls
+    that prepare their own inputs, as long as they train in the order they were prepared."""
+    batch = 8
+    stream = examples(400, seed=12, users=40, items=90)
+    a, b = (OnlineTrainer(SPEC, parameter_store(SPEC)) for _ in range(2))
+    now = T0 + 10_000
+    runs = [stream[i:i + 96] for i in range(0, 400, 96)]
+    got_a = [a.train_steps(r, batch, now) for r in runs]
+    prepared = [b.prepare_steps(r, batch) for r in runs]  # all ahead: the normaliser learns them in order
+    got_b = [b.train_steps(r, batch, now, prepared=p) for r, p in zip(runs, prepared, strict=True)]
+    for ra, rb in zip(got_a, got_b, strict=True):
+        assert np.array_equal(ra.scores, rb.scores)
+    for name, w in a.model.weights().items():
+        assert np.array_equal(b.model.weights()[name], w), name
+    with pytest.raises(ValueError):
+        b.train_steps(runs[0], batch, now, prepared=b.prepare_steps(runs[1], batch))
