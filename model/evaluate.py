@@ -74,15 +74,21 @@ def online(examples: Sequence[Any], spec: FeatureSpec, name: str = "online", bat
     scores = np.empty(len(examples), np.float64)
     t0 = time.perf_counter()
     runs = [examples[i:i + run] for i in range(0, len(examples), run)]
-    # Each run's inputs are prepared in a thread while the run before trains (TensorFlow lets
-    # Python run meanwhile): the same steps in the same order, the Python beside the graph.
+    # Each run's inputs are prepared in a thread while the run before trains in TensorFlow, which
+    # lets Python run meanwhile; started as the graph starts, so that it takes no GIL from the
+    # Python before the graph: the same steps in the same order, the Python beside the graph.
     with ThreadPoolExecutor(1) as ahead:
-        prepared = ahead.submit(trainer.prepare_steps, runs[0], batch_size) if runs else None
+        todo = [ahead.submit(trainer.prepare_steps, runs[0], batch_size)] if runs else []
         for i, chunk in enumerate(runs):
-            mine = prepared.result()
-            if i + 1 < len(runs):
-                prepared = ahead.submit(trainer.prepare_steps, runs[i + 1], batch_size)
-            step = trainer.train_steps(chunk, batch_size, prepared=mine)
+            mine = todo.pop().result()
+
+            def prepare_next(i: int = i) -> None:
+                if i + 1 < len(runs):
+                    todo.append(ahead.submit(trainer.prepare_steps, runs[i + 1], batch_size))
+
+            step = trainer.train_steps(chunk, batch_size, prepared=mine, beside_graph=prepare_next)
+            if not todo:  # a run trained step by step (it ran no graph)
+                prepare_next()
             scores[i * run:i * run + len(step.scores)] = step.scores
             progress(step.size)
     seconds = time.perf_counter() - t0

@@ -8,7 +8,7 @@ progressive validation as they are.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -204,8 +204,8 @@ class OnlineTrainer:
         return _Prepared(examples, batch_size, k, labels, weights, batch, dense, arrivals, step_of, pairs)
 
     def train_steps(self, examples: Sequence[Any], batch_size: int, now: Optional[float] = None,
-                    arrival_scores: Optional[np.ndarray] = None, prepared: Optional[_Prepared] = None
-                    ) -> StepResult:
+                    arrival_scores: Optional[np.ndarray] = None, prepared: Optional[_Prepared] = None,
+                    beside_graph: Optional[Callable[[], object]] = None) -> StepResult:
         """`train` on each `batch_size` slice of `examples` in turn, in one TensorFlow call.
 
         The rows every slice touches (values and optimizer state) are pulled from the store once,
@@ -215,7 +215,8 @@ class OnlineTrainer:
         once. Scores, rows and dense weights are those of the steps one by one, to float rounding.
         Slots whose optimizer is not Adagrad, and single slices, take `train` step by step.
         The result holds every example's score and label, and the mean of the steps' losses.
-        `prepared`: `prepare_steps(examples, batch_size)`, made ahead."""
+        `prepared`: `prepare_steps(examples, batch_size)`, made ahead. `beside_graph` is called
+        just before the graph runs (threads it starts then have the GIL to themselves while it runs)."""
         now = time.time() if now is None else now
         n = len(examples)
         if prepared is None:
@@ -267,6 +268,8 @@ class OnlineTrainer:
         lab, wts = shaped.copy(), shaped.copy()
         lab[step_of, pos], wts[step_of, pos] = labels, weights
         counts = np.bincount(step_of, minlength=k).astype(np.float32)
+        if beside_graph is not None:
+            beside_graph()
         emb, acc, bias, bacc, scores, losses = self.model.train_steps(
             rows, {"step_rows": step_rows, "occ_index": occ_index, "occ_segment": occ_segment, "step_bias": step_bias,
                    "bias_index": bias_index, "dense": dense, "labels": lab, "weights": wts, "counts": counts}, k)
