@@ -24,8 +24,10 @@ from model.trainer import OnlineTrainer, parameter_store
 POINTS = 40  # points on the curves
 # Online steps per TensorFlow call (`OnlineTrainer.train_steps`). MovieLens-100K at batch 8 (2026,
 # TF 2.21, busy 2-core machine), events/s against River's FMClassifier in the same run: one call
-# per step 0.46x; 256 per call 4.1x-4.2x, 512 per call 4.3x-4.4x (fewer calls, less Python).
-STEPS_PER_CALL = 512
+# per step 0.46x; 256 per call 4.1x-4.2x, 512 per call 4.3x-4.4x (fewer calls, less Python). With the
+# program compiled ahead and each call's inputs prepared beside the graph, in one process alternated:
+# 512 per call 9.58x/9.78x/7.90x/9.09x, 1024 per call 9.79x/10.21x/8.72x.
+STEPS_PER_CALL = 1024
 
 Progress = Callable[[int], object]  # told how many more examples each step went through (a tqdm's update)
 
