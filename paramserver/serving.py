@@ -421,17 +421,7 @@ class LmdbServingStore:
         keys = row_keys(slot, ids)
         with self._read() as txn:
             vals = list(map(txn.get, keys))  # LMDB's own B-tree lookups are most of a read's cost
-        n = len(vals)
-        if None not in vals:
-            values, versions = decode_row_values(vals, dim)
-            return RowsRead(values, np.ones(n, bool), versions)
-        found = np.fromiter(map(is_not, vals, repeat(None)), bool, n)
-        got, got_versions = decode_row_values(list(compress(vals, found)), dim)
-        values = np.zeros((n, got.shape[1]), np.float32)
-        versions = np.zeros(n, np.uint64)
-        values[found] = got
-        versions[found] = got_versions
-        return RowsRead(values, found, versions)
+        return _rows_read(vals, dim)
 
     def read_dense(self) -> DenseBlob | None:
         return decode_dense(self.scan(b"dense/"))
@@ -647,6 +637,21 @@ def _decode_change(entry: bytes) -> list[bytes] | None:
     return out
 
 
+def _rows_read(vals: list[bytes | None], dim: int | None) -> RowsRead:
+    """Row records as read (None where absent) as one RowsRead: absent rows zeros, version 0."""
+    n = len(vals)
+    if None not in vals:
+        values, versions = decode_row_values(vals, dim)
+        return RowsRead(values, np.ones(n, bool), versions)
+    found = np.fromiter(map(is_not, vals, repeat(None)), bool, n)
+    got, got_versions = decode_row_values(list(compress(vals, found)), dim)
+    values = np.zeros((n, got.shape[1] if dim is None else dim), np.float32)
+    versions = np.zeros(n, np.uint64)
+    values[found] = got
+    versions[found] = got_versions
+    return RowsRead(values, found, versions)
+
+
 def _u64(v: bytes | None) -> int:
     return _Q.unpack(v)[0] if v else 0
 
@@ -707,14 +712,9 @@ class RowCache:
             if not mine:
                 continue
             # Read by the very keys (no ids made into keys again), from a snapshot as new or newer.
-            vals = self.store.get(mine)
-            found = np.fromiter(map(is_not, vals, repeat(None)), bool, len(vals))
-            values = np.zeros((len(vals), dim), np.float32)
-            versions = np.zeros(len(vals), np.uint64)
-            if found.any():
-                values[found], versions[found] = decode_row_values(list(compress(vals, found)), dim)
+            rows = _rows_read(self.store.get(mine), dim)
             with self._lock:
-                self._put(slot, _key_suffixes(mine, slot), RowsRead(values, found, versions))
+                self._put(slot, _key_suffixes(mine, slot), rows)
             n += len(mine)
         self.version = version
         return n
