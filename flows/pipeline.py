@@ -30,7 +30,7 @@ from bytewax.outputs import Sink
 from flows.catalog import catalog_delta
 from flows.clock import BucketBatch, BucketClock, SourceBatch, route
 from flows.config import LMDB_CAP, Config, ConfigError, ensure_state_dir
-from flows.events import DeadLetter, Example
+from flows.events import DeadLetter, Example, Joined
 from flows.heap import FreezeAfterSlowCollections, freeze_now
 from flows.joiner import JoinBucket, JoinSettings, positive_rule
 from flows.kafka_client import check_broker
@@ -57,13 +57,6 @@ FREE_RUN_TICK_S = 1.0  # how often a bucket wakes itself while its watermark fol
 EVICT_TO = 0.8  # after a flush under memory pressure, keep this fraction of the cache
 FLOW_HEAP = FreezeAfterSlowCollections()  # one per process: `main_flow` installs it
 PUBLISH_EVERY_S = 0.2  # a bucket publishes its counts at most this often, and at every snapshot
-
-
-@dataclass(slots=True)
-class Impressions:
-    """Impressions with no logged score, forwarded on arrival so the trainer scores them then."""
-
-    events: list
 
 
 @dataclass(frozen=True)
@@ -123,7 +116,9 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         bucket = self.bucket or self._open(values[0].bucket)
         self.bucket = bucket
         now = time.time()
-        out: list[Any] = []
+        out: list[Example] = []
+        dead: list[DeadLetter] = []
+        unscored: list[Any] = []
         for b in values:
             if b.events:
                 # The bucket's watermark is the clock's (advanced after every batch): it counts the
@@ -131,15 +126,13 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
                 if b.partition.startswith("features"):
                     out += bucket.on_features(b.events, b.keys)
                     if self.cfg.forward_impressions:
-                        unscored = [e for e in b.events if e.score is None]
-                        if unscored:
-                            out.append(Impressions(unscored))
+                        unscored += [e for e in b.events if e.score is None]
                 else:
                     out += bucket.on_actions(b.events, b.keys)
             self.clock.observe(b.partition, b.progress, b.status, now)
-            examples, dead = bucket.advance(self.clock.watermark)
-            out += examples
-            out += dead
+            expired, orphans = bucket.advance(self.clock.watermark)
+            out += expired
+            dead += orphans
         if bucket.over_capacity():
             bucket.flush(self.seq + 1, durable=False)  # the snapshot's flush makes it durable
             bucket.evict(int(self.cfg.settings.cache_size * EVICT_TO))
@@ -150,7 +143,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             self._publish(now)
         else:
             self.unpublished = True  # notify_at brings the step back to publish them
-        return out, False
+        return _joined(out, dead, unscored), False
 
     def _publish(self, now: float) -> None:
         self.publisher.publish(self.bucket.counts)  # type: ignore[union-attr]
@@ -170,7 +163,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         examples, dead = self.bucket.advance(self.clock.advance(now))
         if self.unpublished and now - self.published_at >= PUBLISH_EVERY_S:
             self._publish(now)
-        return examples + dead, False
+        return _joined(examples, dead, []), False
 
     def notify_at(self) -> Optional[datetime]:
         due = []
@@ -195,6 +188,11 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         return {"seq": self.seq, "clock": self.clock.state()}
 
 
+def _joined(examples: list, dead: list, impressions: list) -> list[Joined]:
+    """A call's outcomes as the step's one output item (none when there are none)."""
+    return [Joined(examples, dead, impressions)] if examples or dead or impressions else []
+
+
 class DeadLetterStep:
     """Every source batch passes here once: its events are counted by stream, its dead letters by
     stream and kind of reason (one `inc` per kind in the batch), and the dead letters go on."""
@@ -211,12 +209,16 @@ class DeadLetterStep:
         return batch.dead
 
 
-def _is_example(x: Any) -> bool:
-    return type(x) is Example
+def _examples(x: Joined) -> Optional[list[Example]]:
+    return x.examples or None
 
 
-def _is_dead(x: Any) -> bool:
-    return type(x) is DeadLetter
+def _dead(x: Joined) -> list[DeadLetter]:
+    return x.dead
+
+
+def _each_example(x: Joined) -> list[Example]:
+    return x.examples
 
 
 def _request_id(x: Example) -> str:
@@ -324,21 +326,21 @@ def build_flow(config: Config, *, tap: Sink | None = None,
                           join_settings(config), forward_impressions=config.train,
                           lmdb_max_bytes=config.lmdb_max_bytes,
                           recovery=not recovery_off() if recovery is None else recovery)
+    # One item per call of a bucket (`Joined`), not one per example: the sinks and the trainer
+    # take an example list as a batch.
     joined = op.stateful_batch("join", keyed, lambda state: JoinLogic(step, state))
-    outcomes = op.map("outcome", joined, lambda kv: kv[1])
-    dead_or_not = op.branch("split_dead", outcomes, _is_dead)
-    split = op.branch("split", dead_or_not.falses, _is_example)
-    examples: Stream[Example] = split.trues
-    op.output("out_examples", examples, make_sink("examples", config, key_of=_request_id))
-    dead = op.merge("all_dead", dead_in, dead_or_not.trues)
+    outcomes: Stream[Joined] = op.map("outcome", joined, lambda kv: kv[1])
+    op.output("out_examples", op.filter_map("examples", outcomes, _examples),
+              make_sink("examples", config, key_of=_request_id))
+    dead = op.merge("all_dead", dead_in, op.flat_map("join_dead", outcomes, _dead))
     op.output("out_dead_letter", dead, make_sink("dead-letter", config))
     if tap is not None:
-        op.output("tap", examples, tap)
+        op.output("tap", op.flat_map("each_example", outcomes, _each_example), tap)
     # One catalog delta per source batch, made before the key exchange: the writer step merges
     # them, never one Bytewax item per event.
     deltas = op.flat_map("catalog_delta", everything,
                          partial(catalog_delta, is_positive=positive_rule(config.watch_positive_s)))
-    to_writer = op.merge("train_in", deltas, examples, split.falses) if config.train else deltas
+    to_writer = op.merge("train_in", deltas, outcomes) if config.train else deltas
     tcfg = train_step_config(config)
     # The step keeps its id "train" with or without training, so a recovery store stays valid.
     reports = op.stateful_batch("train", op.key_on("to_trainer", to_writer, _trainer_key),

@@ -21,19 +21,35 @@ log = logging.getLogger("freshrec.sinks")
 KeyOf = Callable[[Any], Optional[str]]
 FLUSH_WARN_S = 30.0
 
+
+def each(items: list[Any]) -> list[Any]:
+    """The items to write: an item that is a list (a step's batch, as the join's examples come)
+    stands for its items."""
+    if not any(type(x) is list for x in items):
+        return items
+    out: list[Any] = []
+    for x in items:
+        if type(x) is list:
+            out += x
+        else:
+            out.append(x)
+    return out
+
+
 class _FilePartition(StatelessSinkPartition[Any]):
     def __init__(self, writer: StreamWriter):
         self.writer = writer
 
     def write_batch(self, items: list[Any]) -> None:
-        self.writer.write(items)
+        self.writer.write(each(items))
 
     def close(self) -> None:
         self.writer.close()
 
 
 class FileStreamSink(DynamicSink[Any]):
-    """Writes each item (an event struct, a dead letter or a dict) as one line of the stream."""
+    """Writes each item (an event struct, a dead letter or a dict; a list stands for its items)
+    as one line of the stream."""
 
     def __init__(self, stream: str, config: Config):
         self.directory = config.stream_dir(stream)
@@ -59,7 +75,7 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
             self.failed.append(err.str())
 
     def write_batch(self, items: list[Any]) -> None:
-        for item in items:
+        for item in each(items):
             key = self.key_of(item)
             while True:
                 try:
@@ -87,7 +103,7 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
 
 
 class KafkaStreamSink(DynamicSink[Any]):
-    """Produces each item as one JSON message, keyed by `key_of(item)`."""
+    """Produces each item as one JSON message, keyed by `key_of(item)` (a list stands for its items)."""
 
     def __init__(self, stream: str, config: Config, key_of: KeyOf = lambda item: None):
         self.topic = config.topic(stream)

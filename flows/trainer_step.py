@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge
 
 from flows.catalog import Catalog, CatalogDelta
 from flows.config import LMDB_CAP
-from flows.events import Example
+from flows.events import Example, Joined
 from flows.metrics import CatalogPublisher
 from flows.observe import worker_label
 
@@ -120,8 +120,9 @@ class TrainedKeysLog:
 
 
 class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
-    """The writer step: catalog deltas into the `Catalog`; examples (when it trains) into
-    mini-batches by size or by the longest wait, whichever comes first."""
+    """The writer step: catalog deltas into the `Catalog`; examples (when it trains: the join's
+    `Joined` batches, or examples one by one) into mini-batches by size or by the longest wait,
+    whichever comes first."""
 
     def __init__(self, cfg: TrainStepConfig, state: Optional[dict]):
         self.cfg = cfg
@@ -298,10 +299,14 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                     self._open()
                 self.catalog.merge(deltas)  # type: ignore[union-attr]
                 self.catalog_metrics.publish(self.catalog.counts.as_dict())  # type: ignore[union-attr]
-            impressions = [e for v in values if type(v) not in (Example, CatalogDelta) for e in v.events]
+            joined = [v for v in values if type(v) is Joined]
+            impressions = [e for v in joined for e in v.impressions]
             if impressions:
-                self._score_on_arrival(impressions)
-            values = [v for v in values if type(v) is Example]
+                self._score_on_arrival(impressions)  # before any example of this call trains
+            examples = [v for v in values if type(v) is Example]
+            for v in joined:
+                examples += v.examples
+            values = examples
             if not values:
                 if deltas:
                     self._sync(now)
