@@ -364,3 +364,20 @@ SpillModel.TestCase.settings = settings(
     max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_undo_matches_a_model = SpillModel.TestCase
+
+
+def test_a_store_no_resume_reads_keeps_no_undo_records_and_refuses_a_rollback_with_the_reason(tmp_path):
+    with LmdbSpillStore(tmp_path / "s", durable=False) as s:
+        s.flush(1, {b"a": (1.0, b"x"), b"b": (2.0, b"y")})
+        s.flush(2, {b"a": None, b"b": (3.0, b"z")}, durable=False)
+        with s._env.begin() as txn:
+            assert txn.stat(s._undo)["entries"] == 0
+        assert s.get(b"a") is None and everything_due(s) == [(3.0, b"b")]  # the index kept up
+        assert s.rollback(2) == 0  # to where it is: nothing to undo
+        with pytest.raises(SpillStoreError, match="durable=False"):
+            s.rollback(1)
+    with LmdbSpillStore(tmp_path / "s") as s:  # reopened durable: still no rollback below
+        with pytest.raises(SpillStoreError, match="tag 1"):
+            s.rollback(1)
+        s.clear()
+        assert s.last_tag() == 0 and len(s) == 0
