@@ -37,7 +37,7 @@ from bench import Figure, benchmark, compared
 from flows.clock import ACTIVE, ENDED, BucketBatch, SourceBatch, bucket_of, route
 from flows.config import Config
 from flows.events import ActionEvent, Example, ExampleAction, FeatureEvent, Joined, encode_lines
-from flows.heap import frozen_heap
+from flows.heap import FLOW_THRESHOLDS, frozen_heap
 from flows.joiner import JoinBucket, JoinCounts, JoinSettings
 from flows.pipeline import EVICT_TO, JoinLogic, JoinStepConfig, build_flow
 from flows.spill import LmdbSpillStore
@@ -559,7 +559,7 @@ def join_flow_files(quick: bool) -> Iterator[Figure]:
             # Config does not have is ignored).
             config = Config.from_env({}, data_dir=str(run / "data"), state_dir=str(run / "state"), train="0")
             flow = build_flow(config, recovery=False)
-            with frozen_heap():  # as `flows.pipeline.main_flow` keeps a flow process's heap
+            with frozen_heap(thresholds=FLOW_THRESHOLDS):  # as `flows.pipeline.main_flow` keeps a flow process's heap
                 run_main(flow, epoch_interval=EPOCH)
             made.append(_lines(config.stream_dir("examples")))
 

@@ -31,7 +31,7 @@ from flows.catalog import catalog_delta
 from flows.clock import BucketBatch, BucketClock, SourceBatch, route
 from flows.config import LMDB_CAP, Config, ConfigError, ensure_state_dir
 from flows.events import DeadLetter, Example, Joined
-from flows.heap import FreezeAfterSlowCollections, freeze_now
+from flows.heap import FreezeAfterSlowCollections, flow_heap
 from flows.joiner import JoinBucket, JoinSettings, positive_rule
 from flows.kafka_client import check_broker
 from flows.metrics import (
@@ -363,9 +363,9 @@ def main_flow() -> Dataflow:
         # The join's waiting impressions, the catalog and TensorFlow's own objects are millions of
         # long-lived objects, which every full collection walked with the GIL held (measured on
         # the files flow with training: 250-870 ms each, 13% of the run): frozen at start-up, and
-        # after each slow full collection, as the model server does (flows.heap says the price).
-        freeze_now()
-        FLOW_HEAP.install()
+        # after each slow full collection, as the model server does (flows.heap says the price);
+        # and collections come less often (`FLOW_THRESHOLDS`).
+        flow_heap(FLOW_HEAP)
         return flow
     except ConfigError as e:
         raise SystemExit(f"freshrec: configuration error: {e}") from None

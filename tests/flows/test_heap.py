@@ -73,15 +73,18 @@ def test_the_flow_process_freezes_its_start_up_heap_and_watches_full_collections
     import subprocess
     import sys
 
+    from flows.heap import FLOW_THRESHOLDS
     from tests.flows.test_recovery import flow_env
 
     probe = ("import gc, flows.pipeline as p; flow = p.flow; "
-             "print(gc.get_freeze_count(), p.FLOW_HEAP._callback in gc.callbacks, 'tensorflow' in __import__('sys').modules)")
+             "print(gc.get_freeze_count(), p.FLOW_HEAP._callback in gc.callbacks, 'tensorflow' in __import__('sys').modules, "
+             "','.join(map(str, gc.get_threshold())))")
     env = flow_env(tmp_path, FRESHREC_TRAIN="1", FRESHREC_METRICS_PORT="0")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    frozen, installed, tf = out.stdout.split()
+    frozen, installed, tf, thresholds = out.stdout.split()
     assert int(frozen) > 100_000 and installed == "True" and tf == "True"
+    assert tuple(map(int, thresholds.split(","))) == FLOW_THRESHOLDS != (700, 10, 10)
 
 
 def test_frozen_heap_freezes_for_its_block_then_gives_everything_back(unfrozen):
@@ -93,3 +96,14 @@ def test_frozen_heap_freezes_for_its_block_then_gives_everything_back(unfrozen):
         gc.collect()
         assert freezer.freezes == 1
     assert gc.get_freeze_count() == 0 and freezer._callback not in gc.callbacks
+
+
+def test_frozen_heap_sets_the_thresholds_it_is_given_for_its_block_only(unfrozen):
+    from flows.heap import FLOW_THRESHOLDS, frozen_heap
+
+    before = gc.get_threshold()
+    with frozen_heap(thresholds=FLOW_THRESHOLDS):
+        assert gc.get_threshold() == FLOW_THRESHOLDS
+    assert gc.get_threshold() == before
+    with frozen_heap():
+        assert gc.get_threshold() == before
