@@ -742,3 +742,27 @@ def test_position_past_a_64_bit_integer_is_dead_lettered(position):
     dead(parse("features", raw, ARRIVAL), "invalid field position:", "<= 9223372036854775807")
     assert parse_many("features", [raw], ARRIVAL)[1][0].reason.startswith("invalid field position:")
     assert accepted(parse("features", with_("features", position=2**63 - 1), ARRIVAL), "features").position == 2**63 - 1
+
+
+@pytest.mark.parametrize("stream", ALL_STREAMS)
+def test_a_batch_stamped_by_freshrecs_writers_is_parsed_in_one_pass_with_the_same_results(stream, monkeypatch):
+    import flows.events as events_module
+
+    arrival, ahead = 1764288000.0, 100.0
+    stamped = [with_(stream, ts=arrival - 5 + i, received_at=arrival - 1 + i * 0.5) for i in range(4)]
+    expected = split_by_parse(stream, stamped, [arrival] * 4, ahead)
+    assert len(expected[0]) == 4 and [e.received_at for e in expected[0]] == [arrival - 1 + i * 0.5 for i in range(4)]
+
+    def slow(*args):
+        raise AssertionError("a clean stamped batch went line by line")
+
+    with monkeypatch.context() as m:
+        m.setattr(events_module, "_parse_each", slow)
+        assert parse_many(stream, stamped, arrival, ahead) == expected
+    # Anything `_check` would refuse goes line by line, with the same results as `parse`.
+    for bad in (with_(stream, ts=arrival + 150, received_at=arrival + 20),  # ts ahead of its stamp
+                with_(stream, received_at=arrival + ahead + 1),  # a stamp from the future
+                with_(stream, received_at=0),
+                with_(stream)):  # unstamped among stamped: each keeps its own rule
+        lines = [*stamped, bad]
+        assert parse_many(stream, lines, arrival, ahead) == split_by_parse(stream, lines, [arrival] * 5, ahead)
