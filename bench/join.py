@@ -477,8 +477,7 @@ def memory_child(n: int, directory: Path, progress: bool = False) -> dict:
             bucket.on_features(parts[b])
             bucket.advance(watermark)
             if bucket.over_capacity():
-                bucket.flush(seqs[b] + 1, durable=False)
-                bucket.evict(int(settings.cache_size * EVICT_TO))
+                bucket.spill(seqs[b] + 1, int(settings.cache_size * EVICT_TO))
             if r % epoch_rounds == epoch_rounds - 1:
                 seqs[b] += 1
                 bucket.flush(seqs[b])

@@ -698,6 +698,52 @@ class JoinBucket:
         self._stored = len(self.store)
         return len(writes)
 
+    def spill(self, tag: int, keep: int) -> int:
+        """Under memory pressure: the oldest cached entries beyond `keep` leave memory, each one
+        the store does not hold as it is written first, in one transaction tagged `tag` (not
+        durable, as `flush(durable=False)`). Newer entries stay as they are, unwritten if they
+        were: a label that comes while its impression is in memory then costs no write (`flush`
+        wrote every entry; under pressure at every batch, nearly every impression went to disk
+        and back). Returns the writes."""
+        cache = self._cache
+        on_disk = self._on_disk
+        dirty = self._dirty
+        over: cython.Py_ssize_t = len(cache) - 1 - keep  # less `_HASHED`
+        if over <= 0:
+            return 0
+        writes: dict = {}
+        leaving: list = []
+        for key in cache:  # oldest first
+            if over <= 0:
+                break
+            if key is _HASHED:
+                continue
+            over -= 1
+            leaving.append(key)
+            entry = cache[key]
+            if entry is None:  # resolved, its record still stored
+                writes[key.encode()] = None
+            elif key in dirty or key not in on_disk:
+                writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
+        if writes or tag > self._tag:
+            self.store.flush(tag, writes, durable=False)
+            self._tag = tag
+        e: _Entry
+        for key in leaving:
+            entry = cache.pop(key)
+            on_disk.discard(key)
+            dirty.discard(key)
+            if entry is not None:
+                # No longer the cache's (see `_Entry`): the FIFO passes it by, the store's due
+                # index brings it back when it is due.
+                e = entry
+                e.example = None
+                e.actions = None
+        self.counts.spill_writes += len(writes)
+        self.counts.flushes += 1
+        self._stored = len(self.store)
+        return len(writes)
+
     def evict(self, keep: int) -> int:
         """Drop clean cached entries, oldest first, until at most `keep` remain."""
         cache = self._cache

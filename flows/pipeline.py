@@ -134,8 +134,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
             out += expired
             dead += orphans
         if bucket.over_capacity():
-            bucket.flush(self.seq + 1, durable=False)  # the snapshot's flush makes it durable
-            bucket.evict(int(self.cfg.settings.cache_size * EVICT_TO))
+            bucket.spill(self.seq + 1, int(self.cfg.settings.cache_size * EVICT_TO))  # the snapshot's flush makes it durable
         if bucket.behind:
             self.publisher.child(EVENTS_BEHIND, self.publisher.worker).inc(bucket.behind)
             bucket.behind = 0

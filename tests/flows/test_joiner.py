@@ -143,7 +143,7 @@ def scenarios(draw):
     return out
 
 
-def run_bucket(steps, cache_size: int, rate: float, flush_every: int, path: str):
+def run_bucket(steps, cache_size: int, rate: float, flush_every: int, path: str, spill: bool = False):
     store = LmdbSpillStore(path, undo_keep=1000)
     b = JoinBucket(JoinSettings(window_s=WINDOW, orphan_hold_s=HOLD, neg_sample_rate=rate,
                                 cache_size=cache_size, resolved_size=10**6), store)
@@ -162,8 +162,11 @@ def run_bucket(steps, cache_size: int, rate: float, flush_every: int, path: str)
             b.flush(tag)
         if b.over_capacity():
             tag += 1
-            b.flush(tag)
-            b.evict(cache_size // 2)
+            if spill:  # as the flow does: only the oldest entries leave, written if they must be
+                b.spill(tag, cache_size // 2)
+            else:
+                b.flush(tag)
+                b.evict(cache_size // 2)
     b.flush(tag + 1)
     store.close()
     return b, examples, dead
@@ -173,15 +176,15 @@ def outcome(examples):
     return sorted((f"{e.request_id}\x00{e.item_id}", e.label, e.label_ts, e.weight) for e in examples)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.sampled_from([1, 2, 5, 1000]), st.sampled_from([1.0, 0.5]),
-       st.sampled_from([0, 1, 3, 7]))
-def test_the_bucket_follows_the_contract_whatever_its_cache_and_flushes(steps, cache_size, rate, flush_every):
+       st.sampled_from([0, 1, 3, 7]), st.booleans())
+def test_the_bucket_follows_the_contract_whatever_its_cache_and_flushes(steps, cache_size, rate, flush_every, spill):
     ref = Reference(rate)
     for kind, x in steps:
         {"f": ref.feature_with_pending, "a": ref.action, "w": ref.advance}[kind](x)
     with tempfile.TemporaryDirectory() as d:
-        b, examples, dead = run_bucket(steps, cache_size, rate, flush_every, d)
+        b, examples, dead = run_bucket(steps, cache_size, rate, flush_every, d, spill)
     assert outcome(examples) == sorted(ref.examples), set(outcome(examples)) ^ set(ref.examples)
     # One outcome per impression, never two.
     keys = [k for k, *_ in outcome(examples)]
@@ -328,3 +331,19 @@ def test_the_cache_bound_counts_waiting_keys_only(tmp_path):
     b.on_features([feat(3, T0)])
     assert b.over_capacity() and b.waiting() == (4, 0)
     assert b.flush(1) == 4 and b.evict(2) == 2 and b.waiting() == (2, 4)
+
+
+def test_a_spill_writes_only_the_oldest_entries_so_labels_of_the_newer_cost_no_write(tmp_path):
+    b = JoinBucket(JoinSettings(window_s=WINDOW, cache_size=4), LmdbSpillStore(tmp_path, durable=False))
+    b.on_features([feat(k, T0 + k) for k in range(6)])
+    assert b.over_capacity()
+    assert b.spill(1, 2) == 4 and b.waiting() == (2, 4)  # 0-3 written and gone; 4 and 5 unwritten
+    assert len(b.on_actions([act(4, T0 + 5, "like"), act(5, T0 + 6, "skip")])) == 2
+    assert b.flush(2) == 0 and b.counts.spill_writes == 4  # nothing of theirs was ever stored
+    # The spilled ones come back for their labels or their expiry, each once.
+    liked = b.on_actions([act(0, T0 + 7, "like")])
+    assert [key(e) for e in liked] == [key(feat(0, T0))]
+    expired, _ = b.advance(math.inf)
+    assert sorted(key(e) for e in expired) == sorted(key(feat(k, T0 + k)) for k in (1, 2, 3))
+    b.flush(3)
+    assert len(b.store) == 0 and b.waiting() == (0, 0)
