@@ -149,3 +149,25 @@ def test_the_trained_keys_log_is_written_only_when_asked_for(tmp_path):
             logic._parts[3].close()
         logic._parts[0].close()
         logic._parts[2].writer.store.close()
+
+
+def test_examples_labelled_by_an_action_train_before_a_backlog_of_expired_ones(tmp_path, monkeypatch):
+    import flows.trainer_step as ts
+    from flows.events import Joined
+
+    monkeypatch.setattr(ts, "TRAIN_SLICE_S", 0.0)  # one batch per call: the backlog outlasts it
+    logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)
+    expired, labelled = _examples(96), _examples(200)[100:132]
+    for e in labelled:
+        e.label_received_at = e.label_ts  # its label came with an action
+    reports, _ = logic.on_batch([Joined(expired, [], [])])
+    assert [r.examples for r in reports] == [32] and len(logic.expired) == 64
+    reports, _ = logic.on_batch([Joined(labelled, [], [])])
+    # The labelled batch went first, though the expired ones came before it.
+    assert [r.examples for r in reports] == [32] and logic.buffer == [] and logic.expired == expired[32:]
+    assert logic.notify_at() is not None  # the step comes back for the rest
+    logic.snapshot()  # a snapshot trains everything, however long it takes
+    assert logic.expired == [] and logic.buffer == []
+    _killed(logic)
+    trained = trained_keys(tmp_path)
+    assert set(trained) == {(e.request_id, e.item_id) for e in expired + labelled} and set(trained.values()) == {1}
