@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -399,14 +400,17 @@ class TwoTowerRanker(tf.Module):
         self._concrete("_steps")(*_tensors(*rows, *per_step))
         return time.perf_counter() - t0
 
-    def train_steps(self, rows: dict[str, np.ndarray], per_step: dict[str, np.ndarray], steps: int
+    def train_steps(self, rows: dict[str, np.ndarray], per_step: dict[str, np.ndarray], steps: int,
+                    beside_graph: Optional[Callable[[], object]] = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`_train_steps` on numpy arrays (`rows`: emb, acc, lr, eps, ready, bias, bacc, blr, beps,
         bready; `per_step`: step_rows, occ_index, occ_segment, step_bias, bias_index, dense, labels,
         weights, counts; row paddings in `step_rows` and `step_bias` are -1), padded to the largest
         sizes seen so far, with room to spare (XLA compiles one program per shape, in about two
         seconds): extra rows are zeros that are never ready, extra occurrences fall in no segment,
-        extra examples weigh 0 and extra steps do not run. Returns the real part of the results."""
+        extra examples weigh 0 and extra steps do not run. Returns the real part of the results.
+        `beside_graph` is called once the inputs are padded and converted, just before the graph
+        runs: a thread it starts then takes the GIL only from the graph, which releases it."""
         m, mb = len(rows["emb"]), len(rows["bias"])
         k, u = per_step["step_rows"].shape
         o, ub = per_step["occ_index"].shape[1], per_step["step_bias"].shape[1]
@@ -437,7 +441,10 @@ class TwoTowerRanker(tf.Module):
                   pad(per_step["bias_index"], (kp, 2, n_p)), pad(per_step["dense"], (kp, n_p, len(self.spec.dense))),
                   pad(per_step["labels"], (kp, n_p)), pad(per_step["weights"], (kp, n_p)),
                   pad(per_step["counts"], (kp,), 1.0), np.int32(steps)]
-        emb, acc, bias, bacc, scores, losses = self._concrete("_steps")(*_tensors(*inputs))
+        tensors = _tensors(*inputs)
+        if beside_graph is not None:
+            beside_graph()
+        emb, acc, bias, bacc, scores, losses = self._concrete("_steps")(*tensors)
         return (emb.numpy()[:m], acc.numpy()[:m], bias.numpy()[:mb], bacc.numpy()[:mb],
                 scores.numpy()[:steps, :n], losses.numpy()[:steps])
 

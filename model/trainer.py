@@ -216,7 +216,8 @@ class OnlineTrainer:
         Slots whose optimizer is not Adagrad, and single slices, take `train` step by step.
         The result holds every example's score and label, and the mean of the steps' losses.
         `prepared`: `prepare_steps(examples, batch_size)`, made ahead. `beside_graph` is called
-        just before the graph runs (threads it starts then have the GIL to themselves while it runs)."""
+        just before the graph runs, its inputs ready (threads it starts then have the GIL to
+        themselves while it runs)."""
         now = time.time() if now is None else now
         n = len(examples)
         if prepared is None:
@@ -268,11 +269,10 @@ class OnlineTrainer:
         lab, wts = shaped.copy(), shaped.copy()
         lab[step_of, pos], wts[step_of, pos] = labels, weights
         counts = np.bincount(step_of, minlength=k).astype(np.float32)
-        if beside_graph is not None:
-            beside_graph()
         emb, acc, bias, bacc, scores, losses = self.model.train_steps(
             rows, {"step_rows": step_rows, "occ_index": occ_index, "occ_segment": occ_segment, "step_bias": step_bias,
-                   "bias_index": bias_index, "dense": dense, "labels": lab, "weights": wts, "counts": counts}, k)
+                   "bias_index": bias_index, "dense": dense, "labels": lab, "weights": wts, "counts": counts}, k,
+            beside_graph=beside_graph)
         scores = scores[step_of, pos].astype(np.float64)
         for s, (lo, hi), (w, a) in [*((s, offsets[f:f + 2], (emb, acc)) for f, s in enumerate(emb_slots)),
                                     *((s, boffsets[f:f + 2], (bias, bacc)) for f, s in enumerate(bias_slots))]:

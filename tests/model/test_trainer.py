@@ -215,6 +215,25 @@ def test_compiling_the_steps_ahead_learns_nothing_and_the_calls_then_compile_no_
         np.testing.assert_allclose(wb[name], wa[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_beside_graph_runs_once_the_graphs_inputs_are_ready(monkeypatch):
+    """`beside_graph` (the next call's preparation, in a thread) starts after the inputs are padded
+    and converted, just before the graph: started earlier, its Python took the GIL from that
+    padding and converting (5 ms switches), which the graph then waited for."""
+    import model.graph
+
+    trainer = OnlineTrainer(SPEC, parameter_store(SPEC))
+    happened: list[str] = []
+    tensors = model.graph._tensors
+
+    def converting(*arrays):
+        happened.append("inputs converted")
+        return tensors(*arrays)
+
+    monkeypatch.setattr(model.graph, "_tensors", converting)
+    trainer.train_steps(examples(96, seed=5), 8, T0 + 10_000, beside_graph=lambda: happened.append("beside"))
+    assert happened == ["inputs converted", "beside"]
+
+
 def test_steps_prepared_ahead_are_the_steps():
     """Calls prepared ahead (`prepare_steps`, the next while one trains) give the results of calls
     that prepare their own inputs, as long as they train in the order they were prepared."""
