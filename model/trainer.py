@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from model.evaluation import ProgressiveValidation
-from model.features import DenseNormalizer, FeatureSpec, make_batch
+from model.features import BIAS_SLOTS, DenseNormalizer, FeatureSpec, make_batch
 
 
 @dataclass
@@ -108,6 +108,10 @@ class _Prepared:
     arrivals: Optional[np.ndarray]
     step_of: np.ndarray  # each example's step
     pairs: dict[int, tuple]  # by SlotIds (shared by the bias slots): distinct (id, step) pairs
+    # The steps' layout (`OnlineTrainer._layout`) for working sets of a row per distinct id, as
+    # collisionless tables pull: made here, beside the graph, and used where the pulls agree.
+    occ_rows: dict[str, np.ndarray]
+    layout: dict[str, np.ndarray]
 
 
 class OnlineTrainer:
@@ -201,7 +205,48 @@ class OnlineTrainer:
                 # Distinct (id, step) pairs, by id then step: an id's sightings in step order.
                 both = np.unique(ids.index.astype(np.int64) * k + step_of[ids.example])
                 pairs[id(ids)] = (both // k, (both % k).astype(np.int32))
-        return _Prepared(examples, batch_size, k, labels, weights, batch, dense, arrivals, step_of, pairs)
+        occ_rows = {s: batch.slots[s].index.astype(np.int32) for s in self.spec.slots}
+        layout = self._layout(batch, batch_size, k, step_of, labels, weights, occ_rows,
+                              {s: len(batch.slots[s].ids) for s in self.spec.slots})
+        return _Prepared(examples, batch_size, k, labels, weights, batch, dense, arrivals, step_of, pairs, occ_rows,
+                         layout)
+
+    def _layout(self, batch: Any, batch_size: int, k: int, step_of: np.ndarray, labels: np.ndarray,
+                weights: np.ndarray, occ_rows: dict[str, np.ndarray], n_rows: dict[str, int]) -> dict[str, np.ndarray]:
+        """`TwoTowerRanker.train_steps`'s per-step inputs but the dense features, for working sets
+        of `n_rows[s]` rows a slot and each occurrence's row `occ_rows[s]`: each step's rows and
+        occurrences, field after field as `TwoTowerRanker.pack` lays out a batch, its bias rows,
+        labels, weights and count of examples."""
+        n = len(step_of)
+        fields = (*self.spec.user_side, *self.spec.item_side)
+        offsets = np.cumsum([0] + [n_rows[s] for s in fields])
+        boffsets = np.cumsum([0] + [n_rows[s] for s in BIAS_SLOTS])
+        m, mb = int(offsets[-1]), int(boffsets[-1])
+        occ_row = np.concatenate([offsets[f] + occ_rows[s] for f, s in enumerate(fields)])
+        occ_ex = np.concatenate([batch.slots[s].example for s in fields])
+        occ_seg = np.concatenate([(batch.slots[s].example % batch_size) * len(fields) + f
+                                  for f, s in enumerate(fields)]).astype(np.int32)
+        order = np.argsort(occ_ex // batch_size, kind="stable")
+        occ_step = step_of[occ_ex[order]]
+        step_rows, at_row = _per_step(occ_step, occ_row[order], k, m)
+        per = np.bincount(occ_step, minlength=k)
+        at = np.arange(len(order)) - (np.cumsum(per) - per)[occ_step]
+        occ_index = np.zeros((k, max(int(per.max()), 1)), np.int32)
+        occ_segment = np.full(occ_index.shape, -1, np.int32)
+        occ_index[occ_step, at] = at_row
+        occ_segment[occ_step, at] = occ_seg[order]
+        pos = np.arange(n) % batch_size
+        ub, ib = occ_rows[BIAS_SLOTS[0]], boffsets[1] + occ_rows[BIAS_SLOTS[1]]
+        step_bias, bias_at = _per_step(np.concatenate([step_of, step_of]), np.concatenate([ub, ib]), k, mb)
+        bias_index = np.zeros((k, 2, batch_size), np.int32)
+        bias_index[step_of, 0, pos] = bias_at[:n]
+        bias_index[step_of, 1, pos] = bias_at[n:]
+        shaped = np.zeros((k, batch_size), np.float32)
+        lab, wts = shaped.copy(), shaped.copy()
+        lab[step_of, pos], wts[step_of, pos] = labels, weights
+        counts = np.bincount(step_of, minlength=k).astype(np.float32)
+        return {"step_rows": step_rows, "occ_index": occ_index, "occ_segment": occ_segment, "step_bias": step_bias,
+                "bias_index": bias_index, "labels": lab, "weights": wts, "counts": counts}
 
     def train_steps(self, examples: Sequence[Any], batch_size: int, now: Optional[float] = None,
                     arrival_scores: Optional[np.ndarray] = None, prepared: Optional[_Prepared] = None,
@@ -231,10 +276,9 @@ class OnlineTrainer:
         work = {s: self._working_set(s, batch.slots[s], step_of, k, now, p.pairs) for s in self.spec.slots}
 
         fields = (*self.spec.user_side, *self.spec.item_side)
-        emb_slots, bias_slots = fields, ("user_id.bias", "item_id.bias")
+        emb_slots, bias_slots = fields, BIAS_SLOTS
         offsets = np.cumsum([0] + [len(work[s].rows.values) for s in emb_slots])
         boffsets = np.cumsum([0] + [len(work[s].rows.values) for s in bias_slots])
-        m, mb = int(offsets[-1]), int(boffsets[-1])
         rows = {"emb": np.concatenate([work[s].rows.values.reshape(-1, self.spec.dim) for s in emb_slots]),
                 "acc": np.concatenate([work[s].rows.state for s in emb_slots]),
                 "lr": np.concatenate([work[s].lr for s in emb_slots]),
@@ -245,35 +289,16 @@ class OnlineTrainer:
                 "blr": np.concatenate([work[s].lr for s in bias_slots]),
                 "beps": np.concatenate([work[s].eps for s in bias_slots]),
                 "bready": np.concatenate([work[s].ready for s in bias_slots])}
-        # Each step's occurrences, field after field as `TwoTowerRanker.pack` lays out a batch.
-        occ_row = np.concatenate([offsets[f] + work[s].occ_row for f, s in enumerate(emb_slots)])
-        occ_ex = np.concatenate([batch.slots[s].example for s in emb_slots])
-        occ_seg = np.concatenate([(batch.slots[s].example % batch_size) * len(fields) + f
-                                  for f, s in enumerate(emb_slots)]).astype(np.int32)
-        order = np.argsort(occ_ex // batch_size, kind="stable")
-        occ_step = step_of[occ_ex[order]]
-        step_rows, at_row = _per_step(occ_step, occ_row[order], k, m)
-        per = np.bincount(occ_step, minlength=k)
-        at = np.arange(len(order)) - (np.cumsum(per) - per)[occ_step]
-        occ_index = np.zeros((k, max(int(per.max()), 1)), np.int32)
-        occ_segment = np.full(occ_index.shape, -1, np.int32)
-        occ_index[occ_step, at] = at_row
-        occ_segment[occ_step, at] = occ_seg[order]
-        pos = np.arange(n) % batch_size
-        ub, ib = work["user_id.bias"].occ_row, boffsets[1] + work["item_id.bias"].occ_row
-        step_bias, bias_at = _per_step(np.concatenate([step_of, step_of]), np.concatenate([ub, ib]), k, mb)
-        bias_index = np.zeros((k, 2, batch_size), np.int32)
-        bias_index[step_of, 0, pos] = bias_at[:n]
-        bias_index[step_of, 1, pos] = bias_at[n:]
-        shaped = np.zeros((k, batch_size), np.float32)
-        lab, wts = shaped.copy(), shaped.copy()
-        lab[step_of, pos], wts[step_of, pos] = labels, weights
-        counts = np.bincount(step_of, minlength=k).astype(np.float32)
-        emb, acc, bias, bacc, scores, losses = self.model.train_steps(
-            rows, {"step_rows": step_rows, "occ_index": occ_index, "occ_segment": occ_segment, "step_bias": step_bias,
-                   "bias_index": bias_index, "dense": dense, "labels": lab, "weights": wts, "counts": counts}, k,
-            beside_graph=beside_graph)
-        scores = scores[step_of, pos].astype(np.float64)
+        if all(len(work[s].rows.values) == len(batch.slots[s].ids) and np.array_equal(work[s].occ_row, p.occ_rows[s])
+               for s in self.spec.slots):
+            layout = p.layout
+        else:  # ids share rows (a hashed table): the layout of the rows pulled
+            layout = self._layout(batch, batch_size, k, step_of, labels, weights,
+                                  {s: work[s].occ_row for s in self.spec.slots},
+                                  {s: len(work[s].rows.values) for s in self.spec.slots})
+        emb, acc, bias, bacc, scores, losses = self.model.train_steps(rows, {**layout, "dense": dense}, k,
+                                                                      beside_graph=beside_graph)
+        scores = scores[step_of, np.arange(n) % batch_size].astype(np.float64)
         for s, (lo, hi), (w, a) in [*((s, offsets[f:f + 2], (emb, acc)) for f, s in enumerate(emb_slots)),
                                     *((s, boffsets[f:f + 2], (bias, bacc)) for f, s in enumerate(bias_slots))]:
             ws = work[s]

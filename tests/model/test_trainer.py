@@ -234,6 +234,23 @@ def test_beside_graph_runs_once_the_graphs_inputs_are_ready(monkeypatch):
     assert happened == ["inputs converted", "beside"]
 
 
+@pytest.mark.parametrize("store", [parameter_store, _hashed_store], ids=["collisionless", "hashed"])
+def test_the_steps_layout_is_made_beside_the_graph_where_the_pulls_agree(store, monkeypatch):
+    """`prepare_steps` lays out the steps for a row per distinct id (what collisionless tables pull),
+    so that `train_steps` does not between its pulls and its graph; a hashed table's pulls share
+    rows, and `train_steps` lays them out again. Either way the steps are the steps one by one
+    (`test_many_steps_in_one_call_equal_the_steps_one_by_one`)."""
+    trainer = OnlineTrainer(SPEC, parameter_store(SPEC) if store is parameter_store else store(SPEC))
+    laid_out: list[str] = []
+    layout = trainer._layout
+    monkeypatch.setattr(trainer, "_layout", lambda *a: laid_out.append("layout") or layout(*a))
+    stream = examples(96, seed=8)
+    prepared = trainer.prepare_steps(stream, 8)
+    assert laid_out == ["layout"]
+    trainer.train_steps(stream, 8, T0 + 10_000, prepared=prepared)
+    assert laid_out == (["layout"] if store is parameter_store else ["layout", "layout"])
+
+
 def test_steps_prepared_ahead_are_the_steps():
     """Calls prepared ahead (`prepare_steps`, the next while one trains) give the results of calls
     that prepare their own inputs, as long as they train in the order they were prepared."""
