@@ -215,6 +215,43 @@ def test_compiling_the_steps_ahead_learns_nothing_and_the_calls_then_compile_no_
         np.testing.assert_allclose(wb[name], wa[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_compiling_ahead_runs_one_step_that_changes_no_variable_and_no_later_score(monkeypatch):
+    """`compile_steps` runs its new program once, for one step (a program's first run is its
+    slowest), and sets back what that step moved (Adam's count and slots, no longer zeros after
+    training): every variable bitwise as it was, and the next call bitwise that of a trainer whose
+    same program ran first in that call."""
+    batch = 8
+    stream = examples(600, seed=9, users=40, items=90)
+    now = T0 + 10_000
+    a, b = (OnlineTrainer(SPEC, parameter_store(SPEC)) for _ in range(2))
+    for t in (a, b):
+        t.train_steps(stream[:96], batch, now)
+        t.params.take_touched()
+    held = [v.numpy() for v in b.model.variables]
+    adam = b.model.optimizer
+    assert int(adam.iterations.numpy()) == 12 and all(np.abs(m.numpy()).max() > 0 for m in adam.m)
+    sizes: list[tuple] = []
+    steps_run: list[int] = []
+    compile_model, concrete = b.model.compile_steps, b.model._concrete
+
+    def counting(name):
+        fn = concrete(name)
+        return lambda *args: steps_run.append(int(args[-1].numpy())) or fn(*args)
+
+    monkeypatch.setattr(b.model, "compile_steps", lambda *s: sizes.append(s) or compile_model(*s))
+    monkeypatch.setattr(b.model, "_concrete", counting)
+    b.compile_steps(stream[96:], batch)
+    assert steps_run == [1] and b.model.steps_programs == 2
+    for var, value in zip(b.model.variables, held, strict=True):
+        assert np.array_equal(var.numpy(), value), var.name
+    assert not b.params.take_touched()
+    a.model._grow_steps_sizes(*sizes[0])  # the same program, run first by the call below
+    got_a, got_b = a.train_steps(stream[96:], batch, now), b.train_steps(stream[96:], batch, now)
+    assert np.array_equal(got_a.scores, got_b.scores)
+    for va, vb in zip(a.model.variables, b.model.variables, strict=True):
+        assert np.array_equal(va.numpy(), vb.numpy()), va.name
+
+
 def test_beside_graph_runs_once_the_graphs_inputs_are_ready(monkeypatch):
     """`beside_graph` (the next call's preparation, in a thread) starts after the inputs are padded
     and converted, just before the graph: started earlier, its Python took the GIL from that
