@@ -166,11 +166,12 @@ _ENCODE = msgspec.msgpack.Encoder().encode
 _DECODE = msgspec.msgpack.Decoder(_Stored).decode
 
 
-def _dump(e: _Entry) -> bytes:
+def _record(e: _Entry) -> tuple:
+    """What the store holds for `e`: (due, payload), as `SpillStore.flush` takes it."""
     acts = e.actions if e.actions is not None else []
     if e.example is not None:
-        return _ENCODE(_Stored(waiting=_Waiting(_feature(e.example), acts, e.due)))
-    return _ENCODE(_Stored(pending=_Pending(acts, e.due)))
+        return e.due, _ENCODE(_Stored(waiting=_Waiting(_feature(e.example), acts, e.due)))
+    return e.due, _ENCODE(_Stored(pending=_Pending(acts, e.due)))
 
 
 def _load(key: Key, b: bytes) -> _Entry:
@@ -679,12 +680,12 @@ class JoinBucket:
                 on_disk.discard(key)
                 cache.pop(key, None)
             else:
-                writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
+                writes[key.encode()] = _record(entry)
         # Entries never flushed (a None entry is always on disk).
         new = [key for key in cache if key not in on_disk and key is not _HASHED]
         for key in new:
             entry = cache[key]
-            writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
+            writes[key.encode()] = _record(entry)
         on_disk.update(new)
         if writes or tag > self._tag:
             self.store.flush(tag, writes, durable=durable)
@@ -724,7 +725,7 @@ class JoinBucket:
             if entry is None:  # resolved, its record still stored
                 writes[key.encode()] = None
             elif key in dirty or key not in on_disk:
-                writes[key.encode()] = (cython.cast(_Entry, entry).due, _dump(entry))
+                writes[key.encode()] = _record(entry)
         if writes or tag > self._tag:
             self.store.flush(tag, writes, durable=False)
             self._tag = tag
