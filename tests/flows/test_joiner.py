@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from collections import Counter
 
@@ -262,6 +263,37 @@ def test_resume_rolls_the_store_back_to_the_flush_of_the_snapshot(tmp_path):
 def test_keep_fraction_is_uniform_enough(rate):
     xs = [keep_fraction(f"r{i}\x00v") for i in range(20000)]
     assert 0.48 < sum(x < 0.5 for x in xs) / len(xs) < 0.52
+
+
+def _joiner_source():
+    """flows/joiner.py run as plain Python, whether or not the compiled module is installed."""
+    import importlib.util
+    from pathlib import Path
+
+    import flows.joiner as joiner
+
+    path = Path(joiner.__file__).with_name("joiner.py")
+    spec = importlib.util.spec_from_file_location("freshrec_joiner_source", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    assert not module.COMPILED
+    return module
+
+
+PINNED = [0.368727, 0.303759, 0.512126]
+
+
+def test_keep_fraction_is_the_same_compiled_or_not_and_in_every_version():
+    keys = [f"r{i}\x00v{i % 7}" for i in range(300)] + ["", "é\x00ü", "漢字\x00x", "\U0001F600\x00y", "r" * 600]
+    source = _joiner_source()
+    assert [keep_fraction(k) for k in keys] == [source.keep_fraction(k) for k in keys]
+    # Pinned: a resumed or upgraded flow must sample the same negatives out.
+    assert [round(keep_fraction(k), 6) for k in ("r0\x00v0", "r1\x00v1", "é\x00ü")] == PINNED
+    assert all(0.0 <= keep_fraction(k) < 1.0 for k in keys)
 
 
 def test_a_compiled_joiner_refuses_to_run_in_place_of_a_changed_source(monkeypatch):
