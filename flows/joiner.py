@@ -233,6 +233,14 @@ def keep_fraction(key: str) -> cython.double:
         return (g >> 11) / 9007199254740992.0
 
 
+def in_key_sample(key: Key, rate: float) -> bool:
+    """Whether `key` is in the sample of join keys at `rate` (all of them at 1): those whose expiry
+    makes a kept negative. Progressive validation takes the same sample where the model server
+    logged no score (flows/trainer_step.py), so it scores on arrival no impression whose expiry
+    would be sampled out."""
+    return rate >= 1.0 or keep_fraction(key) < rate
+
+
 def _action_id(a: ActionEvent) -> object:
     return a.event_id if a.event_id is not None else (a.action, a.ts, a.value)
 
@@ -687,7 +695,7 @@ class JoinBucket:
             return
         rate = self.s.neg_sample_rate
         self._resolve(e)
-        if rate >= 1.0 or keep_fraction(e.key) < rate:
+        if in_key_sample(e.key, rate):
             self.counts.expired_kept += 1
             examples.append(_label(e, 0, e.due, 1.0 / rate, None))
         else:

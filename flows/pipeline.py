@@ -28,11 +28,11 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
 from flows.catalog import catalog_delta
-from flows.clock import BucketBatch, BucketClock, SourceBatch, route
+from flows.clock import BucketBatch, BucketClock, SourceBatch, join_key, route
 from flows.config import LMDB_CAP, Config, ConfigError, ensure_state_dir
 from flows.events import DeadLetter, Example, Joined
 from flows.heap import FreezeAfterSlowCollections, flow_heap
-from flows.joiner import JoinBucket, JoinSettings, positive_rule
+from flows.joiner import JoinBucket, JoinSettings, in_key_sample, positive_rule
 from flows.kafka_client import check_broker
 from flows.metrics import (
     DEAD_LETTERS,
@@ -126,7 +126,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
                 if b.partition.startswith("features"):
                     out += bucket.on_features(b.events, b.keys)
                     if self.cfg.forward_impressions:
-                        unscored += [e for e in b.events if e.score is None]
+                        unscored += _to_score(b, self.cfg.settings.neg_sample_rate)
                 else:
                     out += bucket.on_actions(b.events, b.keys)
             self.clock.observe(b.partition, b.progress, b.status, now)
@@ -187,6 +187,17 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
         return {"seq": self.seq, "clock": self.clock.state()}
 
 
+def _to_score(b: BucketBatch, rate: float) -> list:
+    """The impressions of `b` the trainer scores on arrival, for progressive validation: those
+    without a logged score in the key sample at the negative sample rate (all keys at 1). Outside
+    it an expiry makes no example, so scoring them all was mostly wasted: a fifth of the loop
+    flow's time at 5,000 actions/s with a rate of 0.2 (`serve.freshness`)."""
+    if rate >= 1.0:
+        return [e for e in b.events if e.score is None]
+    keys = b.keys if b.keys is not None else [join_key(e.request_id, e.item_id) for e in b.events]
+    return [e for e, k in zip(b.events, keys, strict=True) if e.score is None and in_key_sample(k, rate)]
+
+
 def _joined(examples: list, dead: list, impressions: list) -> list[Joined]:
     """A call's outcomes as the step's one output item (none when there are none)."""
     return [Joined(examples, dead, impressions)] if examples or dead or impressions else []
@@ -241,6 +252,7 @@ def train_step_config(config: Config) -> TrainStepConfig:
         deltas_brokers=config.brokers if config.source == "kafka" else None,
         deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()),
         train=config.train, trained_keys_log=config.trained_keys_log, user_recent=config.user_recent,
+        validation_sample=config.neg_sample_rate,
         undo_keep=config.undo_keep,
         recovery_dir=recovery_run_name(bytewax_recovery_dir()), lmdb_max_bytes=config.lmdb_max_bytes)
 

@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge
 from flows.catalog import Catalog, CatalogDelta
 from flows.config import LMDB_CAP
 from flows.events import Example, Joined
+from flows.joiner import in_key_sample
 from flows.metrics import CatalogPublisher
 from flows.observe import worker_label
 
@@ -41,7 +42,8 @@ RUN_START = "run-start.json"  # under state/trainer: the checkpoint a recovery r
 TRAIN_EXAMPLES = Counter("freshrec_train_examples", "examples trained", ["worker"])
 TRAIN_STEPS = Counter("freshrec_train_steps", "train steps", ["worker"])
 PV_SCORES = Counter("freshrec_train_pv_scores", "progressive-validation scores by where they came from: "
-                    "logged by the model server, taken when the impression arrived, or at training",
+                    "logged by the model server, taken when the impression arrived, or at training; "
+                    "left_out: examples outside the validated join-key sample (no logged score)",
                     ["worker", "source"])
 TRAIN_LOSS = Gauge("freshrec_train_loss", "training loss of the last step", ["worker"])
 TRAIN_AUC = Gauge("freshrec_train_auc", "progressive-validation AUC over the sliding window", ["worker"])
@@ -83,6 +85,10 @@ class TrainStepConfig:
     # run (at snapshot 0).
     recovery_dir: Optional[str] = None
     lmdb_max_bytes: Optional[int] = None  # FRESHREC_LMDB_MAX_BYTES: the cap of the serving store and checkpoints
+    # Progressive validation takes the examples with a logged score, and the others only in the
+    # join-key sample at this rate (the negative sample rate: the joiner forwards only their
+    # impressions to be scored on arrival). 1: all.
+    validation_sample: float = 1.0
 
 
 @dataclass
@@ -286,12 +292,21 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         arrival = None
         if kept:  # only flows that forward impressions keep scores on arrival
             arrival = np.array([kept.pop(f"{e.request_id}\x00{e.item_id}", np.nan) for e in batch], np.float64)
-        step = trainer.train(batch, now, arrival_scores=arrival)
-        logged = sum(1 for e in batch if e.score is not None)
-        on_arrival = 0 if arrival is None else max(0, int(np.count_nonzero(~np.isnan(arrival))) - logged)
-        child(PV_SCORES, w, "logged").inc(logged)
-        child(PV_SCORES, w, "on_arrival").inc(on_arrival)
-        child(PV_SCORES, w, "at_training").inc(len(batch) - logged - on_arrival)
+        validated = None
+        rate = self.cfg.validation_sample
+        if rate < 1.0:
+            validated = np.fromiter((e.score is not None or in_key_sample(f"{e.request_id}\x00{e.item_id}", rate)
+                                     for e in batch), bool, len(batch))
+        step = trainer.train(batch, now, arrival_scores=arrival, validated=validated)
+        # Where each validated example's score came from (as OnlineTrainer._validate picks it).
+        logged = np.fromiter((e.score is not None for e in batch), bool, len(batch))
+        taken = np.ones(len(batch), bool) if validated is None else validated
+        on_arrival = taken & ~logged & (False if arrival is None else ~np.isnan(arrival))
+        counts = {"logged": int(np.count_nonzero(logged)), "on_arrival": int(np.count_nonzero(on_arrival)),
+                  "at_training": int(np.count_nonzero(taken & ~logged & ~on_arrival)),
+                  "left_out": len(batch) - int(np.count_nonzero(taken))}
+        for source, n in counts.items():
+            child(PV_SCORES, w, source).inc(n)
         if keys is not None:
             keys.write(self.seq + 1, batch)
         child(TRAIN_EXAMPLES, w).inc(step.size)

@@ -136,11 +136,12 @@ class OnlineTrainer:
         return {s: self.params.pull(s, batch.slots[s].ids, now=now, admit=admit) for s in self.spec.slots}
 
     def train(self, examples: Sequence[Any], now: Optional[float] = None,
-              arrival_scores: Optional[np.ndarray] = None) -> StepResult:
+              arrival_scores: Optional[np.ndarray] = None, validated: Optional[np.ndarray] = None) -> StepResult:
         """One step on `examples` (training examples: label, weight, features, arrival times).
 
         `arrival_scores` (NaN where unknown) are this trainer's scores of the impressions when they
-        arrived, for progressive validation where the model server logged none."""
+        arrived, for progressive validation where the model server logged none. `validated` (bool
+        per example; None: all) picks the examples progressive validation takes."""
         now = time.time() if now is None else now
         batch = make_batch(examples, self.spec, [e.label for e in examples], [e.weight for e in examples])
         # Normalise with what was known before this batch, so its scores are taken before learning.
@@ -169,7 +170,7 @@ class OnlineTrainer:
             # Rows get the gradient of the summed loss (per-example scale): a row sits in a few
             # examples of a batch, and the batch mean would shrink its steps by the batch size.
             self.params.push(s, slot.ids, grads[s] * len(examples), now=now, arrival=earliest)
-        self._validate(examples, scores, batch.labels, arrival_scores)
+        self._validate(examples, scores, batch.labels, arrival_scores, validated)
         self.steps += 1
         self.examples += len(examples)
         self.last_loss = loss
@@ -382,7 +383,7 @@ class OnlineTrainer:
                             np.full((m, 1), opt.lr, np.float32), np.full((m, 1), opt.eps, np.float32), updates)
 
     def _validate(self, examples: Sequence[Any], scores: np.ndarray, labels: np.ndarray,
-                  arrival_scores: Optional[np.ndarray]) -> None:
+                  arrival_scores: Optional[np.ndarray], validated: Optional[np.ndarray] = None) -> None:
         logged = np.array([e.score if e.score is not None else np.nan for e in examples], np.float64)
         # Progressive validation scores an impression with the model as it was when it happened: the
         # score the model server logged; else the trainer's score when the impression arrived; else
@@ -390,7 +391,10 @@ class OnlineTrainer:
         # this step.
         if arrival_scores is not None:
             logged = np.where(np.isnan(logged), arrival_scores, logged)
-        self.validation.update(np.where(np.isnan(logged), scores, logged), labels)
+        scores = np.where(np.isnan(logged), scores, logged)
+        if validated is not None:
+            scores, labels = scores[validated], labels[validated]
+        self.validation.update(scores, labels)
 
     def score(self, events: Sequence[Any], now: Optional[float] = None) -> np.ndarray:
         """Scores of feature events (or examples) with the model as it is now."""
