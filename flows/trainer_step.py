@@ -384,6 +384,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                 if out:
                     out[-1].auc = self.auc
                 params.set_dense(trainer.dense_state())
+            self.catalog.release_counts()  # type: ignore[union-attr]
             sync.sync(dense=True)
             sync.writer.close()  # flushes what is still on its way to param-deltas
         return out, False
@@ -405,6 +406,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             params, trainer, sync, keys = self._parts
             # The store must hold every catalog change made before this snapshot: a resume from it
             # replays only what came after, and sets counts back by the history written with them.
+            self.catalog.release_counts()  # type: ignore[union-attr]
             sync.sync()
             self.seq += 1
             if trainer is not None:

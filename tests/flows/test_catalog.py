@@ -366,3 +366,28 @@ def test_a_recovery_directory_made_again_at_the_same_path_names_another_run(tmp_
     rec.mkdir()
     init_db_dir(rec, 1)
     assert recovery_run_name(str(rec)) not in (first, str(rec))
+
+
+def test_count_changes_alone_wait_for_their_interval_where_descriptions_go_at_the_next_sync():
+    now = [100.0]
+    store = FakeStore()
+    cat = make(store, counts_every_s=1.0, clock=lambda: now[0])
+    cat.merge(deltas(batch("items", [item("v1", T0), item("v2", T0)])))
+    assert set(store.write(cat)[0]) == {"v1", "v2"}
+    cat.merge(deltas(batch("features", [feat("v1", T0 + 1), feat("v2", T0 + 2)])))
+    assert set(store.write(cat)[0]) == {"v1", "v2"}  # the first counts go at once
+    cat.merge(deltas(batch("features", [feat("v1", T0 + 3), feat("v2", T0 + 4)])))
+    now[0] += 0.5
+    assert store.write(cat) == ({}, {})  # counts only, within the interval: they wait
+    cat.merge(deltas(batch("items", [item("v2", T0 + 5, sparse={"author": "a9"})])))
+    items, _ = store.write(cat)
+    assert set(items) == {"v2"} and items["v2"]["impressions"] == 2  # described again: goes with its counts
+    now[0] += 0.6
+    items, _ = store.write(cat)
+    assert set(items) == {"v1"} and items["v1"]["impressions"] == 2  # the interval passed
+    cat.merge(deltas(batch("features", [feat("v1", T0 + 6)])))
+    now[0] += 0.1
+    assert store.write(cat)[0] == {}
+    cat.release_counts()  # a snapshot's sync writes every change
+    assert store.write(cat)[0]["v1"]["impressions"] == 3
+    assert store.items["v1"]["impressions"] == 3 and store.items["v2"]["impressions"] == 2
