@@ -2,7 +2,7 @@
 files (no suffix) and once through a Kafka broker (`.kafka`).
 
 Three processes besides this one: the flow (`FlowProcess`, follow mode, training on, defaults
-except a temporary data/state directory and a short join window), the open-loop simulator at the
+except a temporary data/state directory and `DEPLOYMENT`), the open-loop simulator at the
 target rate (5,000 actions/s, 5 feature events per action; `--quick`: 1,000/s), and a reader that
 polls the serving LMDB read-only every few ms. Freshness (CONTRACT.md) of a row is the poll time at
 which the reader first sees it at a new version minus the earliest arrival behind it (rows updated
@@ -45,6 +45,12 @@ from bench import Figure, benchmark, compared
 from flows.config import Config
 
 FEATURES_PER_ACTION = 5
+# The flow's settings that differ from the defaults, as a deployment at this rate would set them: a
+# short join window; expired negatives sampled at 0.2 (weight 5), since four impressions in five
+# expire and training all 25,000 a second would take this machine's whole CPU; and a join cache
+# that holds the waiting impressions (25,000/s for the window and the lateness, 375,000, where the
+# default holds 400,000 over 8 buckets, so any backlog spilled them to LMDB).
+DEPLOYMENT = {"join_window_s": "10", "neg_sample_rate": "0.2", "join_cache": "100000"}
 POLL_S = 0.005  # the reader's poll interval: a bound on what it adds to each freshness
 ROW_SKIP = (b"item/", b"user/", b"dense/")  # catalog entries and dense chunks, not embedding rows
 
@@ -272,7 +278,7 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
         tmp_path = Path(tmp)
         port = _free_port()
         settings = {"data_dir": str(tmp_path / "data"), "state_dir": str(tmp_path / "state"), "follow": "1",
-                    "train": "1", "join_window_s": "10", "metrics_port": str(port), "source": source}
+                    "train": "1", "metrics_port": str(port), "source": source, **DEPLOYMENT}
         if source == "kafka":
             from flows.kafka_local import COMPACTED_TOPICS, contract_topics, create_topics
 
