@@ -272,13 +272,58 @@ class FileStreamSource(FixedPartitionedSource[SourceBatch, dict]):
         return part
 
 
+KAFKA_BATCH = 1000  # messages per consume call at most (as Bytewax's KafkaSource)
+
+
+class KafkaReader:
+    """One topic partition, read with confluent-kafka directly from an offset, which is its state.
+
+    Bytewax's `KafkaSource` partition (whose listing and state this keeps: the next offset, or
+    OFFSET_BEGINNING) made a dataclass of eight fields for every message, with a call per field,
+    and parsed librdkafka's statistics every second: a tenth of the Kafka loop flow. Here each
+    message gives its error, value and timestamp, and the batch its last offset.
+    """
+
+    def __init__(self, brokers: str, settings: dict[str, str], topic: str, part_idx: int,
+                 offset: Optional[int], batch_size: int = KAFKA_BATCH):
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        self.topic, self.part_idx, self.batch_size = topic, part_idx, batch_size
+        self.offset = OFFSET_BEGINNING if offset is None else offset
+        # Assigned, not subscribed: no consumer group (the id is required, and unused).
+        self.consumer = Consumer({"group.id": "freshrec-ignored", "enable.auto.commit": "false",
+                                  "enable.partition.eof": "false", "bootstrap.servers": brokers, **settings})
+        try:
+            self.consumer.assign([TopicPartition(topic, part_idx, self.offset)])
+        except BaseException:
+            self.consumer.close()
+            raise
+
+    def snapshot(self) -> Optional[int]:
+        return self.offset
+
+    def next_batch(self) -> list:
+        """The messages there are (librdkafka's `Message`s, none erroneous), at most `batch_size`."""
+        msgs = self.consumer.consume(self.batch_size, 0.001)
+        for m in msgs:
+            if m.error() is not None:
+                raise RuntimeError(f"error consuming from Kafka topic {self.topic!r} partition "
+                                   f"{self.part_idx}: {m.error()}")
+        if msgs:
+            self.offset = msgs[-1].offset() + 1  # resume from the next message, not this one
+        return msgs
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
 class _KafkaPartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, Optional[int]]):
-    """Bytewax's Kafka partition, wrapped: parse values, stamp arrival times and the clock.
+    """A topic partition (`KafkaReader`), wrapped: parse values, stamp arrival times and the clock.
 
     Without follow mode it ends at the offset that was the end when it started.
     """
 
-    def __init__(self, stream: str, name: str, inner: StatefulSourcePartition,
+    def __init__(self, stream: str, name: str, inner: KafkaReader,
                  bounds: Optional[tuple[int, int]], idle_s: float, max_future_s: float, now: Clock,
                  lag: Optional[tuple[LagMonitor, str, int]] = None):
         self.stream = stream
@@ -311,13 +356,13 @@ class _KafkaPartition(_ClockedPartition, StatefulSourcePartition[SourceBatch, Op
             msgs = self.inner.next_batch()
         except StopIteration:
             return self._finish(now)
-        lines: list[bytes] = []
+        if self.end is not None and msgs and msgs[-1].offset() >= self.end:
+            end = self.end  # written after start: not this run's input
+            msgs = [m for m in msgs if m.offset() < end]
+        lines: list[bytes] = [m.value() or b"" for m in msgs]
         arrivals: list[float] = []
         for m in msgs:
-            if self.end is not None and m.offset is not None and m.offset >= self.end:
-                continue  # written after start: not this run's input
-            lines.append(m.value if m.value is not None else b"")
-            ts_type, ts_ms = m.timestamp or (0, 0)
+            ts_type, ts_ms = m.timestamp()
             arrivals.append(ts_ms / 1000.0 if ts_type == TIMESTAMP_LOG_APPEND_TIME else now)
         if lines:
             return self._emit(lines, arrivals, now)
@@ -371,7 +416,7 @@ class KafkaStreamSource(FixedPartitionedSource[SourceBatch, Optional[int]]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]) -> _KafkaPartition:
         part_idx = int(for_part.split("-", 1)[0])
-        inner = self.inner.build_part(step_id, for_part, resume_state)
+        inner = KafkaReader(self.config.brokers, self.settings, self.topic, part_idx, resume_state)
         bounds = None if self.config.follow else self.bounds(part_idx)
         c = self.config
         lag = (monitor_for(c.brokers, self.settings, c.kafka_lag_s), self.topic, part_idx)
