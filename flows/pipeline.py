@@ -124,11 +124,11 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
                 # The bucket's watermark is the clock's (advanced after every batch): it counts the
                 # events behind it in its own loop, so this step touches no event.
                 if b.partition.startswith("features"):
-                    out += bucket.on_features(b.events, b.keys)
+                    out += bucket.on_features(b.events, b.keys, b.partition)
                     if self.cfg.forward_impressions:
                         unscored += _to_score(b, self.cfg.settings.neg_sample_rate)
                 else:
-                    out += bucket.on_actions(b.events, b.keys)
+                    out += bucket.on_actions(b.events, b.keys, b.partition)
             self.clock.observe(b.partition, b.progress, b.status, now)
             expired, orphans = bucket.advance(self.clock.watermark)
             out += expired

@@ -144,16 +144,19 @@ def scenarios(draw):
     return out
 
 
-def run_bucket(steps, cache_size: int, rate: float, flush_every: int, path: str, spill: bool = False):
+def run_bucket(steps, cache_size: int, rate: float, flush_every: int, path: str, spill: bool = False,
+               lanes: int = 1):
     store = LmdbSpillStore(path, undo_keep=1000)
     b = JoinBucket(JoinSettings(window_s=WINDOW, orphan_hold_s=HOLD, neg_sample_rate=rate,
                                 cache_size=cache_size, resolved_size=10**6), store)
     examples, dead, tag = [], [], 0
     for i, (kind, x) in enumerate(steps):
+        # Events from `lanes` source partitions in turn (each keeps its own FIFO of dues).
+        partition = None if lanes == 1 else f"{kind}-{i % lanes}"
         if kind == "f":
-            examples += b.on_features([x])
+            examples += b.on_features([x], partition=partition)
         elif kind == "a":
-            examples += b.on_actions([x])
+            examples += b.on_actions([x], partition=partition)
         else:
             ex, d = b.advance(x)
             examples += ex
@@ -179,13 +182,14 @@ def outcome(examples):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.sampled_from([1, 2, 5, 1000]), st.sampled_from([1.0, 0.5]),
-       st.sampled_from([0, 1, 3, 7]), st.booleans())
-def test_the_bucket_follows_the_contract_whatever_its_cache_and_flushes(steps, cache_size, rate, flush_every, spill):
+       st.sampled_from([0, 1, 3, 7]), st.booleans(), st.sampled_from([1, 3]))
+def test_the_bucket_follows_the_contract_whatever_its_cache_and_flushes(steps, cache_size, rate, flush_every, spill,
+                                                                       lanes):
     ref = Reference(rate)
     for kind, x in steps:
         {"f": ref.feature_with_pending, "a": ref.action, "w": ref.advance}[kind](x)
     with tempfile.TemporaryDirectory() as d:
-        b, examples, dead = run_bucket(steps, cache_size, rate, flush_every, d, spill)
+        b, examples, dead = run_bucket(steps, cache_size, rate, flush_every, d, spill, lanes)
     assert outcome(examples) == sorted(ref.examples), set(outcome(examples)) ^ set(ref.examples)
     # One outcome per impression, never two.
     keys = [k for k, *_ in outcome(examples)]
