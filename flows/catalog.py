@@ -9,6 +9,7 @@ changed entries to `DeltaSync`. Plain logic: no Bytewax.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import operator
@@ -261,8 +262,12 @@ class Catalog:
     def _merge_actions(self, actions: dict[str, list[tuple[str, str, float]]]) -> None:
         users, cap = self.users, self.user_recent
         for u, new in actions.items():
-            old = users[u]
-            have = set(old)
+            old = users[u]  # in ts order
+            # Only the old actions from the earliest new `ts` on can equal a new one, or sort after
+            # one: usually none. (A set of the whole list, and a sort of it, per user and batch were
+            # a tenth of the loop flow: its users' lists are full, at `user_recent`.)
+            start = bisect.bisect_left(old, min(map(_ts_of, new)), key=_ts_of)
+            have = set(old[start:])
             add = []
             for a in new:
                 if a not in have:  # an action seen already (a replayed epoch, a retry) is not added twice
@@ -270,9 +275,10 @@ class Catalog:
                     add.append(a)
             if not add:
                 continue
-            merged = old + add
-            merged.sort(key=_ts_of)  # stable, and linear when already in order
-            users[u] = merged[-cap:]
+            tail = old[start:] + add
+            tail.sort(key=_ts_of)  # stable: as sorting the whole list
+            merged = old[:start] + tail if start else tail
+            users[u] = merged[-cap:] if len(merged) > cap else merged
             self.dirty_users.add(u)
 
     # ------------------------------------------------------------------------------ writing

@@ -391,3 +391,28 @@ def test_count_changes_alone_wait_for_their_interval_where_descriptions_go_at_th
     cat.release_counts()  # a snapshot's sync writes every change
     assert store.write(cat)[0]["v1"]["impressions"] == 3
     assert store.items["v1"]["impressions"] == 3 and store.items["v2"]["impressions"] == 2
+
+
+def _merged_plainly(old: list, new: list, cap: int) -> list:
+    """A user's list after a batch, as the rule says it plainly: the new actions not already in the
+    list (nor twice in the batch), everything in `ts` order (stable), the newest `cap` kept."""
+    have, add = set(old), []
+    for a in new:
+        if a not in have:
+            have.add(a)
+            add.append(a)
+    return sorted(old + add, key=lambda a: a[2])[-cap:] if add else old
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from(["v1", "v2", "v3"]), st.sampled_from(["click", "skip"]),
+                                   st.integers(0, 30)), min_size=1, max_size=6), max_size=12),
+       st.sampled_from([1, 3, 50]))
+def test_a_users_list_merges_as_the_plain_rule_says(batches, cap):
+    cat = make(user_recent=cap)
+    want: list = []
+    for b in batches:
+        acts = [act(i, T0 + t, a, user="u1") for i, a, t in b]
+        cat.merge(deltas(batch("actions", acts)))
+        want = _merged_plainly(want, [(i, a, T0 + t) for i, a, t in b], cap)
+        assert cat.users["u1"] == want
