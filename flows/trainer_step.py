@@ -289,14 +289,15 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         """One train step on `batch`, with its scores' provenance, its keys logged and its metrics."""
         child, w = self.catalog_metrics.child, self.worker
         kept = self.arrival_scores
-        arrival = None
-        if kept:  # only flows that forward impressions keep scores on arrival
-            arrival = np.array([kept.pop(f"{e.request_id}\x00{e.item_id}", np.nan) for e in batch], np.float64)
-        validated = None
         rate = self.cfg.validation_sample
+        # The join keys, made once for both uses below (only flows that forward impressions keep
+        # scores on arrival; only a sampled validation asks for the key sample).
+        keys_of = [f"{e.request_id}\x00{e.item_id}" for e in batch] if kept or rate < 1.0 else []
+        arrival = np.array([kept.pop(k, np.nan) for k in keys_of], np.float64) if kept else None
+        validated = None
         if rate < 1.0:
-            validated = np.fromiter((e.score is not None or in_key_sample(f"{e.request_id}\x00{e.item_id}", rate)
-                                     for e in batch), bool, len(batch))
+            validated = np.fromiter((e.score is not None or in_key_sample(k, rate) for e, k in zip(batch, keys_of, strict=True)),
+                                    bool, len(batch))
         step = trainer.train(batch, now, arrival_scores=arrival, validated=validated)
         # Where each validated example's score came from (as OnlineTrainer._validate picks it).
         logged = np.fromiter((e.score is not None for e in batch), bool, len(batch))
