@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 
@@ -68,3 +69,53 @@ def interleaved(n: int, ours: Callable[[], object], base: Callable[[], object], 
 def compared(name: str, unit: str, value: float, baseline: str, baseline_value: float) -> Figure:
     return Figure(name, value, unit, baseline, baseline_value,
                   value / baseline_value if baseline_value else None)
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    """The machine's CPU time so far, in clock ticks over all CPUs (the first line of /proc/stat):
+    busy, idle (iowait included) and stolen (time the hypervisor gave to other guests while this
+    machine wanted a CPU). On a shared virtual machine the steal within a timed window tells how
+    much of a bad latency figure came from the host rather than from the code."""
+
+    busy: int
+    idle: int
+    steal: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostCpu:
+        line = text.split("\n", 1)[0].split()
+        if not line or line[0] != "cpu":
+            raise ValueError("no aggregate cpu line first in /proc/stat")
+        # user nice system idle iowait irq softirq steal (guest time is in user already)
+        user, nice, system, idle, iowait, irq, softirq, steal = ([int(x) for x in line[1:9]] + [0] * 8)[:8]
+        return cls(busy=user + nice + system + irq + softirq, idle=idle + iowait, steal=steal)
+
+    @classmethod
+    def read(cls, path: str = "/proc/stat") -> Optional[HostCpu]:
+        """Now, or None where the system has no /proc/stat."""
+        try:
+            return cls.parse(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def host_shares(before: Optional[HostCpu], after: Optional[HostCpu]) -> Optional[tuple[float, float]]:
+    """(busy, stolen) shares of all the machine's CPU time between two readings; None without both
+    or when no tick passed."""
+    if before is None or after is None:
+        return None
+    busy, idle, steal = after.busy - before.busy, after.idle - before.idle, after.steal - before.steal
+    total = busy + idle + steal
+    if total <= 0:
+        return None
+    return busy / total, steal / total
+
+
+def host_figures(prefix: str, before: Optional[HostCpu], after: Optional[HostCpu]) -> Iterator[Figure]:
+    """`<prefix>_host_busy` and `<prefix>_host_steal`: percent of the machine's CPU time in a window
+    that was busy, and that the hypervisor took; nothing where the system does not say."""
+    shares = host_shares(before, after)
+    if shares is not None:
+        yield Figure(prefix + "_host_busy", shares[0] * 100.0, "% of CPU")
+        yield Figure(prefix + "_host_steal", shares[1] * 100.0, "% of CPU")

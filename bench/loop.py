@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bench import Figure, benchmark, compared
+from bench import Figure, HostCpu, benchmark, compared, host_shares
 from flows.config import Config
 
 FEATURES_PER_ACTION = 5
@@ -311,9 +311,9 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
             # The window opens after the warm-up (the trainer imports TensorFlow on the first examples).
             while time.time() < t_start + warmup_s and sim.is_alive():
                 time.sleep(0.1)
-            before, t_a = _scrape_all(ports), time.time()
+            before, t_a, host_a = _scrape_all(ports), time.time(), HostCpu.read()
             sim.join(duration + 60)
-            after, t_b = _scrape_all(ports), time.time()
+            after, t_b, host_b = _scrape_all(ports), time.time(), HostCpu.read()
             reader.join(30)
             for f in flows:
                 if not f.running:
@@ -351,6 +351,7 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
 
     u, r, e = window(users), window(rows), window(examples)
     h50, h99 = _histogram_quantiles(before, after, "freshrec_sync_freshness_seconds", (0.5, 0.99))
+    host = host_shares(host_a, host_b)
     return {
         "p50": pct(u, 50), "p99": pct(u, 99), "n_users": len(u),
         "rows_p50": pct(r, 50), "rows_p99": pct(r, 99), "n_rows": len(r),
@@ -358,6 +359,8 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
         "flow_p50": h50 * 1000.0, "flow_p99": h99 * 1000.0,
         "consumed": consumed, "backlog_end_s": backlog_end, "written": written, "offered": offered,
         "sim_actions": simmed["decided"] / simmed["elapsed_s"], "rate": rate,
+        # The machine over the window (nan where it does not say): busy, and stolen by the host.
+        "host_busy": host[0] if host else float("nan"), "host_steal": host[1] if host else float("nan"),
     }
 
 
@@ -370,6 +373,9 @@ def _figures(res: dict[str, float], suffix: str) -> Iterator[Figure]:
     yield compared("serve.freshness_rows_p50" + suffix, "ms", res["rows_p50"], "flow histogram p50", res["flow_p50"])
     yield compared("serve.freshness_rows_p99" + suffix, "ms", res["rows_p99"], "flow histogram p99", res["flow_p99"])
     yield compared("serve.sim_actions" + suffix, "actions/s", res["sim_actions"], "offered", res["rate"])
+    if res.get("host_steal", float("nan")) == res.get("host_steal"):  # not nan: the system said
+        yield Figure("serve.loop_host_busy" + suffix, res["host_busy"] * 100.0, "% of CPU")
+        yield Figure("serve.loop_host_steal" + suffix, res["host_steal"] * 100.0, "% of CPU")
 
 
 def _broker() -> tuple[Optional[str], Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import Figure, benchmark, compared
+from bench import Figure, HostCpu, benchmark, compared, host_figures
 from bench.serve import SPEC, K, _rows, build_catalog_store
 
 TARGET_MS = 20.0
@@ -284,7 +284,9 @@ def recommend_http(quick: bool) -> Iterator[Figure]:
             asyncio.run(open_loop(url, cat.user_ids, 50, 1.0))  # connections, caches, the first refreshes
             time.sleep(0.5)  # the warm-up's feature events written
             cpu0, lines0 = server.cpu_s(), _feature_lines(data)
+            host0 = HostCpu.read()
             run = asyncio.run(open_loop(url, cat.user_ids, RATE, duration))
+            host1 = HostCpu.read()
             time.sleep(0.5)
             cpu1, served = server.cpu_s(), (_feature_lines(data) - lines0) / K
             if os.environ.get("FRESHREC_BENCH_VERBOSE"):
@@ -294,6 +296,8 @@ def recommend_http(quick: bool) -> Iterator[Figure]:
             yield Figure("serve.recommend_p50", run.p(50), "ms")
             yield Figure("serve.recommend_failed", float(len(run.latency_ms) - run.ok), "requests")
             yield Figure("serve.loadgen_lag_p99", run.lag_p99, "ms")
+            # The machine in that window: a p99 far off with much CPU stolen is the host's, not ours.
+            yield from host_figures("serve.recommend", host0, host1)
             # What the machine's load moves least: the server processes' CPU time per request they
             # answered (feature lines / k: timed-out requests were served too), beside the bare top-k.
             yield compared("serve.recommend_cpu", "ms/request", (cpu1 - cpu0) * 1000.0 / max(served, 1.0),
