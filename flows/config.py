@@ -201,6 +201,9 @@ class Config:
                                              "and nothing of it is written. `off`: up to what the disk holds")
     serve_refresh_ms: float = _setting("FRESHREC_SERVE_REFRESH_MS", "100", _number(float, 1),
                                        "the model server brings its item vectors up to the serving store this often")
+    serve_threads: int = _setting("FRESHREC_SERVE_THREADS", "0", _number(int, 0, 64),
+                                  "threads of a model server process that compute recommendations; 0: its "
+                                  "event loop computes each one itself, with no hand-off between threads")
     serve_processes: int = _setting("FRESHREC_SERVE_PROCESSES", "1", _number(int, 1, 64),
                                     "`freshrec serve` runs this many server processes on one port (SO_REUSEPORT), "
                                     "each with its own item index and feature-event file")

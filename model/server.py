@@ -1,7 +1,8 @@
 """The model server's HTTP layer (CONTRACT.md, Model server HTTP API): recommendations from a
 `Recommender`, one feature event per item served, and action events accepted into their stream.
 
-Recommendations and index refreshes run in a thread pool (numpy releases the GIL), so the event
+The event loop computes each recommendation itself (FRESHREC_SERVE_THREADS=0, the default) or
+hands it to a pool of that many threads; index refreshes run in a thread of their own, so the
 loop keeps answering while they compute. Feature events are assembled
 from bytes kept per item (model/served_events.py) and go to their stream in one asynchronous
 write per FEATURE_BATCH_S (flows/eventlog.py). Client input never gets a 5xx: every bad parameter
@@ -97,14 +98,22 @@ class ModelServer:
     """Handlers and background work of one app; `create_app` wires it."""
 
     def __init__(self, recommender: Recommender, config: Config, actions: EventLog, features: EventLog,
-                 *, threads: int = 2, clock: Callable[[], float] = time.time):
+                 *, threads: Optional[int] = None, clock: Callable[[], float] = time.time):
         self.recommender = recommender
         self.config = config
         self.actions = actions
         self.features = features
         self.clock = clock
         self.metrics = ServeMetrics()
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="recommend")
+        if threads is None:
+            threads = getattr(config, "serve_threads", 0)
+        if threads < 0:
+            raise ValueError(f"threads must be 0 (on the event loop) or more, not {threads}")
+        # 0: no pool. A hand-off to a pool thread and back cost about 0.2 ms of CPU here (two
+        # thread wake-ups), and the threads then took turns at the GIL with the loop: at 200
+        # requests/s over 100,000 items, two threads cost a fifth more CPU per request than none.
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="recommend") if threads else None
+        self._refresh_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-refresh")
         self.max_future_s = getattr(config, "max_future_s", DEFAULT_MAX_FUTURE_S)
         self.read_timeout_s = getattr(config, "serve_read_timeout_s", DEFAULT_READ_TIMEOUT_S)
         self.token = config.api_token.encode() if config.api_token else None
@@ -135,14 +144,16 @@ class ModelServer:
                 await stream.close()
             except Exception:  # closing one log must not keep the other open
                 log.exception("closing an event log")
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        self._refresh_pool.shutdown(wait=True)
 
     async def _refresh_loop(self) -> None:
         loop = asyncio.get_running_loop()
         period = self.config.serve_refresh_ms / 1000
         while True:
             try:
-                await loop.run_in_executor(self.pool, self.recommender.refresh)
+                await loop.run_in_executor(self._refresh_pool, self.recommender.refresh)
                 self._publish_health()
             except asyncio.CancelledError:
                 raise
@@ -202,8 +213,11 @@ class ModelServer:
             if not _K.fullmatch(raw_k) or not 1 <= int(raw_k) <= MAX_K:
                 return _error(400, f"k must be an integer from 1 to {MAX_K}")
             k = int(raw_k)
-        # In the pool: numpy releases the GIL, so the event loop keeps moving HTTP meanwhile.
-        request_id, body, lines = await asyncio.get_running_loop().run_in_executor(self.pool, self._answer, user_id, k)
+        if self.pool is None:
+            request_id, body, lines = self._answer(user_id, k)
+        else:  # numpy releases the GIL, so the event loop moves HTTP meanwhile
+            request_id, body, lines = await asyncio.get_running_loop().run_in_executor(self.pool, self._answer,
+                                                                                       user_id, k)
         if lines:
             self._log_features(request_id, lines)
         return web.Response(body=body, content_type="application/json")
@@ -361,10 +375,10 @@ def _split_events(body: bytes) -> tuple[list[bytes], Optional[str]]:
 
 
 def create_app(recommender: Recommender, config: Config, *, actions_log: Optional[EventLog] = None,
-               features_log: Optional[EventLog] = None, threads: int = 2,
+               features_log: Optional[EventLog] = None, threads: Optional[int] = None,
                clock: Callable[[], float] = time.time) -> web.Application:
     """The aiohttp application. Event logs default to the configured streams (files or Kafka);
-    the app closes them at cleanup."""
+    the app closes them at cleanup. `threads`: FRESHREC_SERVE_THREADS unless given."""
     actions = actions_log if actions_log is not None else open_event_log("actions", config)
     features = features_log if features_log is not None else open_event_log("features", config)
     server = ModelServer(recommender, config, actions, features, threads=threads, clock=clock)
@@ -388,8 +402,8 @@ def serve(recommender: Recommender, config: Config, host: str = "127.0.0.1", por
           **app_options: Any) -> None:
     """Serves until SIGINT or SIGTERM, then stops cleanly (event logs flushed, producers closed).
     `reuse_port`: bind with SO_REUSEPORT, so other server processes can share the port."""
-    # The process is the server's: a thread that wants the GIL (a request's pool thread, the
-    # event loop, the index refresh) waits at most 1 ms for it rather than Python's 5 ms, which
+    # The process is the server's: a thread that wants the GIL (the event loop, the index refresh,
+    # a request's pool thread if there are any) waits at most 1 ms for it rather than Python's 5 ms, which
     # a request paid at each hand-off whenever another thread was busy.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 

@@ -10,6 +10,7 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
+from flows.config import Config, ConfigError
 from flows.eventlog import FileEventLog, KafkaEventLog
 from flows.events import ActionEvent, FeatureEvent, parse
 from flows.streams import read_stream, stream_files
@@ -38,15 +39,19 @@ def config(tmp_path):
 
 
 @pytest.fixture
-def server(config):
+def server(config, request):
+    # Indirectly parametrized with the server's threads (FRESHREC_SERVE_THREADS) where a test
+    # asks; the setting's default otherwise.
+    options = {"threads": request.param} if hasattr(request, "param") else {}
     rec = ListRecommender()
-    with running_server(rec, config) as s:
+    with running_server(rec, config, **options) as s:
         s.recommender = rec
         yield s
 
 
 # --- /recommend --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("server", [0, 2], indirect=True, ids=["on-the-event-loop", "two-threads"])
 def test_recommend_answers_the_contract_and_writes_one_feature_event_per_item(server, config):
     status, _, body = call(server.url, "GET", "/recommend?user_id=u1&k=5")
     assert status == 200
@@ -341,3 +346,25 @@ def test_actions_and_feature_events_land_on_their_topics(tmp_path, kafka_bootstr
     parsed = [parse("features", m.value(), time.time()) for m in features]
     assert all(m.key() == rec["request_id"].encode() for m in features)
     assert [(e.item_id, e.position) for e in parsed] == [(i["item_id"], n) for n, i in enumerate(rec["items"])]
+
+
+@pytest.mark.parametrize("server", [0, 2], indirect=True, ids=["on-the-event-loop", "two-threads"])
+def test_a_failing_recommender_is_a_500_and_the_server_goes_on(server, config):
+    real = server.recommender.recommend
+
+    def broken(user_id, k):
+        if user_id == "boom":
+            raise RuntimeError("the index broke")
+        return real(user_id, k)
+
+    server.recommender.recommend = broken
+    status, _, body = call(server.url, "GET", "/recommend?user_id=boom&k=3")
+    assert status == 500 and body == {"error": "internal error"}
+    status, _, body = call(server.url, "GET", "/recommend?user_id=u1&k=3")
+    assert status == 200 and len(body["items"]) == 3
+
+
+def test_serve_threads_is_checked_at_start_up(tmp_path):
+    with pytest.raises(ConfigError, match="FRESHREC_SERVE_THREADS"):
+        Config.from_env({"FRESHREC_SERVE_THREADS": "-1", "FRESHREC_DATA_DIR": str(tmp_path)})
+    assert Config.from_env({"FRESHREC_DATA_DIR": str(tmp_path)}).serve_threads == 0
