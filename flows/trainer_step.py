@@ -30,6 +30,7 @@ from bytewax.operators import StatefulBatchLogic
 from prometheus_client import Counter, Gauge
 
 from flows.catalog import Catalog, CatalogDelta
+from flows.clock import join_key
 from flows.config import LMDB_CAP
 from flows.events import Example, Joined
 from flows.joiner import in_key_sample
@@ -291,8 +292,9 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         kept = self.arrival_scores
         rate = self.cfg.validation_sample
         # The join keys, made once for both uses below (only flows that forward impressions keep
-        # scores on arrival; only a sampled validation asks for the key sample).
-        keys_of = [f"{e.request_id}\x00{e.item_id}" for e in batch] if kept or rate < 1.0 else []
+        # scores on arrival; only a sampled validation asks for the key sample). `join_key`, as the
+        # joiner's sample and `_to_score` take it: a digest for ids too long or ambiguous.
+        keys_of = [join_key(e.request_id, e.item_id) for e in batch] if kept or rate < 1.0 else []
         arrival = np.array([kept.pop(k, np.nan) for k in keys_of], np.float64) if kept else None
         validated = None
         if rate < 1.0:
@@ -330,7 +332,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         scores = trainer.score(impressions)
         kept = self.arrival_scores
         for e, score in zip(impressions, scores.tolist(), strict=True):
-            kept[f"{e.request_id}\x00{e.item_id}"] = score
+            kept[join_key(e.request_id, e.item_id)] = score
         while len(kept) > self.cfg.max_arrival_scores:
             kept.popitem(last=False)  # the oldest: its example falls back to the score at training
 

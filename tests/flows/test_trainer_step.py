@@ -83,6 +83,7 @@ def test_impressions_without_a_logged_score_are_scored_when_they_arrive(tmp_path
 def test_with_sampled_negatives_only_the_key_sample_is_scored_on_arrival_and_validated(tmp_path):
     from bytewax.testing import TestingSink, run_main
 
+    from flows.clock import join_key
     from flows.joiner import in_key_sample
     from flows.pipeline import build_flow
     from tests.helpers import config_for
@@ -94,10 +95,10 @@ def test_with_sampled_negatives_only_the_key_sample_is_scored_on_arrival_and_val
     out = []
     run_main(build_flow(config, tap=TestingSink(out)))
     got = {s: pv_count(s) - before[s] for s in sources}
-    sampled = [e for e in out if in_key_sample(f"{e.request_id}\x00{e.item_id}", 0.25)]
+    sampled = [e for e in out if in_key_sample(join_key(e.request_id, e.item_id), 0.25)]
     # Every kept negative is in the sample; positives and explicit negatives outside it train but
     # are left out of validation, and no example outside it was scored on arrival.
-    assert all(in_key_sample(f"{e.request_id}\x00{e.item_id}", 0.25) for e in out if e.weight != 1.0)
+    assert all(in_key_sample(join_key(e.request_id, e.item_id), 0.25) for e in out if e.weight != 1.0)
     assert 0 < len(sampled) < len(out)
     assert got == {"logged": 0, "on_arrival": len(sampled), "at_training": 0, "left_out": len(out) - len(sampled)}
 
