@@ -112,10 +112,10 @@ def host_shares(before: Optional[HostCpu], after: Optional[HostCpu]) -> Optional
     return busy / total, steal / total
 
 
-def host_figures(prefix: str, before: Optional[HostCpu], after: Optional[HostCpu]) -> Iterator[Figure]:
-    """`<prefix>_host_busy` and `<prefix>_host_steal`: percent of the machine's CPU time in a window
-    that was busy, and that the hypervisor took; nothing where the system does not say."""
-    shares = host_shares(before, after)
+def host_figures(prefix: str, shares: Optional[tuple[float, float]], suffix: str = "") -> Iterator[Figure]:
+    """`<prefix>_host_busy<suffix>` and `<prefix>_host_steal<suffix>` from `host_shares`: percent of
+    the machine's CPU time in a window that was busy, and that the hypervisor took; nothing where
+    the system does not say."""
     if shares is not None:
-        yield Figure(prefix + "_host_busy", shares[0] * 100.0, "% of CPU")
-        yield Figure(prefix + "_host_steal", shares[1] * 100.0, "% of CPU")
+        yield Figure(f"{prefix}_host_busy{suffix}", shares[0] * 100.0, "% of CPU")
+        yield Figure(f"{prefix}_host_steal{suffix}", shares[1] * 100.0, "% of CPU")

@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bench import Figure, HostCpu, benchmark, compared, host_shares
+from bench import Figure, HostCpu, benchmark, compared, host_figures, host_shares
 from flows.config import Config
 
 FEATURES_PER_ACTION = 5
@@ -373,9 +373,8 @@ def _figures(res: dict[str, float], suffix: str) -> Iterator[Figure]:
     yield compared("serve.freshness_rows_p50" + suffix, "ms", res["rows_p50"], "flow histogram p50", res["flow_p50"])
     yield compared("serve.freshness_rows_p99" + suffix, "ms", res["rows_p99"], "flow histogram p99", res["flow_p99"])
     yield compared("serve.sim_actions" + suffix, "actions/s", res["sim_actions"], "offered", res["rate"])
-    if res.get("host_steal", float("nan")) == res.get("host_steal"):  # not nan: the system said
-        yield Figure("serve.loop_host_busy" + suffix, res["host_busy"] * 100.0, "% of CPU")
-        yield Figure("serve.loop_host_steal" + suffix, res["host_steal"] * 100.0, "% of CPU")
+    said = res["host_steal"] == res["host_steal"]  # not nan: the system said
+    yield from host_figures("serve.loop", (res["host_busy"], res["host_steal"]) if said else None, suffix)
 
 
 def _broker() -> tuple[Optional[str], Any]:

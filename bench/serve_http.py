@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import Figure, HostCpu, benchmark, compared, host_figures
+from bench import Figure, HostCpu, benchmark, compared, host_figures, host_shares
 from bench.serve import SPEC, K, _rows, build_catalog_store
 
 TARGET_MS = 20.0
@@ -297,7 +297,7 @@ def recommend_http(quick: bool) -> Iterator[Figure]:
             yield Figure("serve.recommend_failed", float(len(run.latency_ms) - run.ok), "requests")
             yield Figure("serve.loadgen_lag_p99", run.lag_p99, "ms")
             # The machine in that window: a p99 far off with much CPU stolen is the host's, not ours.
-            yield from host_figures("serve.recommend", host0, host1)
+            yield from host_figures("serve.recommend", host_shares(host0, host1))
             # What the machine's load moves least: the server processes' CPU time per request they
             # answered (feature lines / k: timed-out requests were served too), beside the bare top-k.
             yield compared("serve.recommend_cpu", "ms/request", (cpu1 - cpu0) * 1000.0 / max(served, 1.0),

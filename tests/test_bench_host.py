@@ -42,8 +42,8 @@ def test_shares_of_a_window():
     busy, steal = host_shares(a, b)
     assert busy == pytest.approx(0.6)
     assert steal == pytest.approx(0.1)
-    figures = {f.name: f.value for f in host_figures("x", a, b)}
-    assert figures == {"x_host_busy": pytest.approx(60.0), "x_host_steal": pytest.approx(10.0)}
+    figures = {f.name: f.value for f in host_figures("x", host_shares(a, b), ".k")}
+    assert figures == {"x_host_busy.k": pytest.approx(60.0), "x_host_steal.k": pytest.approx(10.0)}
 
 
 def test_no_shares_without_both_readings_or_without_time():
@@ -51,4 +51,4 @@ def test_no_shares_without_both_readings_or_without_time():
     assert host_shares(None, a) is None
     assert host_shares(a, None) is None
     assert host_shares(a, a) is None
-    assert list(host_figures("x", None, a)) == []
+    assert list(host_figures("x", host_shares(None, a))) == []
