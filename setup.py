@@ -1,4 +1,5 @@
-"""Builds the join's hot loop, flows/joiner.py, with Cython; everything else is in pyproject.toml.
+"""Builds the join's hot loop, flows/joiner.py, and the spill store's index, flows/dueindex.py, with
+Cython; everything else is in pyproject.toml.
 
 Cython compiles a copy of the source that records the source's digest (`_BUILT_FROM`), so that
 the compiled module refuses to load once flows/joiner.py has changed without a rebuild, instead
@@ -35,8 +36,9 @@ def source_with_digest(module: str) -> str:
 setup(
     ext_modules=cythonize(
         # optional: where no C compiler is at hand the install goes on and the same source runs as
-        # plain Python (slower; `flows.joiner.COMPILED` says which, and CI checks it compiled).
-        [Extension("flows.joiner", [source_with_digest("flows.joiner")], optional=True)],
+        # plain Python (slower; each module's `COMPILED` says which, and CI checks they compiled).
+        [Extension(module, [source_with_digest(module)], optional=True)
+         for module in ("flows.joiner", "flows.dueindex")],
         compiler_directives={"language_level": 3},
         quiet=True,
     ),

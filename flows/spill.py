@@ -15,21 +15,20 @@ from typing import Protocol, TypeVar
 
 import lmdb
 
+from flows.dueindex import DueIndex, due_of_prefix, due_prefix
 from paramserver.lmdb_limits import LmdbStoreFull, grown_size, initial_size
 
 Entry = tuple[float, bytes]  # (due, payload)
 
 _T = TypeVar("_T")
-_D = struct.Struct(">d")
 _Q = struct.Struct(">Q")
-_SIGN = 1 << 63
-_ALL = (1 << 64) - 1
+_U16 = struct.Struct(">H")
 _WAS_ABSENT = b"\x00"
 _WAS = b"\x01"
 _LAST_TAG = b"last_tag"
 _DROPPED = b"dropped"  # the newest tag whose undo records were dropped: no rollback below it
 _FORMAT = b"format"
-_FORMAT_VERSION = b"1"  # bump when a layout below changes; an old directory is then refused, not misread
+_FORMAT_VERSION = b"2"  # bump when a layout below changes; an old directory is then refused, not misread
 _DATA_FILE = "data.mdb"
 
 
@@ -95,39 +94,24 @@ class SpillStore(Protocol):
         ...
 
 
-def _index_prefix(raw_due: bytes) -> bytes:
-    """Map a big-endian double to 8 bytes that sort like the number (IEEE 754 bytes do not:
-    negatives, -inf included, would sort after positives and in reverse)."""
-    bits = int.from_bytes(raw_due, "big")
-    bits ^= _ALL if bits & _SIGN else _SIGN
-    return bits.to_bytes(8, "big")
-
-
-def _due_of_prefix(prefix: bytes) -> float:
-    bits = int.from_bytes(prefix, "big")
-    bits ^= _SIGN if bits & _SIGN else _ALL
-    return _D.unpack(bits.to_bytes(8, "big"))[0]
-
-
-def _raw_due(due: float) -> bytes:
-    if due != due:
-        raise ValueError("due must not be NaN: an entry with a NaN due would never come due")
-    return _D.pack(due + 0.0)  # + 0.0 turns -0.0 into 0.0: one index position per instant
-
-
-def _decode(value: bytes | None) -> Entry | None:
-    if value is None:
-        return None
-    return _D.unpack_from(value)[0], value[8:]
+def _undo_record(entry_key: bytes, old: bytes | None) -> bytes:
+    """What the undo db holds for one entry key changed by a flush: whether it was absent, or its
+    value then."""
+    head = _U16.pack(len(entry_key)) + entry_key
+    return _WAS_ABSENT + head if old is None else _WAS + head + old
 
 
 class LmdbSpillStore:
     """`SpillStore` in one LMDB environment (one directory per bucket).
 
-    Named databases: `entries` (key -> 8-byte big-endian double due + payload), `due` (sortable
-    due prefix + key -> b"", so a cursor walks in due order), `undo` (8-byte big-endian tag + key
-    -> b"\\x00" if the key was absent before that tag, or b"\\x01" + its stored value), and `meta`.
-    Keys are non-empty bytes of at most 503 bytes (LMDB's 511 less the 8-byte prefixes).
+    Named databases: `entries` (`due_prefix(due)` + key -> payload: a cursor walks them in due
+    order, and a flush's puts and expiry's deletes walk the B-tree in order, where a key of its own
+    would cost each a page copy and write somewhere: 5-7 µs against 1-2), `undo` (8-byte
+    big-endian tag + 8-byte sequence number -> whether an entry key was absent before that tag, or
+    its value then), and `meta`. In memory, a `DueIndex` (16 bytes a slot) finds the due of a key;
+    the rare key whose hash another one holds has its due in a dict. Both are rebuilt from
+    `entries` when the store opens and after a rollback.
+    Keys are non-empty bytes of at most 503 bytes (LMDB's 511 less the due prefix).
     `durable=False` syncs nothing to disk and keeps no undo records, for a store no resume will
     read (recovery off): each flush then drops the rollback below itself, so `rollback` refuses
     any earlier tag, with the reason.
@@ -143,6 +127,7 @@ class LmdbSpillStore:
         max_map_size: int | None = None,
         cap_name: str = "max_map_size",
         durable: bool = True,
+        hash_bits: int = 64,
     ) -> None:
         if undo_keep < 1:
             raise ValueError(f"undo_keep must be at least 1 (the undo of the last flush), got {undo_keep}")
@@ -154,6 +139,9 @@ class LmdbSpillStore:
         # False: nothing is synced to disk (a store no resume will read: recovery is off). A
         # process crash still loses nothing committed; a system crash can lose or tear the store.
         self.durable = durable
+        self._hash_bits = hash_bits  # below 64 only in tests: keys then share hashes
+        self._index = DueIndex(hash_bits=hash_bits)
+        self._shared: dict[bytes, float] = {}  # key -> due, for keys whose hash the index gives another
         self.path.mkdir(parents=True, exist_ok=True)
         data_file = self.path / _DATA_FILE
         if data_file.exists():
@@ -164,7 +152,7 @@ class LmdbSpillStore:
             str(self.path),
             map_size=map_size,
             subdir=True,
-            max_dbs=4,
+            max_dbs=3,
             writemap=False,  # a stray write through the map could corrupt the file; LMDB copies instead
             # Every commit syncs its data pages, so a system crash can at worst undo the last
             # commits whole (ACI kept); a durable flush also syncs the meta page (`flush`). The
@@ -177,7 +165,6 @@ class LmdbSpillStore:
         try:
             with self._env.begin(write=True) as txn:
                 self._entries = self._env.open_db(b"entries", txn=txn)
-                self._due = self._env.open_db(b"due", txn=txn)
                 self._undo = self._env.open_db(b"undo", txn=txn)
                 self._meta = self._env.open_db(b"meta", txn=txn)
                 version = txn.get(_FORMAT, db=self._meta)
@@ -190,46 +177,64 @@ class LmdbSpillStore:
                     )
                 self._last_tag = self._meta_int(txn, _LAST_TAG)
                 self._dropped = self._meta_int(txn, _DROPPED)
+            self._rebuild_index()
         except BaseException:
             self._env.close()
             raise
 
     # -- reads ---------------------------------------------------------------------------------
 
+    def _due_of(self, key: bytes) -> float:
+        """The due `key` is stored under, if it is stored (NaN if not); when the index answers,
+        the key may be another one with the same hash: its entry key then is not in `entries`."""
+        if self._shared:
+            due = self._shared.get(key)
+            if due is not None:
+                return due
+        return self._index.get(key)
+
     def get(self, key: bytes) -> Entry | None:
-        with self._env.begin(db=self._entries) as txn:
-            return _decode(txn.get(key))
+        return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[bytes]) -> list[Entry | None]:
-        unpack = _D.unpack_from
+        due_of = self._index.get if not self._shared else self._due_of
+        out: list[Entry | None] = []
+        append = out.append
         with self._env.begin(db=self._entries) as txn:
-            get = txn.cursor().get
-            # Inline decoding: twice as fast as getmulti plus a dict (it skips missing keys).
-            return [None if (value := get(key)) is None else (unpack(value)[0], value[8:]) for key in keys]
+            get = txn.get
+            for key in keys:
+                due = due_of(key)
+                if due != due:
+                    append(None)
+                elif (value := get(due_prefix(due) + key)) is None:
+                    append(None)  # another key with the same hash
+                else:
+                    append((due, value))
+        return out
 
     def due(
         self, upto: float, start: tuple[float, bytes] | None = None, *, limit: int = 100_000
     ) -> list[tuple[float, bytes]]:
         if upto != upto or limit <= 0:
             return []
-        bound = _index_prefix(_D.pack(upto + 0.0))
+        bound = due_prefix(upto)
         out: list[tuple[float, bytes]] = []
-        with self._env.begin(db=self._due) as txn:
+        with self._env.begin(db=self._entries) as txn:
             cursor = txn.cursor()
             if start is None:
                 positioned = cursor.first()
             else:
-                after = _index_prefix(_raw_due(start[0])) + start[1]
+                after = due_prefix(start[0]) + start[1]
                 positioned = cursor.set_range(after)
                 if positioned and cursor.key() == after:
                     positioned = cursor.next()
             if not positioned:
                 return out
-            for index_key in cursor.iternext(keys=True, values=False):
-                prefix = index_key[:8]
+            for entry_key in cursor.iternext(keys=True, values=False):
+                prefix = entry_key[:8]
                 if prefix > bound:
                     break
-                out.append((_due_of_prefix(prefix), index_key[8:]))
+                out.append((due_of_prefix(prefix), entry_key[8:]))
                 if len(out) >= limit:
                     break
         return out
@@ -238,12 +243,15 @@ class LmdbSpillStore:
         return self._last_tag
 
     def __len__(self) -> int:
-        with self._env.begin() as txn:
-            return txn.stat(self._entries)["entries"]
+        return len(self._index) + len(self._shared)
 
     def disk_bytes(self) -> int:
         # Pages up to the high-water mark, free ones included: what the data file holds.
         return (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+
+    def index_bytes(self) -> int:
+        """Bytes the in-memory index takes (its table; the dict of shared hashes is nearly always empty)."""
+        return self._index.nbytes
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -255,60 +263,96 @@ class LmdbSpillStore:
             raise ValueError(
                 f"flush tag {tag} is below the last flushed tag {self._last_tag} of {self.path}: tags only grow"
             )
-        # Sorted keys make the puts walk each B-tree left to right. Values and index records are
-        # encoded once, outside the transaction, which a full map makes run again.
-        items: list[tuple[bytes, bytes | None, bytes]] = []
-        for key in sorted(writes):
-            entry = writes[key]
+        # Entry keys, old (where the index says the key is) and new, are made once, outside the
+        # transaction, which a full map makes run again.
+        items: list[tuple[bytes, bytes | None, bytes | None, bytes]] = []
+        due_of = self._due_of
+        for key, entry in writes.items():
+            due = due_of(key)
+            old_key = None if due != due else due_prefix(due) + key
             if entry is None:
-                items.append((key, None, b""))
+                if old_key is not None:
+                    items.append((key, old_key, None, b""))
             else:
-                raw_due = _raw_due(entry[0])
-                items.append((key, raw_due + entry[1], _index_prefix(raw_due) + key))
-        dropped = self._write(lambda txn: self._flush_txn(txn, tag, items))
+                items.append((key, old_key, due_prefix(entry[0]) + key, entry[1]))
+        dropped, moved = self._write(lambda txn: self._flush_txn(txn, tag, items))
         if durable and self.durable:
             self._env.sync(True)  # the meta page too: this flush survives a system crash
         self._last_tag = tag
         self._dropped = dropped
+        # The index follows the committed transaction only, in the order the keys came.
+        for key, old_key, new_key in moved:
+            if old_key is not None:
+                if self._shared and key in self._shared:
+                    del self._shared[key]
+                else:
+                    self._index.pop(key)
+            if new_key is not None:
+                self._locate(key, due_of_prefix(new_key))
 
-    def _flush_txn(self, txn: lmdb.Transaction, tag: int, items: list[tuple[bytes, bytes | None, bytes]]) -> int:
-        keys = [item[0] for item in items]
-        old = dict(txn.cursor(self._entries).getmulti(keys))
+    def _locate(self, key: bytes, due: float) -> None:
+        """Index a key newly stored under `due` (its hash free, else in `_shared`)."""
+        index = self._index
+        if index.get(key) != index.get(key):  # NaN: no key holds its hash
+            index.put(key, due)
+        else:
+            self._shared[key] = due
 
-        # Undo first, from the values as they are now. overwrite=False keeps the record of an
-        # earlier flush with the same tag: it holds the value from before the tag. A store no
-        # resume reads keeps none: `join.spill` runs in 0.88x the time (in one process).
-        if self.durable:
+    def _flush_txn(
+        self, txn: lmdb.Transaction, tag: int, items: list[tuple[bytes, bytes | None, bytes | None, bytes]]
+    ) -> tuple[int, list[tuple[bytes, bytes | None, bytes | None]]]:
+        """Apply `items` (key, its entry key now or None, its entry key after or None, payload);
+        return the tags dropped and, for the index, each key whose entry key changed: (key, the
+        one it left or None, the one it has now or None)."""
+        entries = self._entries
+        pop = txn.pop
+        replace = txn.replace
+        undo: list[tuple[bytes, bytes | None]] = []  # (entry key, its value before or None)
+        moved: list[tuple[bytes, bytes | None, bytes | None]] = []
+        puts: list[tuple[bytes, bytes]] = []
+        # In entry-key order, so the changes walk the B-tree from left to right.
+        for key, old_key, new_key, payload in sorted(items, key=lambda it: it[1] or it[2]):
+            if old_key is not None and old_key == new_key:
+                old = replace(old_key, payload, db=entries)
+                undo.append((old_key, old))
+                if old is not None:
+                    continue  # same entry key: the index stays
+                # Absent: the index's due was another key's, with the same hash.
+                moved.append((key, None, new_key))
+                continue
+            if old_key is not None:
+                old = pop(old_key, db=entries)
+                if old is None:
+                    old_key = None  # as above
+                else:
+                    undo.append((old_key, old))
+            if new_key is not None:
+                puts.append((new_key, payload))
+                undo.append((new_key, None))
+            if old_key is not None or new_key is not None:
+                moved.append((key, old_key, new_key))
+        if puts:
+            puts.sort()
+            txn.cursor(entries).putmulti(puts)
+
+        # Undo records, from the values as they were. A later record for the same entry key and
+        # tag (a second flush with the tag) changes nothing: a rollback applies the first.
+        if self.durable and undo:
+            seq = self._undo_next(txn)
             tag_prefix = _Q.pack(tag)
             txn.cursor(self._undo).putmulti(
-                [(tag_prefix + key, _WAS + old[key] if key in old else _WAS_ABSENT) for key in keys],
-                overwrite=False,
-            )
-
-        index_puts: list[tuple[bytes, bytes]] = []
-        entry_puts: list[tuple[bytes, bytes]] = []
-        for key, value, index_key in items:
-            before = old.get(key)
-            if value is None:
-                if before is not None:
-                    txn.delete(key, db=self._entries)
-                    txn.delete(_index_prefix(before[:8]) + key, db=self._due)
-                continue
-            entry_puts.append((key, value))
-            if before is not None:
-                if before[:8] == value[:8]:
-                    continue  # same due: the index record stays
-                txn.delete(_index_prefix(before[:8]) + key, db=self._due)
-            index_puts.append((index_key, b""))
-        txn.cursor(self._entries).putmulti(entry_puts)
-        index_puts.sort()  # key order is not due order
-        txn.cursor(self._due).putmulti(index_puts)
+                [(tag_prefix + _Q.pack(seq + i), _undo_record(k, v)) for i, (k, v) in enumerate(undo)])
 
         # Without undo records, no rollback goes below this flush.
         dropped = self._drop_undo(txn, tag - self.undo_keep) if self.durable else tag
         txn.put(_LAST_TAG, _Q.pack(tag), db=self._meta)
         txn.put(_DROPPED, _Q.pack(dropped), db=self._meta)
-        return dropped
+        return dropped, moved
+
+    def _undo_next(self, txn: lmdb.Transaction) -> int:
+        """The next undo sequence number: above every record's, so records of one tag keep their order."""
+        cursor = txn.cursor(self._undo)
+        return _Q.unpack_from(cursor.key(), 8)[0] + 1 if cursor.last() else 0
 
     def _drop_undo(self, txn: lmdb.Transaction, upto_tag: int) -> int:
         """Delete the undo records of tags <= `upto_tag`; return the newest tag dropped so far."""
@@ -345,55 +389,60 @@ class LmdbSpillStore:
         restored = self._write(lambda txn: self._rollback_txn(txn, to_tag))
         self._env.sync(True)
         self._last_tag = to_tag
+        self._rebuild_index()
         return restored
 
     def _rollback_txn(self, txn: lmdb.Transaction, to_tag: int) -> int:
         undo_cursor = txn.cursor(self._undo)
         start = _Q.pack(to_tag + 1)
-        # Undoing newest tag first ends, for each key, at the record of the oldest tag above
-        # `to_tag` (the value before it): apply only that one.
-        before: dict[bytes, bytes] = {}
+        # The first record of each entry key above `to_tag` holds its value before: apply only that.
+        before: dict[bytes, bytes | None] = {}
         if undo_cursor.set_range(start):
-            for undo_key, record in undo_cursor.iternext():
-                before.setdefault(undo_key[8:], record)
+            for record in undo_cursor.iternext(keys=False, values=True):
+                n = _U16.unpack_from(record, 1)[0]
+                entry_key = record[3:3 + n]
+                if entry_key not in before:
+                    before[entry_key] = None if record[:1] == _WAS_ABSENT else record[3 + n:]
             undo_cursor.set_range(start)
             while undo_cursor.delete():
                 pass
-        keys = sorted(before)
-        now = dict(txn.cursor(self._entries).getmulti(keys))
-        for key in keys:
-            record = before[key]
-            target = None if record == _WAS_ABSENT else record[1:]
-            current = now.get(key)
-            if current == target:
-                continue
-            if current is not None and (target is None or current[:8] != target[:8]):
-                txn.delete(_index_prefix(current[:8]) + key, db=self._due)
-            if target is None:
-                txn.delete(key, db=self._entries)
-                continue
-            if current is None or current[:8] != target[:8]:
-                txn.put(_index_prefix(target[:8]) + key, b"", db=self._due)
-            txn.put(key, target, db=self._entries)
+        entries = self._entries
+        for entry_key in sorted(before):
+            old = before[entry_key]
+            if old is None:
+                txn.delete(entry_key, db=entries)
+            else:
+                txn.put(entry_key, old, db=entries)
         txn.put(_LAST_TAG, _Q.pack(to_tag), db=self._meta)
-        return len(keys)
+        return len({entry_key[8:] for entry_key in before})
+
+    def _rebuild_index(self) -> None:
+        """The in-memory index from `entries`: one pass over its keys, in due order."""
+        self._index = DueIndex(hash_bits=self._hash_bits)
+        self._shared = {}
+        locate = self._locate
+        with self._env.begin(db=self._entries) as txn:
+            for entry_key in txn.cursor().iternext(keys=True, values=False):
+                locate(entry_key[8:], due_of_prefix(entry_key))
 
     def clear(self) -> None:
         if self._last_tag == 0 and self._dropped == 0 and self._empty():
             return  # nothing to remove: a fresh start pays for no write transaction (and its fsync)
 
         def work(txn: lmdb.Transaction) -> None:
-            for db in (self._entries, self._due, self._undo, self._meta):
+            for db in (self._entries, self._undo, self._meta):
                 txn.drop(db, delete=False)
             txn.put(_FORMAT, _FORMAT_VERSION, db=self._meta)
 
         self._write(work)
         self._last_tag = 0
         self._dropped = 0
+        self._index = DueIndex(hash_bits=self._hash_bits)
+        self._shared = {}
 
     def _empty(self) -> bool:
         with self._env.begin() as txn:
-            return all(txn.stat(db)["entries"] == 0 for db in (self._entries, self._due, self._undo))
+            return all(txn.stat(db)["entries"] == 0 for db in (self._entries, self._undo))
 
     def close(self) -> None:
         self._env.close()

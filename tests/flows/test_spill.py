@@ -282,10 +282,12 @@ UNDO_KEEP = 3
 class SpillModel(RuleBasedStateMachine):
     """A dict per tag is the model; the store must match it after every step, rollbacks included."""
 
+    hash_bits = 64
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="spill-")
-        self.store = LmdbSpillStore(self.dir, undo_keep=UNDO_KEEP, map_size=256 << 10)
+        self.store = LmdbSpillStore(self.dir, undo_keep=UNDO_KEEP, map_size=256 << 10, hash_bits=self.hash_bits)
         self.reset_model()
 
     def reset_model(self) -> None:
@@ -300,6 +302,8 @@ class SpillModel(RuleBasedStateMachine):
     def flush(self, step: int, writes: dict) -> None:
         tag = self.last + step
         self.store.flush(tag, writes)
+        # Deleting an absent key changes nothing, so it has nothing to undo.
+        writes = {k: v for k, v in writes.items() if v is not None or k in self.state}
         for key, entry in writes.items():
             if entry is None:
                 self.state.pop(key, None)
@@ -336,7 +340,7 @@ class SpillModel(RuleBasedStateMachine):
     @rule()
     def reopen(self) -> None:
         self.store.close()
-        self.store = LmdbSpillStore(self.dir, undo_keep=UNDO_KEEP, map_size=64 << 10)
+        self.store = LmdbSpillStore(self.dir, undo_keep=UNDO_KEEP, map_size=64 << 10, hash_bits=self.hash_bits)
 
     @precondition(lambda self: self.last > 6)
     @rule()
@@ -364,6 +368,30 @@ SpillModel.TestCase.settings = settings(
     max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_undo_matches_a_model = SpillModel.TestCase
+
+
+class SharedHashSpillModel(SpillModel):
+    """The same with every key's hash cut to one bit: keys share the index's slots (see DueIndex)."""
+
+    hash_bits = 1
+
+
+SharedHashSpillModel.TestCase.settings = SpillModel.TestCase.settings
+test_keys_that_share_a_hash_match_the_model = SharedHashSpillModel.TestCase
+
+
+def test_keys_that_share_a_hash_are_told_apart_by_their_entries(tmp_path):
+    with LmdbSpillStore(tmp_path / "s", hash_bits=1) as s:
+        keys = [b"k%d" % i for i in range(50)]
+        s.flush(1, {k: (float(i % 7), k * 2) for i, k in enumerate(keys)})
+        assert len(s) == 50 and len(s._shared) >= 48  # two hashes at most in the index
+        assert s.get_many(keys) == [(float(i % 7), k * 2) for i, k in enumerate(keys)]
+        assert s.get(b"absent") is None
+        s.flush(2, {k: None for k in keys[::2]} | {k: (9.0, b"x") for k in keys[1::4]})
+        expected = {k: (9.0, b"x") if i % 4 == 1 else (float(i % 7), k * 2) for i, k in enumerate(keys) if i % 2}
+        assert s.get_many(keys) == [expected.get(k) for k in keys] and len(s) == len(expected)
+        assert everything_due(s) == sorted((due, k) for k, (due, _) in expected.items())
+        assert s.rollback(1) == 25 + 13 and s.get_many(keys) == [(float(i % 7), k * 2) for i, k in enumerate(keys)]
 
 
 def test_a_store_no_resume_reads_keeps_no_undo_records_and_refuses_a_rollback_with_the_reason(tmp_path):
