@@ -1,8 +1,8 @@
-"""Builds the join's hot loop, flows/joiner.py, and the spill store's index, flows/dueindex.py, with
-Cython; everything else is in pyproject.toml.
+"""Builds the join's hot loop, flows/joiner.py, the spill store, flows/spill.py, and its index,
+flows/dueindex.py, with Cython; everything else is in pyproject.toml.
 
 Cython compiles a copy of the source that records the source's digest (`_BUILT_FROM`), so that
-the compiled module refuses to load once flows/joiner.py has changed without a rebuild, instead
+a compiled module refuses to load once its source has changed without a rebuild, instead
 of running the old code (an extension module wins over the .py beside it).
 """
 
@@ -38,7 +38,7 @@ setup(
         # optional: where no C compiler is at hand the install goes on and the same source runs as
         # plain Python (slower; each module's `COMPILED` says which, and CI checks they compiled).
         [Extension(module, [source_with_digest(module)], optional=True)
-         for module in ("flows.joiner", "flows.dueindex")],
+         for module in ("flows.joiner", "flows.dueindex", "flows.spill")],
         compiler_directives={"language_level": 3},
         quiet=True,
     ),

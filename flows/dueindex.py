@@ -157,6 +157,27 @@ class DueIndex:
                 return
             i = (i + 1) & mask
 
+    def add(self, key: bytes, due: float) -> bool:
+        """`put` if no key holds `key`'s hash yet; whether it did."""
+        hashes: cython.ulonglong[::1] = self._hashes
+        dues: cython.double[::1] = self._dues
+        h: cython.ulonglong = _hash_of(key, self._bits)
+        mask: cython.Py_ssize_t = self._mask
+        i: cython.Py_ssize_t = cython.cast(cython.Py_ssize_t, h & mask)
+        k: cython.ulonglong
+        while True:
+            k = hashes[i]
+            if k == h:
+                return False
+            if k == 0:
+                hashes[i] = h
+                dues[i] = due
+                self._n += 1
+                if self._n * 10 > (mask + 1) * 7:
+                    self._resize((mask + 1) * 2)
+                return True
+            i = (i + 1) & mask
+
     def pop(self, key: bytes) -> bool:
         """Remove `key`'s hash; whether it was there."""
         hashes: cython.ulonglong[::1] = self._hashes

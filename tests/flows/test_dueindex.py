@@ -97,18 +97,6 @@ def test_a_nan_due_is_refused():
         due_prefix(math.nan)
 
 
-def test_a_compiled_index_refuses_to_run_in_place_of_a_changed_source(monkeypatch):
-    from flows.compiled import check_built_from
-
-    with pytest.raises(ImportError, match="compiled from another version"):
-        check_built_from(compiled_or_not.__file__, "dueindex.py", "0" * 64)
-
-
-@pytest.mark.skipif(not __import__("os").environ.get("CI"), reason="a working tree may run the source uncompiled")
-def test_the_install_compiles_the_index():
-    assert compiled_or_not.COMPILED, f"{compiled_or_not.__file__} is not compiled: pip install -e . builds it (setup.py)"
-
-
 def test_keyed_like_the_store():
     index = DueIndex()
     index.put(b"a", 1.0)

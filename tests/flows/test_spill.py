@@ -100,6 +100,28 @@ def test_due_change_moves_the_index_and_delete_drops_it(store):
     assert everything_due(store) == [] and len(store) == 0
 
 
+def test_a_scan_that_found_nothing_due_sees_what_is_flushed_after_it(store):
+    """`due` remembers what lies past its last scan (to answer "nothing yet" without LMDB): every
+    flush, rollback and clear must keep that right."""
+    store.flush(1, {b"a": (5.0, b"x"), b"b": (10.0, b"y")})
+    assert store.due(4.0) == [] and store.due(4.0) == []
+    store.flush(2, {b"c": (3.0, b"z")})
+    assert store.due(4.0) == [(3.0, b"c")]
+    assert store.due(6.0, (3.0, b"c")) == [(5.0, b"a")]
+    assert store.due(7.0, (5.0, b"a")) == []
+    store.flush(3, {b"d": (6.0, b"w"), b"e": (4.0, b"behind the scan")})
+    assert store.due(7.0, (5.0, b"a")) == [(6.0, b"d")]
+    assert store.due(7.0, (6.0, b"d")) == []
+    store.flush(4, {b"b": None, b"f": (6.5, b"v")})
+    assert store.due(20.0, (6.0, b"d")) == [(6.5, b"f")]
+    assert store.rollback(3) == 2
+    assert store.due(20.0, (6.0, b"d")) == [(10.0, b"b")]
+    store.clear()
+    assert store.due(20.0) == [] and store.due(20.0, (6.0, b"d")) == []
+    store.flush(5, {b"g": (1.0, b"u")})
+    assert store.due(20.0) == [(1.0, b"g")]
+
+
 def test_nan_due_is_refused_and_writes_nothing(store):
     store.flush(1, {b"a": (1.0, b"x")})
     with pytest.raises(ValueError, match="NaN"):
