@@ -80,9 +80,11 @@ def due_of_prefix(prefix: bytes) -> cython.double:
 @cython.final
 @cython.cclass
 class DueIndex:
-    """key (bytes) -> due (float), by the key's hash only: `get` of a key that shares its hash with
-    a stored one answers that one's due, so a caller keeps the key beside (the store's LMDB key).
-    The table doubles when it is 70% full and halves when it is under 5% full."""
+    """key -> due (float), by the key's hash only: `get` of a key that shares its hash with a
+    stored one answers that one's due, so a caller keeps the key beside (the store's LMDB key).
+    Keys are any hashable; the store's are str, whose hash Python keeps with the string, so a
+    lookup hashes nothing. The table doubles when it is 70% full and halves when it is under 5%
+    full."""
 
     # Views of two arrays, array('Q') and array('d'), taken once per allocation (a typed view
     # taken in each call cost more than the lookup). A hash of 0 marks an empty slot.
@@ -119,7 +121,7 @@ class DueIndex:
         """Bytes the table takes."""
         return 16 * (self._mask + 1)
 
-    def get(self, key: bytes) -> float:
+    def get(self, key: object) -> float:
         """The due stored for `key`'s hash, or NaN."""
         hashes: cython.ulonglong[::1] = self._hashes
         dues: cython.double[::1] = self._dues
@@ -135,7 +137,33 @@ class DueIndex:
                 return math.nan
             i = (i + 1) & mask
 
-    def put(self, key: bytes, due: float) -> None:
+    def hits(self, keys: list) -> list:
+        """The positions in `keys` of those whose hash is held (their `get` is not NaN)."""
+        hashes: cython.ulonglong[::1] = self._hashes
+        mask: cython.Py_ssize_t = self._mask
+        bits: cython.ulonglong = self._bits
+        out: list = []
+        n: cython.Py_ssize_t = len(keys)
+        j: cython.Py_ssize_t
+        i: cython.Py_ssize_t
+        h: cython.ulonglong
+        k: cython.ulonglong
+        if self._n == 0:
+            return out
+        for j in range(n):
+            h = _hash_of(keys[j], bits)
+            i = cython.cast(cython.Py_ssize_t, h & mask)
+            while True:
+                k = hashes[i]
+                if k == h:
+                    out.append(j)
+                    break
+                if k == 0:
+                    break
+                i = (i + 1) & mask
+        return out
+
+    def put(self, key: object, due: float) -> None:
         """Set the due of `key`'s hash (a key sharing it is overwritten: see the class)."""
         hashes: cython.ulonglong[::1] = self._hashes
         dues: cython.double[::1] = self._dues
@@ -157,7 +185,7 @@ class DueIndex:
                 return
             i = (i + 1) & mask
 
-    def add(self, key: bytes, due: float) -> bool:
+    def add(self, key: object, due: float) -> bool:
         """`put` if no key holds `key`'s hash yet; whether it did."""
         hashes: cython.ulonglong[::1] = self._hashes
         dues: cython.double[::1] = self._dues
@@ -178,7 +206,7 @@ class DueIndex:
                 return True
             i = (i + 1) & mask
 
-    def pop(self, key: bytes) -> bool:
+    def pop(self, key: object) -> bool:
         """Remove `key`'s hash; whether it was there."""
         hashes: cython.ulonglong[::1] = self._hashes
         dues: cython.double[::1] = self._dues

@@ -341,7 +341,7 @@ class JoinBucket:
         if not missing:
             return
         missing = list(dict.fromkeys(missing))
-        got = self.store.get_many([k.encode() for k in missing])
+        got = self.store.get_many(missing)
         self.counts.spill_reads += len(missing)
         for k, v in zip(missing, got, strict=True):
             if v is not None:
@@ -696,7 +696,7 @@ class JoinBucket:
                 if not due_keys:
                     break
                 self._scan_from = due_keys[-1]
-                keys = [k.decode() for _, k in due_keys]
+                keys = [k for _, k in due_keys]
                 self._prefetch(keys)
                 for (due, _), key in zip(due_keys, keys, strict=True):
                     entry = cache.get(key)
@@ -742,16 +742,16 @@ class JoinBucket:
         for key in self._dirty:  # all on disk
             entry = cache.get(key)
             if entry is None:
-                writes[key.encode()] = None
+                writes[key] = None
                 on_disk.discard(key)
                 cache.pop(key, None)
             else:
-                writes[key.encode()] = _record(entry)
+                writes[key] = _record(entry)
         # Entries never flushed (a None entry is always on disk).
         new = [key for key in cache if key not in on_disk and key is not _HASHED]
         for key in new:
             entry = cache[key]
-            writes[key.encode()] = _record(entry)
+            writes[key] = _record(entry)
         on_disk.update(new)
         if writes or tag > self._tag:
             self.store.flush(tag, writes, durable=durable)
@@ -788,9 +788,9 @@ class JoinBucket:
             leaving.append(key)
             entry = cache[key]
             if entry is None:  # resolved, its record still stored
-                writes[key.encode()] = None
+                writes[key] = None
             elif key in dirty or key not in on_disk:
-                writes[key.encode()] = _record(entry)
+                writes[key] = _record(entry)
         if writes or tag > self._tag:
             self.store.flush(tag, writes, durable=False)
             self._tag = tag

@@ -58,22 +58,22 @@ class SpillStore(Protocol):
     a snapshot number that never decreases; `rollback` undoes the flushes newer than a tag.
     """
 
-    def get(self, key: bytes) -> Entry | None:
+    def get(self, key: str) -> Entry | None:
         """The (due, payload) stored under `key`, or None."""
         ...
 
-    def get_many(self, keys: Sequence[bytes]) -> list[Entry | None]:
+    def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
         """`get` for each key, in order, in one read transaction."""
         ...
 
     def due(
-        self, upto: float, start: tuple[float, bytes] | None = None, *, limit: int = 100_000
-    ) -> list[tuple[float, bytes]]:
+        self, upto: float, start: tuple[float, str] | None = None, *, limit: int = 100_000
+    ) -> list[tuple[float, str]]:
         """(due, key) of the entries with due <= `upto`, in (due, key) order, strictly after
         `start` when given, at most `limit` of them (page on by passing the last one as `start`)."""
         ...
 
-    def flush(self, tag: int, writes: Mapping[bytes, Entry | None], *, durable: bool = True) -> None:
+    def flush(self, tag: int, writes: Mapping[str, Entry | None], *, durable: bool = True) -> None:
         """Put each (due, payload), delete each None, in one write transaction tagged `tag`.
 
         `durable=False` (a flush under memory pressure, between snapshots) may be undone by a
@@ -122,7 +122,8 @@ class LmdbSpillStore:
     its value then), and `meta`. In memory, a `DueIndex` (16 bytes a slot) finds the due of a key;
     the rare key whose hash another one holds has its due in a dict. Both are rebuilt from
     `entries` when the store opens and after a rollback.
-    Keys are non-empty bytes of at most 503 bytes (LMDB's 511 less the due prefix).
+    Keys are str (join keys) of at most 503 bytes in UTF-8 (LMDB's 511 less the due prefix); the
+    index hashes them as str, whose hash Python keeps with the string: a lookup hashes nothing.
     `durable=False` syncs nothing to disk and keeps no undo records, for a store no resume will
     read (recovery off): each flush then drops the rollback below itself, so `rollback` refuses
     any earlier tag, with the reason.
@@ -152,7 +153,7 @@ class LmdbSpillStore:
         self.durable = durable
         self._hash_bits = hash_bits  # below 64 only in tests: keys then share hashes
         self._index = DueIndex(hash_bits=hash_bits)
-        self._shared: dict[bytes, float] = {}  # key -> due, for keys whose hash the index gives another
+        self._shared: dict[str, float] = {}  # key -> due, for keys whose hash the index gives another
         # (entry key a `due` scan started after, the first entry key past it or None): see `due`.
         self._ahead: tuple[bytes, bytes | None] | None = None
         self.path.mkdir(parents=True, exist_ok=True)
@@ -197,7 +198,7 @@ class LmdbSpillStore:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _due_of(self, key: bytes) -> float:
+    def _due_of(self, key: str) -> float:
         """The due `key` is stored under, if it is stored (NaN if not); when the index answers,
         the key may be another one with the same hash: its entry key then is not in `entries`."""
         if self._shared:
@@ -206,39 +207,42 @@ class LmdbSpillStore:
                 return due
         return self._index.get(key)
 
-    def get(self, key: bytes) -> Entry | None:
+    def get(self, key: str) -> Entry | None:
         return self.get_many([key])[0]
 
-    def get_many(self, keys: Sequence[bytes]) -> list[Entry | None]:
-        due_of = self._index.get if not self._shared else self._due_of
-        dues = [due_of(key) for key in keys]
+    def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
         out: list[Entry | None] = [None] * len(keys)
         # Only keys the index knows need LMDB: a batch of new keys opens no transaction.
-        found = [i for i, due in enumerate(dues) if due == due]
+        found = self._index.hits(keys)
+        shared = self._shared
+        if shared:
+            found = sorted(set(found).union(i for i, key in enumerate(keys) if key in shared))
         if not found:
             return out
+        due_of = self._due_of
         with self._env.begin(db=self._entries) as txn:
             get = txn.get
             for i in found:
-                due = dues[i]
-                value = get(due_prefix(due) + keys[i])
+                key = keys[i]
+                due = due_of(key)
+                value = get(due_prefix(due) + key.encode())
                 if value is not None:  # None: another key with the same hash
                     out[i] = (due, value)
         return out
 
     def due(
-        self, upto: float, start: tuple[float, bytes] | None = None, *, limit: int = 100_000
-    ) -> list[tuple[float, bytes]]:
+        self, upto: float, start: tuple[float, str] | None = None, *, limit: int = 100_000
+    ) -> list[tuple[float, str]]:
         if upto != upto or limit <= 0:
             return []
         bound = due_prefix(upto)
-        after = b"" if start is None else due_prefix(start[0]) + start[1]
+        after = b"" if start is None else due_prefix(start[0]) + start[1].encode()
         # The joiner asks after every batch, mostly to find nothing due: the first entry key past
         # `after` seen by the last scan (kept up by flushes) answers that without a transaction.
         ahead = self._ahead
         if ahead is not None and ahead[0] == after and (ahead[1] is None or ahead[1][:8] > bound):
             return []
-        out: list[tuple[float, bytes]] = []
+        out: list[tuple[float, str]] = []
         self._ahead = None
         with self._env.begin(db=self._entries) as txn:
             cursor = txn.cursor()
@@ -251,13 +255,13 @@ class LmdbSpillStore:
             for entry_key in cursor.iternext(keys=True, values=False):
                 prefix = entry_key[:8]
                 if prefix > bound:
-                    self._ahead = (after if not out else due_prefix(out[-1][0]) + out[-1][1], entry_key)
+                    self._ahead = (after if not out else due_prefix(out[-1][0]) + out[-1][1].encode(), entry_key)
                     break
-                out.append((due_of_prefix(prefix), entry_key[8:]))
+                out.append((due_of_prefix(prefix), entry_key[8:].decode()))
                 if len(out) >= limit:
                     break
             else:
-                self._ahead = (after if not out else due_prefix(out[-1][0]) + out[-1][1], None)
+                self._ahead = (after if not out else due_prefix(out[-1][0]) + out[-1][1].encode(), None)
         return out
 
     def last_tag(self) -> int:
@@ -276,7 +280,7 @@ class LmdbSpillStore:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def flush(self, tag: int, writes: Mapping[bytes, Entry | None], *, durable: bool = True) -> None:
+    def flush(self, tag: int, writes: Mapping[str, Entry | None], *, durable: bool = True) -> None:
         tag = operator.index(tag)
         if tag < 0 or tag >= 1 << 64:
             raise ValueError(f"tag must be in [0, 2**64), got {tag}")
@@ -286,16 +290,17 @@ class LmdbSpillStore:
             )
         # Entry keys, old (where the index says the key is) and new, are made once, outside the
         # transaction, which a full map makes run again.
-        items: list[tuple[bytes, bytes | None, bytes | None, bytes]] = []
+        items: list[tuple[str, bytes | None, bytes | None, bytes]] = []
         due_of = self._due_of
         for key, entry in writes.items():
             due = due_of(key)
-            old_key = None if due != due else due_prefix(due) + key
+            raw = key.encode()
+            old_key = None if due != due else due_prefix(due) + raw
             if entry is None:
                 if old_key is not None:
                     items.append((key, old_key, None, b""))
             else:
-                items.append((key, old_key, due_prefix(entry[0]) + key, entry[1]))
+                items.append((key, old_key, due_prefix(entry[0]) + raw, entry[1]))
         dropped, moved = self._write(lambda txn: self._flush_txn(txn, tag, items))
         if durable and self.durable:
             self._env.sync(True)  # the meta page too: this flush survives a system crash
@@ -315,14 +320,14 @@ class LmdbSpillStore:
                     ahead = (ahead[0], new_key)  # a deleted one leaves it a lower bound: still right
         self._ahead = ahead
 
-    def _locate(self, key: bytes, due: float) -> None:
+    def _locate(self, key: str, due: float) -> None:
         """Index a key newly stored under `due` (its hash free, else in `_shared`)."""
         if not self._index.add(key, due):
             self._shared[key] = due
 
     def _flush_txn(
-        self, txn: lmdb.Transaction, tag: int, items: list[tuple[bytes, bytes | None, bytes | None, bytes]]
-    ) -> tuple[int, list[tuple[bytes, bytes | None, bytes | None]]]:
+        self, txn: lmdb.Transaction, tag: int, items: list[tuple[str, bytes | None, bytes | None, bytes]]
+    ) -> tuple[int, list[tuple[str, bytes | None, bytes | None]]]:
         """Apply `items` (key, its entry key now or None, its entry key after or None, payload);
         return the tags dropped and, for the index, each key whose entry key changed: (key, the
         one it left or None, the one it has now or None)."""
@@ -330,7 +335,7 @@ class LmdbSpillStore:
         pop = txn.pop
         replace = txn.replace
         undo: list[tuple[bytes, bytes | None]] = []  # (entry key, its value before or None)
-        moved: list[tuple[bytes, bytes | None, bytes | None]] = []
+        moved: list[tuple[str, bytes | None, bytes | None]] = []
         puts: list[tuple[bytes, bytes]] = []
         # In entry-key order, so the changes walk the B-tree from left to right.
         for key, old_key, new_key, payload in sorted(items, key=lambda it: it[1] or it[2]):
@@ -446,7 +451,7 @@ class LmdbSpillStore:
         locate = self._locate
         with self._env.begin(db=self._entries) as txn:
             for entry_key in txn.cursor().iternext(keys=True, values=False):
-                locate(entry_key[8:], due_of_prefix(entry_key))
+                locate(entry_key[8:].decode(), due_of_prefix(entry_key))
 
     def clear(self) -> None:
         if self._last_tag == 0 and self._dropped == 0 and self._empty():

@@ -65,7 +65,12 @@ def run_and_merge(tmp_path: Path, runs: Sequence[Sequence[str]], processes: int)
             mine = [figures(own_metrics(p)) for p in ports]
             return mine if sum(m.get("events/features", 0) for m in mine) == counts.features else None
 
-        wait_for(read_all, 240, "the processes to read every feature event")
+        try:
+            wait_for(read_all, 240, "the processes to read every feature event")
+        except AssertionError as e:  # read_all's own failures are swallowed while waiting: say them
+            raise AssertionError(f"{e}; " + "; ".join(
+                f"process {i} {'running' if f.running else 'stopped'}, its log:\n{f.log_tail()}"
+                for i, f in enumerate(flows))) from None
         # The counters settle (the join's last outcomes), then the dashboard scrapes twice more.
         def unchanged():
             before = read_all()

@@ -35,14 +35,14 @@ def undo_tags(s: LmdbSpillStore) -> set[int]:
 def test_a_new_store_is_empty(store):
     as_protocol: SpillStore = store  # checked by type checkers; the asserts check the behaviour
     assert as_protocol.last_tag() == 0 and len(store) == 0
-    assert store.get(b"nothing") is None and store.due(INF) == []
+    assert store.get("nothing") is None and store.due(INF) == []
 
 
 def test_round_trip(store):
-    store.flush(1, {b"a": (10.5, b"payload-a"), b"b": (3.0, b""), b"\x00\xff": (-2.0, bytes(range(256)))})
-    assert store.get(b"a") == (10.5, b"payload-a")
-    assert store.get(b"b") == (3.0, b"")
-    assert store.get_many([b"\x00\xff", b"missing", b"a", b"a"]) == [
+    store.flush(1, {"a": (10.5, b"payload-a"), "b": (3.0, b""), "\x00\xff": (-2.0, bytes(range(256)))})
+    assert store.get("a") == (10.5, b"payload-a")
+    assert store.get("b") == (3.0, b"")
+    assert store.get_many(["\x00\xff", "missing", "a", "a"]) == [
         (-2.0, bytes(range(256))),
         None,
         (10.5, b"payload-a"),
@@ -56,31 +56,31 @@ def test_due_walks_in_due_then_key_order(store):
     store.flush(
         1,
         {
-            b"late": (100.0, b""),
-            b"b": (5.0, b""),
-            b"a": (5.0, b""),
-            b"neg": (-1.0, b""),
-            b"never": (-INF, b""),
-            b"inf": (INF, b""),
-            b"zero": (-0.0, b""),
+            "late": (100.0, b""),
+            "b": (5.0, b""),
+            "a": (5.0, b""),
+            "neg": (-1.0, b""),
+            "never": (-INF, b""),
+            "inf": (INF, b""),
+            "zero": (-0.0, b""),
         },
     )
     assert everything_due(store) == [
-        (-INF, b"never"),
-        (-1.0, b"neg"),
-        (0.0, b"zero"),
-        (5.0, b"a"),
-        (5.0, b"b"),
-        (100.0, b"late"),
-        (INF, b"inf"),
+        (-INF, "never"),
+        (-1.0, "neg"),
+        (0.0, "zero"),
+        (5.0, "a"),
+        (5.0, "b"),
+        (100.0, "late"),
+        (INF, "inf"),
     ]
-    assert store.due(5.0) == [(-INF, b"never"), (-1.0, b"neg"), (0.0, b"zero"), (5.0, b"a"), (5.0, b"b")]
-    assert store.due(4.999) == [(-INF, b"never"), (-1.0, b"neg"), (0.0, b"zero")]
+    assert store.due(5.0) == [(-INF, "never"), (-1.0, "neg"), (0.0, "zero"), (5.0, "a"), (5.0, "b")]
+    assert store.due(4.999) == [(-INF, "never"), (-1.0, "neg"), (0.0, "zero")]
     # `start` is exclusive, whether or not it names a stored entry
-    assert store.due(100.0, start=(5.0, b"a")) == [(5.0, b"b"), (100.0, b"late")]
-    assert store.due(100.0, start=(5.0, b"aa")) == [(5.0, b"b"), (100.0, b"late")]
-    assert store.due(100.0, start=(100.0, b"late")) == []
-    assert store.due(INF, start=(200.0, b"")) == [(INF, b"inf")]
+    assert store.due(100.0, start=(5.0, "a")) == [(5.0, "b"), (100.0, "late")]
+    assert store.due(100.0, start=(5.0, "aa")) == [(5.0, "b"), (100.0, "late")]
+    assert store.due(100.0, start=(100.0, "late")) == []
+    assert store.due(INF, start=(200.0, "")) == [(INF, "inf")]
     # paging with `limit` and the last result as `start` visits everything once
     pages, start = [], None
     while page := store.due(INF, start, limit=2):
@@ -91,91 +91,91 @@ def test_due_walks_in_due_then_key_order(store):
 
 
 def test_due_change_moves_the_index_and_delete_drops_it(store):
-    store.flush(1, {b"a": (1.0, b"x"), b"b": (2.0, b"y"), b"c": (3.0, b"z")})
-    store.flush(2, {b"a": (9.0, b"x2"), b"b": (2.0, b"y2"), b"c": None, b"absent": None})
-    assert everything_due(store) == [(2.0, b"b"), (9.0, b"a")]
-    assert store.get_many([b"a", b"b", b"c", b"absent"]) == [(9.0, b"x2"), (2.0, b"y2"), None, None]
+    store.flush(1, {"a": (1.0, b"x"), "b": (2.0, b"y"), "c": (3.0, b"z")})
+    store.flush(2, {"a": (9.0, b"x2"), "b": (2.0, b"y2"), "c": None, "absent": None})
+    assert everything_due(store) == [(2.0, "b"), (9.0, "a")]
+    assert store.get_many(["a", "b", "c", "absent"]) == [(9.0, b"x2"), (2.0, b"y2"), None, None]
     assert len(store) == 2
-    store.flush(3, {b"a": None, b"b": None})
+    store.flush(3, {"a": None, "b": None})
     assert everything_due(store) == [] and len(store) == 0
 
 
 def test_a_scan_that_found_nothing_due_sees_what_is_flushed_after_it(store):
     """`due` remembers what lies past its last scan (to answer "nothing yet" without LMDB): every
     flush, rollback and clear must keep that right."""
-    store.flush(1, {b"a": (5.0, b"x"), b"b": (10.0, b"y")})
+    store.flush(1, {"a": (5.0, b"x"), "b": (10.0, b"y")})
     assert store.due(4.0) == [] and store.due(4.0) == []
-    store.flush(2, {b"c": (3.0, b"z")})
-    assert store.due(4.0) == [(3.0, b"c")]
-    assert store.due(6.0, (3.0, b"c")) == [(5.0, b"a")]
-    assert store.due(7.0, (5.0, b"a")) == []
-    store.flush(3, {b"d": (6.0, b"w"), b"e": (4.0, b"behind the scan")})
-    assert store.due(7.0, (5.0, b"a")) == [(6.0, b"d")]
-    assert store.due(7.0, (6.0, b"d")) == []
-    store.flush(4, {b"b": None, b"f": (6.5, b"v")})
-    assert store.due(20.0, (6.0, b"d")) == [(6.5, b"f")]
+    store.flush(2, {"c": (3.0, b"z")})
+    assert store.due(4.0) == [(3.0, "c")]
+    assert store.due(6.0, (3.0, "c")) == [(5.0, "a")]
+    assert store.due(7.0, (5.0, "a")) == []
+    store.flush(3, {"d": (6.0, b"w"), "e": (4.0, b"behind the scan")})
+    assert store.due(7.0, (5.0, "a")) == [(6.0, "d")]
+    assert store.due(7.0, (6.0, "d")) == []
+    store.flush(4, {"b": None, "f": (6.5, b"v")})
+    assert store.due(20.0, (6.0, "d")) == [(6.5, "f")]
     assert store.rollback(3) == 2
-    assert store.due(20.0, (6.0, b"d")) == [(10.0, b"b")]
+    assert store.due(20.0, (6.0, "d")) == [(10.0, "b")]
     store.clear()
-    assert store.due(20.0) == [] and store.due(20.0, (6.0, b"d")) == []
-    store.flush(5, {b"g": (1.0, b"u")})
-    assert store.due(20.0) == [(1.0, b"g")]
+    assert store.due(20.0) == [] and store.due(20.0, (6.0, "d")) == []
+    store.flush(5, {"g": (1.0, b"u")})
+    assert store.due(20.0) == [(1.0, "g")]
 
 
 def test_nan_due_is_refused_and_writes_nothing(store):
-    store.flush(1, {b"a": (1.0, b"x")})
+    store.flush(1, {"a": (1.0, b"x")})
     with pytest.raises(ValueError, match="NaN"):
-        store.flush(2, {b"b": (2.0, b""), b"c": (math.nan, b"")})
-    assert store.last_tag() == 1 and len(store) == 1 and everything_due(store) == [(1.0, b"a")]
+        store.flush(2, {"b": (2.0, b""), "c": (math.nan, b"")})
+    assert store.last_tag() == 1 and len(store) == 1 and everything_due(store) == [(1.0, "a")]
 
 
 def test_flush_with_a_lower_tag_raises(store):
-    store.flush(5, {b"a": (1.0, b"x")})
-    store.flush(5, {b"a": (2.0, b"y")})  # the same tag again is fine: an early flush under memory pressure
+    store.flush(5, {"a": (1.0, b"x")})
+    store.flush(5, {"a": (2.0, b"y")})  # the same tag again is fine: an early flush under memory pressure
     with pytest.raises(ValueError, match="tags only grow"):
-        store.flush(4, {b"a": (3.0, b"z")})
-    assert store.get(b"a") == (2.0, b"y") and store.last_tag() == 5
+        store.flush(4, {"a": (3.0, b"z")})
+    assert store.get("a") == (2.0, b"y") and store.last_tag() == 5
 
 
 def test_undo_keeps_the_value_from_before_the_tag(store):
-    store.flush(1, {b"a": (1.0, b"one")})
-    store.flush(2, {b"a": (2.0, b"two"), b"new": (5.0, b"")})
-    store.flush(2, {b"a": (3.0, b"three"), b"new": None})
-    store.flush(3, {b"a": None, b"b": (4.0, b"b")})
+    store.flush(1, {"a": (1.0, b"one")})
+    store.flush(2, {"a": (2.0, b"two"), "new": (5.0, b"")})
+    store.flush(2, {"a": (3.0, b"three"), "new": None})
+    store.flush(3, {"a": None, "b": (4.0, b"b")})
     assert store.rollback(3) == 0 and store.rollback(7) == 0 and store.last_tag() == 3  # no-ops
     assert store.rollback(2) == 2
-    assert store.get_many([b"a", b"b", b"new"]) == [(3.0, b"three"), None, None]
+    assert store.get_many(["a", "b", "new"]) == [(3.0, b"three"), None, None]
     assert store.rollback(1) == 2
-    assert store.get_many([b"a", b"b", b"new"]) == [(1.0, b"one"), None, None]
-    assert everything_due(store) == [(1.0, b"a")] and store.last_tag() == 1
+    assert store.get_many(["a", "b", "new"]) == [(1.0, b"one"), None, None]
+    assert everything_due(store) == [(1.0, "a")] and store.last_tag() == 1
     assert undo_tags(store) == {1}
-    store.flush(2, {b"a": (8.0, b"again")})  # after a rollback the tags go on from there
+    store.flush(2, {"a": (8.0, b"again")})  # after a rollback the tags go on from there
     assert store.rollback(0) == 1 and len(store) == 0 and everything_due(store) == [] and undo_tags(store) == set()
 
 
 def test_old_undo_records_are_dropped_and_rollback_past_them_is_refused(tmp_path):
     s = LmdbSpillStore(tmp_path / "b", undo_keep=2)
     for tag in range(1, 6):
-        s.flush(tag, {b"k": (float(tag), b"v%d" % tag)})
+        s.flush(tag, {"k": (float(tag), b"v%d" % tag)})
     assert undo_tags(s) == {4, 5}  # tags <= 5 - 2 dropped
     with pytest.raises(SpillStoreError, match="impossible") as err:
         s.rollback(2)
     assert str(tmp_path / "b") in str(err.value) and "remove the state directory" in str(err.value)
-    assert s.get(b"k") == (5.0, b"v5") and s.last_tag() == 5  # the refusal changed nothing
+    assert s.get("k") == (5.0, b"v5") and s.last_tag() == 5  # the refusal changed nothing
     s.close()
     s = LmdbSpillStore(tmp_path / "b", undo_keep=2)  # and it is remembered across a reopen
     with pytest.raises(SpillStoreError):
         s.rollback(2)
-    assert s.rollback(3) == 1 and s.get(b"k") == (3.0, b"v3")
+    assert s.rollback(3) == 1 and s.get("k") == (3.0, b"v3")
     s.close()
 
 
 def test_rollback_past_empty_or_sparse_tags_is_exact(tmp_path):
     s = LmdbSpillStore(tmp_path / "b", undo_keep=2)
-    s.flush(1, {b"k": (1.0, b"1")})
+    s.flush(1, {"k": (1.0, b"1")})
     s.flush(2, {})
-    s.flush(10, {b"k": (10.0, b"10")})  # drops tag <= 8: only tag 1 had records, so 1 is still reachable
-    assert s.rollback(1) == 1 and s.get(b"k") == (1.0, b"1")
+    s.flush(10, {"k": (10.0, b"10")})  # drops tag <= 8: only tag 1 had records, so 1 is still reachable
+    assert s.rollback(1) == 1 and s.get("k") == (1.0, b"1")
     with pytest.raises(SpillStoreError):
         s.rollback(0)
     s.close()
@@ -183,15 +183,15 @@ def test_rollback_past_empty_or_sparse_tags_is_exact(tmp_path):
 
 def test_reopen_keeps_data_and_last_tag(tmp_path):
     s = LmdbSpillStore(tmp_path / "b")
-    s.flush(3, {b"a": (1.0, b"x"), b"b": (2.0, b"y")})
-    s.flush(4, {b"b": (0.5, b"z")})
+    s.flush(3, {"a": (1.0, b"x"), "b": (2.0, b"y")})
+    s.flush(4, {"b": (0.5, b"z")})
     s.close()
     with LmdbSpillStore(tmp_path / "b") as s:
         assert s.last_tag() == 4 and len(s) == 2
-        assert everything_due(s) == [(0.5, b"b"), (1.0, b"a")]
-        assert s.rollback(3) == 1 and s.get(b"b") == (2.0, b"y")
+        assert everything_due(s) == [(0.5, "b"), (1.0, "a")]
+        assert s.rollback(3) == 1 and s.get("b") == (2.0, b"y")
     with LmdbSpillStore(tmp_path / "b") as s:
-        assert s.last_tag() == 3 and everything_due(s) == [(1.0, b"a"), (2.0, b"b")]
+        assert s.last_tag() == 3 and everything_due(s) == [(1.0, "a"), (2.0, "b")]
 
 
 def test_a_store_no_resume_reads_syncs_nothing_and_keeps_what_it_committed(tmp_path, monkeypatch):
@@ -199,17 +199,17 @@ def test_a_store_no_resume_reads_syncs_nothing_and_keeps_what_it_committed(tmp_p
     with LmdbSpillStore(tmp_path / "durable") as s:
         monkeypatch.setattr(s, "_env", _Spy(s._env, synced))
         assert s._env.flags()["sync"]  # every commit syncs its data pages
-        s.flush(1, {b"a": (1.0, b"x")})
+        s.flush(1, {"a": (1.0, b"x")})
         assert synced == [True]  # and a durable flush the meta page too
     synced.clear()
     with LmdbSpillStore(tmp_path / "b", durable=False) as s:
         monkeypatch.setattr(s, "_env", _Spy(s._env, synced))
         assert not s._env.flags()["sync"]
-        s.flush(1, {b"a": (1.0, b"x"), b"b": (2.0, b"y")})
-        s.flush(2, {b"b": None}, durable=False)
+        s.flush(1, {"a": (1.0, b"x"), "b": (2.0, b"y")})
+        s.flush(2, {"b": None}, durable=False)
         assert synced == []
     with LmdbSpillStore(tmp_path / "b", durable=False) as s:  # a process's commits outlive it
-        assert s.last_tag() == 2 and everything_due(s) == [(1.0, b"a")]
+        assert s.last_tag() == 2 and everything_due(s) == [(1.0, "a")]
 
 
 class _Spy:
@@ -227,11 +227,11 @@ class _Spy:
 
 
 def test_clear_empties_everything(store):
-    store.flush(7, {b"a": (1.0, b"x"), b"b": (2.0, b"y")})
+    store.flush(7, {"a": (1.0, b"x"), "b": (2.0, b"y")})
     store.clear()
     assert len(store) == 0 and store.last_tag() == 0 and everything_due(store) == [] and undo_tags(store) == set()
-    store.flush(1, {b"c": (3.0, b"z")})
-    assert store.get_many([b"a", b"c"]) == [None, (3.0, b"z")]
+    store.flush(1, {"c": (3.0, b"z")})
+    assert store.get_many(["a", "c"]) == [None, (3.0, b"z")]
 
 
 def test_a_store_of_another_format_is_refused(tmp_path):
@@ -244,8 +244,8 @@ def test_a_store_of_another_format_is_refused(tmp_path):
         LmdbSpillStore(tmp_path / "b")
 
 
-def big_writes(n: int, start: int = 0, size: int = 1000) -> dict[bytes, tuple[float, bytes]]:
-    return {b"key-%08d" % i: (float(i % 97), bytes([i % 251]) * size) for i in range(start, start + n)}
+def big_writes(n: int, start: int = 0, size: int = 1000) -> dict[str, tuple[float, bytes]]:
+    return {f"key-{i:08d}": (float(i % 97), bytes([i % 251]) * size) for i in range(start, start + n)}
 
 
 def test_map_grows_from_64_kib(tmp_path):
@@ -253,7 +253,7 @@ def test_map_grows_from_64_kib(tmp_path):
     for tag in range(1, 4):
         s.flush(tag, big_writes(1500, start=(tag - 1) * 1500))  # ~1.5 MB each, ~4.5 MB in all
     assert s._env.info()["map_size"] >= 4 << 20 and s.disk_bytes() >= 4 << 20
-    keys = [b"key-%08d" % i for i in range(4500)]
+    keys = [f"key-{i:08d}" for i in range(4500)]
     assert all(got == (float(i % 97), bytes([i % 251]) * 1000) for i, got in enumerate(s.get_many(keys)))
     assert len(everything_due(s)) == 4500 == len(s)
     s.close()
@@ -267,8 +267,8 @@ def test_full_store_raises_and_keeps_its_state(tmp_path):
         s.flush(2, big_writes(3000, start=10))
     assert str(tmp_path / "b") in str(err.value)
     assert (s.get_many(list(big_writes(40))), everything_due(s), len(s), s.last_tag(), undo_tags(s)) == before
-    s.flush(2, {b"key-00000000": (0.5, b"small"), b"key-00000001": None})  # still usable
-    assert s.get_many([b"key-00000000", b"key-00000001"]) == [(0.5, b"small"), None]
+    s.flush(2, {"key-00000000": (0.5, b"small"), "key-00000001": None})  # still usable
+    assert s.get_many(["key-00000000", "key-00000001"]) == [(0.5, b"small"), None]
     assert s.rollback(1) == 2 and s.get_many(list(big_writes(40))) == before[0]
     s.close()
     # A first map larger than the cap starts at the cap (the default map is larger than small caps).
@@ -277,7 +277,7 @@ def test_full_store_raises_and_keeps_its_state(tmp_path):
 
 
 def test_a_hundred_thousand_entries_flush_in_one_call(store):
-    writes = {b"r%07d:i%03d" % (i, i % 50): (1.7e9 + i % 600, b"x" * 24) for i in range(100_000)}
+    writes = {f"r{i:07d}\x00i{i % 50:03d}": (1.7e9 + i % 600, b"x" * 24) for i in range(100_000)}
     store.flush(1, writes)
     assert len(store) == 100_000 and store.last_tag() == 1
     keys = list(writes)[::997]
@@ -295,7 +295,7 @@ def test_module_does_not_import_bytewax():
 
 # -- the undo property: any flushes, any rollback, the store equals a model -------------------
 
-KEYS = [b"a", b"b", b"c", b"d", b"e", b"ab"]
+KEYS = ["a", "b", "c", "d", "e", "ab", "é", "\x00"]
 DUES = st.sampled_from([-INF, -1.5, -0.0, 0.0, 1.0, 2.5, 1e12, INF]) | st.floats(allow_nan=False)
 ENTRIES = st.none() | st.tuples(DUES, st.binary(max_size=6))
 UNDO_KEEP = 3
@@ -313,11 +313,11 @@ class SpillModel(RuleBasedStateMachine):
         self.reset_model()
 
     def reset_model(self) -> None:
-        self.state: dict[bytes, tuple[float, bytes]] = {}
+        self.state: dict[str, tuple[float, bytes]] = {}
         self.last = 0
         self.at_end_of: dict[int, dict] = {0: {}}  # the state after the last flush of each tag
         self.kept: set[int] = set()  # tags whose undo records the store must still hold
-        self.written: dict[int, set[bytes]] = {}  # the keys each tag wrote (what a rollback restores)
+        self.written: dict[int, set[str]] = {}  # the keys each tag wrote (what a rollback restores)
         self.dropped = 0
 
     @rule(step=st.sampled_from([0, 0, 1, 1, 2, 5]), writes=st.dictionaries(st.sampled_from(KEYS), ENTRIES, max_size=6))
@@ -404,25 +404,27 @@ test_keys_that_share_a_hash_match_the_model = SharedHashSpillModel.TestCase
 
 def test_keys_that_share_a_hash_are_told_apart_by_their_entries(tmp_path):
     with LmdbSpillStore(tmp_path / "s", hash_bits=1) as s:
-        keys = [b"k%d" % i for i in range(50)]
-        s.flush(1, {k: (float(i % 7), k * 2) for i, k in enumerate(keys)})
+        keys = [f"k{i}" for i in range(50)]
+        s.flush(1, {k: (float(i % 7), k.encode() * 2) for i, k in enumerate(keys)})
         assert len(s) == 50 and len(s._shared) >= 48  # two hashes at most in the index
-        assert s.get_many(keys) == [(float(i % 7), k * 2) for i, k in enumerate(keys)]
-        assert s.get(b"absent") is None
+        assert s.get_many(keys) == [(float(i % 7), k.encode() * 2) for i, k in enumerate(keys)]
+        assert s.get("absent") is None
         s.flush(2, {k: None for k in keys[::2]} | {k: (9.0, b"x") for k in keys[1::4]})
-        expected = {k: (9.0, b"x") if i % 4 == 1 else (float(i % 7), k * 2) for i, k in enumerate(keys) if i % 2}
+        expected = {k: (9.0, b"x") if i % 4 == 1 else (float(i % 7), k.encode() * 2)
+                    for i, k in enumerate(keys) if i % 2}
         assert s.get_many(keys) == [expected.get(k) for k in keys] and len(s) == len(expected)
         assert everything_due(s) == sorted((due, k) for k, (due, _) in expected.items())
-        assert s.rollback(1) == 25 + 13 and s.get_many(keys) == [(float(i % 7), k * 2) for i, k in enumerate(keys)]
+        assert s.rollback(1) == 25 + 13
+        assert s.get_many(keys) == [(float(i % 7), k.encode() * 2) for i, k in enumerate(keys)]
 
 
 def test_a_store_no_resume_reads_keeps_no_undo_records_and_refuses_a_rollback_with_the_reason(tmp_path):
     with LmdbSpillStore(tmp_path / "s", durable=False) as s:
-        s.flush(1, {b"a": (1.0, b"x"), b"b": (2.0, b"y")})
-        s.flush(2, {b"a": None, b"b": (3.0, b"z")}, durable=False)
+        s.flush(1, {"a": (1.0, b"x"), "b": (2.0, b"y")})
+        s.flush(2, {"a": None, "b": (3.0, b"z")}, durable=False)
         with s._env.begin() as txn:
             assert txn.stat(s._undo)["entries"] == 0
-        assert s.get(b"a") is None and everything_due(s) == [(3.0, b"b")]  # the index kept up
+        assert s.get("a") is None and everything_due(s) == [(3.0, "b")]  # the index kept up
         assert s.rollback(2) == 0  # to where it is: nothing to undo
         with pytest.raises(SpillStoreError, match="durable=False"):
             s.rollback(1)

@@ -44,7 +44,7 @@ class Spill:
 
     def write(self, i: int) -> None:
         rng = np.random.default_rng(i)
-        self.s.flush(i + 1, {b"k%04d-%03d" % (i, j): (float(i), rng.bytes(4000)) for j in range(CHUNK // 4000)})
+        self.s.flush(i + 1, {f"k{i:04d}-{j:03d}": (float(i), rng.bytes(4000)) for j in range(CHUNK // 4000)})
 
     def read(self) -> tuple:
         entries = self.s.due(float("inf"), limit=1 << 30)
