@@ -121,108 +121,78 @@ class DueIndex:
         """Bytes the table takes."""
         return 16 * (self._mask + 1)
 
-    def get(self, key: object) -> float:
-        """The due stored for `key`'s hash, or NaN."""
+    @cython.cfunc
+    def _find(self, h: cython.ulonglong) -> cython.Py_ssize_t:
+        """The slot that holds `h`, or the empty slot where it would go."""
         hashes: cython.ulonglong[::1] = self._hashes
-        dues: cython.double[::1] = self._dues
-        h: cython.ulonglong = _hash_of(key, self._bits)
         mask: cython.Py_ssize_t = self._mask
         i: cython.Py_ssize_t = cython.cast(cython.Py_ssize_t, h & mask)
         k: cython.ulonglong
         while True:
             k = hashes[i]
-            if k == h:
-                return dues[i]
-            if k == 0:
-                return math.nan
+            if k == h or k == 0:
+                return i
             i = (i + 1) & mask
+
+    @cython.cfunc
+    def _insert(self, i: cython.Py_ssize_t, h: cython.ulonglong, due: cython.double) -> cython.void:
+        """Fill the empty slot `i` (as `_find` gave it), growing the table past 70% full."""
+        self._hashes[i] = h
+        self._dues[i] = due
+        self._n += 1
+        if self._n * 10 > (self._mask + 1) * 7:
+            self._resize((self._mask + 1) * 2)
+
+    def get(self, key: object) -> float:
+        """The due stored for `key`'s hash, or NaN."""
+        h: cython.ulonglong = _hash_of(key, self._bits)
+        i: cython.Py_ssize_t = self._find(h)
+        return self._dues[i] if self._hashes[i] == h else math.nan
 
     def hits(self, keys: list) -> list:
         """The positions in `keys` of those whose hash is held (their `get` is not NaN)."""
-        hashes: cython.ulonglong[::1] = self._hashes
-        mask: cython.Py_ssize_t = self._mask
-        bits: cython.ulonglong = self._bits
         out: list = []
-        n: cython.Py_ssize_t = len(keys)
-        j: cython.Py_ssize_t
-        i: cython.Py_ssize_t
-        h: cython.ulonglong
-        k: cython.ulonglong
         if self._n == 0:
             return out
-        for j in range(n):
+        bits: cython.ulonglong = self._bits
+        j: cython.Py_ssize_t
+        h: cython.ulonglong
+        for j in range(len(keys)):
             h = _hash_of(keys[j], bits)
-            i = cython.cast(cython.Py_ssize_t, h & mask)
-            while True:
-                k = hashes[i]
-                if k == h:
-                    out.append(j)
-                    break
-                if k == 0:
-                    break
-                i = (i + 1) & mask
+            if self._hashes[self._find(h)] == h:
+                out.append(j)
         return out
 
     def put(self, key: object, due: float) -> None:
         """Set the due of `key`'s hash (a key sharing it is overwritten: see the class)."""
-        hashes: cython.ulonglong[::1] = self._hashes
-        dues: cython.double[::1] = self._dues
         h: cython.ulonglong = _hash_of(key, self._bits)
-        mask: cython.Py_ssize_t = self._mask
-        i: cython.Py_ssize_t = cython.cast(cython.Py_ssize_t, h & mask)
-        k: cython.ulonglong
-        while True:
-            k = hashes[i]
-            if k == h:
-                dues[i] = due
-                return
-            if k == 0:
-                hashes[i] = h
-                dues[i] = due
-                self._n += 1
-                if self._n * 10 > (mask + 1) * 7:
-                    self._resize((mask + 1) * 2)
-                return
-            i = (i + 1) & mask
+        i: cython.Py_ssize_t = self._find(h)
+        if self._hashes[i] == h:
+            self._dues[i] = due
+        else:
+            self._insert(i, h, due)
 
     def add(self, key: object, due: float) -> bool:
         """`put` if no key holds `key`'s hash yet; whether it did."""
-        hashes: cython.ulonglong[::1] = self._hashes
-        dues: cython.double[::1] = self._dues
         h: cython.ulonglong = _hash_of(key, self._bits)
-        mask: cython.Py_ssize_t = self._mask
-        i: cython.Py_ssize_t = cython.cast(cython.Py_ssize_t, h & mask)
-        k: cython.ulonglong
-        while True:
-            k = hashes[i]
-            if k == h:
-                return False
-            if k == 0:
-                hashes[i] = h
-                dues[i] = due
-                self._n += 1
-                if self._n * 10 > (mask + 1) * 7:
-                    self._resize((mask + 1) * 2)
-                return True
-            i = (i + 1) & mask
+        i: cython.Py_ssize_t = self._find(h)
+        if self._hashes[i] == h:
+            return False
+        self._insert(i, h, due)
+        return True
 
     def pop(self, key: object) -> bool:
         """Remove `key`'s hash; whether it was there."""
+        h: cython.ulonglong = _hash_of(key, self._bits)
+        i: cython.Py_ssize_t = self._find(h)
         hashes: cython.ulonglong[::1] = self._hashes
         dues: cython.double[::1] = self._dues
-        h: cython.ulonglong = _hash_of(key, self._bits)
         mask: cython.Py_ssize_t = self._mask
-        i: cython.Py_ssize_t = cython.cast(cython.Py_ssize_t, h & mask)
         j: cython.Py_ssize_t
         home: cython.Py_ssize_t
         k: cython.ulonglong
-        while True:
-            k = hashes[i]
-            if k == h:
-                break
-            if k == 0:
-                return False
-            i = (i + 1) & mask
+        if hashes[i] != h:
+            return False
         # Backward shift: move up each later slot of the run whose home is not in (i, j].
         j = i
         while True:

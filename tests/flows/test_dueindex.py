@@ -1,8 +1,5 @@
-import importlib.util
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -10,23 +7,9 @@ from hypothesis import strategies as st
 
 import flows.dueindex as compiled_or_not
 from flows.dueindex import DueIndex, due_of_prefix, due_prefix
+from tests.helpers import source_module
 
-
-def _source_module():
-    """flows/dueindex.py run as plain Python, whatever was imported above."""
-    path = Path(compiled_or_not.__file__).with_name("dueindex.py")
-    spec = importlib.util.spec_from_file_location("freshrec_dueindex_source", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    assert not module.COMPILED
-    return module
-
-
-SOURCE = _source_module()
+SOURCE = source_module(compiled_or_not)
 BOTH = pytest.mark.parametrize("mod", [compiled_or_not, SOURCE], ids=["imported", "source"])
 
 OPS = st.lists(st.tuples(st.sampled_from(["put", "pop"]), st.integers(0, 300), st.floats(allow_nan=False)),

@@ -4,7 +4,6 @@ examples whatever the cache size, flushes and evictions (state going through LMD
 from __future__ import annotations
 
 import math
-import sys
 import tempfile
 from collections import Counter
 
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 from flows.events import ActionEvent, FeatureEvent
 from flows.joiner import JoinBucket, JoinSettings, keep_fraction
 from flows.spill import LmdbSpillStore
+from tests.helpers import source_module
 
 T0 = 1764288000.0
 WINDOW, HOLD = 100.0, 10.0
@@ -270,21 +270,9 @@ def test_keep_fraction_is_uniform_enough(rate):
 
 def _joiner_source():
     """flows/joiner.py run as plain Python, whether or not the compiled module is installed."""
-    import importlib.util
-    from pathlib import Path
-
     import flows.joiner as joiner
 
-    path = Path(joiner.__file__).with_name("joiner.py")
-    spec = importlib.util.spec_from_file_location("freshrec_joiner_source", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    assert not module.COMPILED
-    return module
+    return source_module(joiner)
 
 
 PINNED = [0.368727, 0.303759, 0.512126]
