@@ -306,7 +306,8 @@ class LmdbSpillStore:
             self._env.sync(True)  # the meta page too: this flush survives a system crash
         self._last_tag = tag
         self._dropped = dropped
-        # The index follows the committed transaction only, in the order the keys came.
+        # The index follows the committed transaction only (in entry-key order: a key that shares
+        # its hash finds the index as the keys before it in this flush left it).
         ahead = self._ahead
         for key, old_key, new_key in moved:
             if old_key is not None:
