@@ -394,7 +394,7 @@ class _CountingStore:
 
     def __init__(self, inner: LmdbSpillStore):
         self.inner = inner
-        self.written: set[bytes] = set()
+        self.written: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -416,7 +416,7 @@ class _CountingLogic(JoinLogic):
 
 def _written_fraction(runs: Runs, items: list, settings: JoinSettings, impressions: int) -> tuple[float, JoinCounts]:
     """One untimed run: the share of the impressions written to LMDB before their label or expiry."""
-    runs.joiner(items, settings, logic=_CountingLogic)()
+    assert runs.joiner(items, settings, logic=_CountingLogic)() == impressions, "one example per impression"
     written = sum(len(lg.bucket.store.written) for lg in runs.logics if lg.bucket is not None)
     return written / impressions, runs.counts()
 
@@ -439,8 +439,11 @@ def join_spill(quick: bool) -> Iterator[Figure]:
         while True:
             spilling = JoinSettings(window_s=SPILL_WINDOW, cache_size=cache)
             fraction, c = _written_fraction(runs, items, spilling, impressions)
-            if fraction >= 0.5 or cache <= 10:
+            if fraction >= 0.5:
                 break
+            if cache <= 10:
+                raise RuntimeError(f"join.spill: even a cache of {cache} writes only {fraction:.0%} of the "
+                                   f"impressions to LMDB, not the target's half")
             cache = max(10, int(cache * 0.9))
         # And nearly all of them: a cache of a twentieth of the impressions waiting.
         everything = JoinSettings(window_s=SPILL_WINDOW, cache_size=max(10, int(waiting / 20)))

@@ -47,6 +47,8 @@ def _hash_of(key: object, bits: cython.ulonglong) -> cython.ulonglong:
     return h if h != 0 else 1
 
 
+# A double's bits read as an integer through a union (a pointer cast would break C's aliasing rules).
+_Bits = cython.union(d=cython.double, u=cython.ulonglong)
 _SIGN_BIT = cython.declare(cython.ulonglong, 0x8000_0000_0000_0000)
 _ALL_BITS = cython.declare(cython.ulonglong, 0xFFFF_FFFF_FFFF_FFFF)
 
@@ -60,7 +62,9 @@ def due_prefix(due: cython.double) -> bytes:
     due = due + 0.0  # -0.0 becomes 0.0: one position per instant
     bits: cython.ulonglong
     if cython.compiled:
-        bits = cython.cast(cython.p_ulonglong, cython.address(due))[0]
+        v = cython.declare(_Bits)
+        v.d = due
+        bits = v.u
     else:
         bits = _Q.unpack(_D.pack(due))[0]
     bits ^= _ALL_BITS if bits & _SIGN_BIT else _SIGN_BIT
@@ -73,7 +77,9 @@ def due_of_prefix(prefix: bytes) -> cython.double:
     bits: cython.ulonglong = _Q.unpack_from(prefix)[0]
     bits ^= _SIGN_BIT if bits & _SIGN_BIT else _ALL_BITS
     if cython.compiled:
-        return cython.cast(cython.p_double, cython.address(bits))[0]
+        v = cython.declare(_Bits)
+        v.u = bits
+        return v.d
     return _D.unpack(_Q.pack(bits))[0]
 
 

@@ -145,7 +145,7 @@ def _prepare(t: tuple) -> object:
 # The store's record of an entry (its format): a msgpack array, the impression's fields (those
 # its example keeps) in line, where a nested map-encoded FeatureEvent cost twice the encoding time
 # and a third more bytes. `request_id` None: held actions only, no impression yet.
-class _Record(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+class _Record(msgspec.Struct, array_like=True, gc=False):
     due: float
     actions: Optional[list[ActionEvent]] = None
     request_id: Optional[str] = None

@@ -213,7 +213,7 @@ class LmdbSpillStore:
     def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
         out: list[Entry | None] = [None] * len(keys)
         # Only keys the index knows need LMDB: a batch of new keys opens no transaction.
-        found = self._index.hits(keys)
+        found = self._index.hits(keys if type(keys) is list else list(keys))
         shared = self._shared
         if shared:
             found = sorted(set(found).union(i for i, key in enumerate(keys) if key in shared))
@@ -302,8 +302,6 @@ class LmdbSpillStore:
             else:
                 items.append((key, old_key, due_prefix(entry[0]) + raw, entry[1]))
         dropped, moved = self._write(lambda txn: self._flush_txn(txn, tag, items))
-        if durable and self.durable:
-            self._env.sync(True)  # the meta page too: this flush survives a system crash
         self._last_tag = tag
         self._dropped = dropped
         # The index follows the committed transaction only (in entry-key order: a key that shares
@@ -320,6 +318,9 @@ class LmdbSpillStore:
                 if ahead is not None and new_key > ahead[0] and (ahead[1] is None or new_key < ahead[1]):
                     ahead = (ahead[0], new_key)  # a deleted one leaves it a lower bound: still right
         self._ahead = ahead
+        # Last: the memory above follows what is committed even if the sync fails.
+        if durable and self.durable:
+            self._env.sync(True)  # the meta page too: this flush survives a system crash
 
     def _locate(self, key: str, due: float) -> None:
         """Index a key newly stored under `due` (its hash free, else in `_shared`)."""
@@ -415,9 +416,9 @@ class LmdbSpillStore:
                 f"to avoid it, raise undo_keep above the number of snapshots between recovery backups."
             )
         restored = self._write(lambda txn: self._rollback_txn(txn, to_tag))
-        self._env.sync(True)
         self._last_tag = to_tag
         self._rebuild_index()
+        self._env.sync(True)  # last, as in `flush`
         return restored
 
     def _rollback_txn(self, txn: lmdb.Transaction, to_tag: int) -> int:

@@ -226,6 +226,32 @@ class _Spy:
         return getattr(self._env, name)
 
 
+class _FailingSync(_Spy):
+    def sync(self, force=False):
+        raise OSError(5, "Input/output error")
+
+
+def test_a_sync_that_fails_after_the_commit_leaves_the_index_in_step(tmp_path, monkeypatch):
+    """The flush committed before its sync failed: what the store says must be what LMDB holds, or
+    a later flush would miss the committed entry and store the key at a second due."""
+    with LmdbSpillStore(tmp_path / "b") as s:
+        monkeypatch.setattr(s, "_env", _FailingSync(s._env, []))
+        with pytest.raises(OSError):
+            s.flush(1, {"a": (1.0, b"x")})
+        assert s.get("a") == (1.0, b"x") and len(s) == 1 and s.last_tag() == 1
+        with pytest.raises(OSError):
+            s.flush(2, {"a": (2.0, b"y")})
+        assert everything_due(s) == [(2.0, "a")] and len(s) == 1
+        with pytest.raises(OSError):
+            s.rollback(1)
+        assert everything_due(s) == [(1.0, "a")] and s.get("a") == (1.0, b"x") and s.last_tag() == 1
+
+
+def test_get_many_takes_any_sequence(store):
+    store.flush(1, {"a": (1.0, b"x")})
+    assert store.get_many(("a", "b")) == store.get_many(["a", "b"]) == [(1.0, b"x"), None]
+
+
 def test_clear_empties_everything(store):
     store.flush(7, {"a": (1.0, b"x"), "b": (2.0, b"y")})
     store.clear()
