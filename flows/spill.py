@@ -274,10 +274,6 @@ class LmdbSpillStore:
         # Pages up to the high-water mark, free ones included: what the data file holds.
         return (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
 
-    def index_bytes(self) -> int:
-        """Bytes the in-memory index takes (its table; the dict of shared hashes is nearly always empty)."""
-        return self._index.nbytes
-
     # -- writes --------------------------------------------------------------------------------
 
     def flush(self, tag: int, writes: Mapping[str, Entry | None], *, durable: bool = True) -> None:
