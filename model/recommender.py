@@ -781,13 +781,17 @@ def build_recommender(config: Any, store: Optional[ServingStore] = None) -> Stor
     """The recommender `freshrec serve` runs: over `store` (a replica's), or the flow's serving
     store under `config.state_dir`, opened read-only (created empty first if the flow has not
     written it yet, so the server can start before the flow), with the flow's feature spec."""
-    from paramserver.serving import LmdbServingStore
+    from paramserver.serving import LmdbServingStore, StoreNotReady
 
     if store is None:
         path = Path(config.state_dir) / "serving"
         if not (path / "data.mdb").exists():
             LmdbServingStore(path, writer=True).close()
-        store = LmdbServingStore(path)
+        try:
+            store = LmdbServingStore(path)
+        except StoreNotReady:  # the flow is creating it this moment: finish creating it (LMDB serialises writers)
+            LmdbServingStore(path, writer=True).close()
+            store = LmdbServingStore(path)
     spec = FeatureSpec(tuple(config.user_slots), tuple(config.item_slots), tuple(config.dense_features),
                        int(config.embedding_dim))
     return StoreRecommender(store, spec)

@@ -87,6 +87,10 @@ class ServingStoreError(Exception):
     """The serving store cannot do what was asked; the message says what to do about it."""
 
 
+class StoreNotReady(ServingStoreError):
+    """A reader opened the serving store while its writer was still creating it: open it again."""
+
+
 class RowsRead(NamedTuple):
     values: np.ndarray  # float32 (n, dim); zeros where not found
     found: np.ndarray  # bool (n,)
@@ -349,14 +353,25 @@ class LmdbServingStore:
                 self.env = lmdb.open(str(self.path), readonly=True, lock=True, max_dbs=4, readahead=False)
                 # Handles opened in a transaction that is aborted die with it: py-lmdb's own
                 # (committed) transaction keeps them.
-                self._data = self.env.open_db(_DATA, create=False)
-                self._meta = self.env.open_db(_META, create=False)
-                self._changes = self.env.open_db(_CHANGES, create=False)
-                with self._read() as txn:
-                    fmt = txn.get(_M_FORMAT, db=self._meta)
+                try:
+                    self._data = self.env.open_db(_DATA, create=False)
+                    self._meta = self.env.open_db(_META, create=False)
+                    self._changes = self.env.open_db(_CHANGES, create=False)
+                except lmdb.NotFoundError:
+                    fmt = None  # the writer has made the file, not yet its databases
+                else:
+                    with self._read() as txn:
+                        fmt = txn.get(_M_FORMAT, db=self._meta)
+                if fmt is None:
+                    # Its writer is creating it (a reader that opens it then is not wrong: it is early).
+                    raise StoreNotReady(f"the serving store at {self.path} is still being created by its writer; "
+                                        "open it again once the writer has started")
                 if fmt != STORE_FORMAT:
                     raise ServingStoreError(self._format_message(fmt))
         except BaseException:
+            if getattr(self, "env", None) is not None:
+                self.env.close()
+                self.env = None
             self._forget()
             raise
 

@@ -15,7 +15,14 @@ from prometheus_client import REGISTRY
 
 from paramserver.records import Records, encode_item
 from paramserver.rows import DenseBlob, RowBatch
-from paramserver.serving import LmdbServingStore, RowCache, ServingStore, ServingStoreError, ServingWriter
+from paramserver.serving import (
+    LmdbServingStore,
+    RowCache,
+    ServingStore,
+    ServingStoreError,
+    ServingWriter,
+    StoreNotReady,
+)
 
 
 def batch(slot, ids, version, *, dim=4, arrival=math.nan, updated_at=None, evicted=()):
@@ -189,6 +196,40 @@ def test_only_the_writer_writes_and_one_object_per_directory_per_process(tmp_pat
     with pytest.raises(ServingStoreError):
         ServingWriter(r)
     r.close()
+
+
+@pytest.mark.parametrize("made", ["file only", "databases, no format yet"])
+def test_a_reader_that_opens_a_store_its_writer_is_still_creating_is_told_to_try_again(tmp_path, made):
+    # The moments between the writer's lmdb.open and its format record: the model server (or any
+    # reader) starting beside the flow can open the store then.
+    import lmdb
+
+    path = tmp_path / "s"
+    path.mkdir()
+    env = lmdb.open(str(path), max_dbs=4)
+    if made != "file only":
+        for name in (b"data", b"meta", b"changes"):
+            env.open_db(name)
+    env.close()
+    with pytest.raises(StoreNotReady, match="still being created"):
+        LmdbServingStore(path)
+    LmdbServingStore(path, writer=True).close()  # the writer finishes
+    with LmdbServingStore(path) as r:  # and the same object's path is free again: no handle left open
+        assert r.stats().params_version == 0
+
+
+def test_build_recommender_finishes_creating_a_store_its_writer_has_begun(tmp_path):
+    import lmdb
+
+    from flows.config import Config
+    from model.recommender import build_recommender
+
+    path = tmp_path / "serving"
+    path.mkdir()
+    lmdb.open(str(path), max_dbs=4).close()
+    rec = build_recommender(Config.from_env({}, state_dir=tmp_path))
+    assert rec.health().items == 0
+    rec.store.close()
 
 
 def test_raw_records_take_the_same_path(store):
