@@ -333,18 +333,19 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     partitions = tuple(p for s in JOIN_STREAMS for p in partition_names(s, config, made[s]))
     join_in = op.merge("join_in", *(batches[s] for s in JOIN_STREAMS))
     keyed = op.flat_map("route", join_in, partial(route, buckets=config.buckets))
+    recovering = not recovery_off() if recovery is None else recovery
     step = JoinStepConfig(partitions, config.lateness_s, config.state_dir, config.undo_keep,
                           join_settings(config), forward_impressions=config.train,
                           lmdb_max_bytes=config.lmdb_max_bytes,
-                          recovery=not recovery_off() if recovery is None else recovery)
+                          recovery=recovering)
     # One item per call of a bucket (`Joined`), not one per example: the sinks and the trainer
     # take an example list as a batch.
     joined = op.stateful_batch("join", keyed, lambda state: JoinLogic(step, state))
     outcomes: Stream[Joined] = op.map("outcome", joined, lambda kv: kv[1])
     op.output("out_examples", op.filter_map("examples", outcomes, _examples),
-              make_sink("examples", config, key_of=_request_id))
+              make_sink("examples", config, key_of=_request_id, durable=recovering))
     dead = op.merge("all_dead", dead_in, op.flat_map("join_dead", outcomes, _dead))
-    op.output("out_dead_letter", dead, make_sink("dead-letter", config))
+    op.output("out_dead_letter", dead, make_sink("dead-letter", config, durable=recovering))
     if tap is not None:
         op.output("tap", op.flat_map("each_example", outcomes, _each_example), tap)
     # One catalog delta per source batch, made before the key exchange: the writer step merges

@@ -62,12 +62,18 @@ class FileStreamSink(DynamicSink[Any]):
 class _KafkaPartition(StatelessSinkPartition[Any]):
     """A producer with no delivery timeout (FLUSH_WARN_S between warnings while the broker is
     down): an outage holds the flow here, however long, and loses nothing. A delivery the broker
-    refuses (not a timeout) stops the flow with its error: never a silent loss."""
+    refuses (not a timeout) stops the flow with its error: never a silent loss.
 
-    def __init__(self, producer: Any, topic: str, key_of: KeyOf):
+    `durable` (recovery on): each batch waits until the broker has all of it, since Bytewax
+    commits the epoch once this returns. Recovery off, nothing is committed, so nothing waits for
+    the broker but a full queue and `close`: a wait per batch held the flow idle for a broker
+    round trip many times a second."""
+
+    def __init__(self, producer: Any, topic: str, key_of: KeyOf, durable: bool = True):
         self.producer = producer
         self.topic = topic
         self.key_of = key_of
+        self.durable = durable
         self.failed: list[str] = []
 
     def _delivered(self, err: Any, _msg: Any) -> None:
@@ -75,18 +81,20 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
             self.failed.append(err.str())
 
     def write_batch(self, items: list[Any]) -> None:
+        produce, topic, key_of, delivered = self.producer.produce, self.topic, self.key_of, self._delivered
         for item in each(items):
-            key = self.key_of(item)
+            key = key_of(item)
             while True:
                 try:
-                    self.producer.produce(self.topic, encode(item),
-                                          key.encode() if key is not None else None, on_delivery=self._delivered)
+                    produce(topic, encode(item), key.encode() if key is not None else None, on_delivery=delivered)
                     break
                 except BufferError:
                     self.producer.poll(0.1)  # local queue full: let deliveries drain
-            self.producer.poll(0)
-        # Bytewax commits the epoch after this returns: wait until the broker has it all.
-        self._flush()
+        if self.durable:
+            self._flush()  # Bytewax commits the epoch after this returns: wait until the broker has it all
+        else:
+            self.producer.poll(0)  # delivery reports so far
+            self._raise_failed()
 
     def _flush(self) -> None:
         waited = 0.0
@@ -94,6 +102,9 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
             waited += FLUSH_WARN_S
             log.warning("Kafka has not acknowledged %d messages to %r for %.0f s (broker down?); waiting",
                         remaining, self.topic, waited)
+        self._raise_failed()
+
+    def _raise_failed(self) -> None:
         if self.failed:
             failed, self.failed = self.failed, []
             raise RuntimeError(f"Kafka refused {len(failed)} messages to {self.topic!r}: {failed[0]}")
@@ -103,12 +114,14 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
 
 
 class KafkaStreamSink(DynamicSink[Any]):
-    """Produces each item as one JSON message, keyed by `key_of(item)` (a list stands for its items)."""
+    """Produces each item as one JSON message, keyed by `key_of(item)` (a list stands for its items).
+    `durable`: each batch is acknowledged by the broker before the next (as recovery needs)."""
 
-    def __init__(self, stream: str, config: Config, key_of: KeyOf = lambda item: None):
+    def __init__(self, stream: str, config: Config, key_of: KeyOf = lambda item: None, durable: bool = True):
         self.topic = config.topic(stream)
         self.config = config
         self.key_of = key_of
+        self.durable = durable
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaPartition:
         from confluent_kafka import Producer
@@ -118,10 +131,11 @@ class KafkaStreamSink(DynamicSink[Any]):
         producer = Producer({"bootstrap.servers": self.config.brokers, "linger.ms": 5,
                              "enable.idempotence": "true", "message.timeout.ms": "0",
                              **self.config.kafka_settings()})
-        return _KafkaPartition(producer, self.topic, self.key_of)
+        return _KafkaPartition(producer, self.topic, self.key_of, self.durable)
 
 
-def make_sink(stream: str, config: Config, key_of: KeyOf = lambda item: None) -> DynamicSink:
+def make_sink(stream: str, config: Config, key_of: KeyOf = lambda item: None, durable: bool = True) -> DynamicSink:
+    """`durable` False (recovery off): a Kafka sink's batches do not each wait for the broker."""
     if config.source == "kafka":
-        return KafkaStreamSink(stream, config, key_of)
+        return KafkaStreamSink(stream, config, key_of, durable)
     return FileStreamSink(stream, config)

@@ -1,5 +1,6 @@
 """The Kafka sink waits out a broker outage however long it lasts, and never drops a message
-silently: a delivery the broker refuses stops the flow with the broker's error."""
+silently: a delivery the broker refuses stops the flow with the broker's error. With recovery on
+(`durable`) each batch waits for the broker; with it off, only a full queue and `close` do."""
 
 from __future__ import annotations
 
@@ -22,29 +23,44 @@ class OutageProducer:
     """Acknowledges nothing for `down_flushes` flushes (a broker down), then everything; or
     reports `refuse` as the delivery error of every message."""
 
-    def __init__(self, down_flushes: int = 0, refuse: str | None = None):
+    def __init__(self, down_flushes: int = 0, refuse: str | None = None, capacity: int = 1 << 30,
+                 down_polls: int = 0):
         self.down_flushes = down_flushes
         self.refuse = refuse
+        self.capacity = capacity  # a full local queue: produce raises BufferError
+        self.down_polls = down_polls  # polls (with a timeout) that deliver nothing: the broker down
         self.queued: list = []
         self.delivered: list = []
         self.flushes = 0
+        self.polls = 0
 
     def produce(self, topic, value, key=None, on_delivery=None):
+        if len(self.queued) >= self.capacity:
+            raise BufferError("Local: Queue full")
         self.queued.append((value, on_delivery))
 
     def poll(self, timeout=0):
+        if timeout:
+            self.polls += 1
+            if self.polls > self.down_polls:
+                self._deliver()
+        elif self.refuse:  # a refusal already reported by the broker is served at any poll
+            self._deliver()
         return 0
 
     def flush(self, timeout=None):
         self.flushes += 1
         if self.flushes <= self.down_flushes:
             return len(self.queued)
+        self._deliver()
+        return 0
+
+    def _deliver(self) -> None:
         for value, cb in self.queued:
             cb(Err(self.refuse) if self.refuse else None, None)
             if not self.refuse:
                 self.delivered.append(value)
         self.queued.clear()
-        return 0
 
 
 def test_a_long_outage_holds_the_sink_and_loses_nothing(caplog):
@@ -60,3 +76,53 @@ def test_a_refused_delivery_stops_the_flow_with_the_brokers_error():
     sink = _KafkaPartition(OutageProducer(refuse="Broker: Message size too large"), "examples", lambda item: None)
     with pytest.raises(RuntimeError, match="Kafka refused 2 messages to 'examples': Broker: Message size too large"):
         sink.write_batch([{"a": 1}, {"a": 2}])
+
+
+def test_without_recovery_a_batch_does_not_wait_for_the_broker_and_close_delivers_everything(caplog):
+    producer = OutageProducer(down_flushes=2)
+    sink = _KafkaPartition(producer, "examples", lambda item: item["request_id"], durable=False)
+    sink.write_batch([{"request_id": f"r{i}"} for i in range(3)])
+    sink.write_batch([[{"request_id": "r3"}, {"request_id": "r4"}]])  # a list stands for its items
+    assert producer.flushes == 0 and len(producer.queued) == 5
+    with caplog.at_level(logging.WARNING, "freshrec.sinks"):
+        sink.close()  # the broker is down for two flushes: close waits it out
+    assert producer.delivered == [f"r{i}".join(['{"request_id":"', '"}']).encode() for i in range(5)]
+    assert sum("has not acknowledged 5 messages" in r.message for r in caplog.records) == 2
+
+
+def test_without_recovery_a_full_queue_holds_the_sink_and_loses_nothing():
+    producer = OutageProducer(capacity=2, down_polls=3)
+    sink = _KafkaPartition(producer, "examples", lambda item: None, durable=False)
+    sink.write_batch([{"a": i} for i in range(5)])
+    sink.close()
+    assert producer.delivered == [f'{{"a":{i}}}'.encode() for i in range(5)]
+    assert producer.polls >= 4  # it waited while the broker took nothing
+
+
+def test_without_recovery_a_refused_delivery_stops_the_flow_at_the_next_batch():
+    sink = _KafkaPartition(OutageProducer(refuse="Broker: Message size too large"), "examples", lambda item: None,
+                           durable=False)
+    with pytest.raises(RuntimeError, match="Kafka refused 2 messages to 'examples': Broker: Message size too large"):
+        sink.write_batch([{"a": 1}, {"a": 2}])
+
+
+def test_the_flow_waits_for_the_broker_at_each_batch_only_with_recovery_on(monkeypatch, tmp_path):
+    from flows import pipeline
+    from flows.config import Config
+
+    # Files: the flow is built the same, and building it asks no broker.
+    config = Config.from_env({}, data_dir=tmp_path / "data", state_dir=tmp_path / "state", train=False)
+    for argv, durable in ((["/x/bytewax/run.py", "flows.pipeline:flow"], False),
+                          (["/x/bytewax/run.py", "flows.pipeline:flow", "-r", "/tmp/rec"], True)):
+        monkeypatch.setattr(pipeline.sys, "argv", argv)
+        monkeypatch.delenv("BYTEWAX_RECOVERY_DIRECTORY", raising=False)
+        made = []
+        real = pipeline.make_sink
+
+        def recorded(stream, config, key_of=lambda item: None, durable=True, made=made, real=real):
+            made.append((stream, durable))
+            return real(stream, config, key_of, durable)
+
+        monkeypatch.setattr(pipeline, "make_sink", recorded)
+        pipeline.build_flow(config)  # built, not run: nothing connects to a broker
+        assert ("examples", durable) in made and ("dead-letter", durable) in made, (argv, made)
