@@ -213,11 +213,14 @@ class Catalog:
         if hist is None:
             hist = e[COUNTS_AT] = {"run": self.run, "at": [], "cut": False}
         at = hist["at"]
-        if not at or at[-1][0] != self.seq or at[-1][3:] != [self.attempt]:
-            at.append([self.seq, e["impressions"], e["positives"], self.attempt])
-            if len(at) > self.keep:
-                del at[0]
-                hist["cut"] = True
+        if at:
+            last = at[-1]  # this snapshot's record is there already (usual): nothing to add
+            if last[0] == self.seq and len(last) == 4 and last[3] == self.attempt:
+                return
+        at.append([self.seq, e["impressions"], e["positives"], self.attempt])
+        if len(at) > self.keep:
+            del at[0]
+            hist["cut"] = True
 
     def merge(self, deltas: Sequence[CatalogDelta]) -> None:
         """Merges deltas in arrival order. The items stream's features win; feature events only

@@ -37,7 +37,9 @@ class OutageProducer:
     def produce(self, topic, value, key=None, on_delivery=None):
         if len(self.queued) >= self.capacity:
             raise BufferError("Local: Queue full")
-        self.queued.append((value, on_delivery))
+        self.queued.append((value, on_delivery or self.report))
+
+    report = None  # the producer's own delivery callback (its `on_delivery` setting)
 
     def poll(self, timeout=0):
         if timeout:
@@ -63,9 +65,16 @@ class OutageProducer:
         self.queued.clear()
 
 
+def _wired(producer: OutageProducer, key_of, durable: bool = True) -> _KafkaPartition:
+    """A sink over `producer`, whose delivery reports go to the sink (as KafkaStreamSink.build sets it)."""
+    sink = _KafkaPartition(producer, "examples", key_of, durable)
+    producer.report = sink._delivered
+    return sink
+
+
 def test_a_long_outage_holds_the_sink_and_loses_nothing(caplog):
     producer = OutageProducer(down_flushes=5)  # 5 x FLUSH_WARN_S: longer than any fixed limit
-    sink = _KafkaPartition(producer, "examples", lambda item: item["request_id"])
+    sink = _wired(producer, lambda item: item["request_id"])
     with caplog.at_level(logging.WARNING, "freshrec.sinks"):
         sink.write_batch([{"request_id": f"r{i}"} for i in range(3)])
     assert len(producer.delivered) == 3
@@ -73,14 +82,14 @@ def test_a_long_outage_holds_the_sink_and_loses_nothing(caplog):
 
 
 def test_a_refused_delivery_stops_the_flow_with_the_brokers_error():
-    sink = _KafkaPartition(OutageProducer(refuse="Broker: Message size too large"), "examples", lambda item: None)
+    sink = _wired(OutageProducer(refuse="Broker: Message size too large"), lambda item: None)
     with pytest.raises(RuntimeError, match="Kafka refused 2 messages to 'examples': Broker: Message size too large"):
         sink.write_batch([{"a": 1}, {"a": 2}])
 
 
 def test_without_recovery_a_batch_does_not_wait_for_the_broker_and_close_delivers_everything(caplog):
     producer = OutageProducer(down_flushes=2)
-    sink = _KafkaPartition(producer, "examples", lambda item: item["request_id"], durable=False)
+    sink = _wired(producer, lambda item: item["request_id"], durable=False)
     sink.write_batch([{"request_id": f"r{i}"} for i in range(3)])
     sink.write_batch([[{"request_id": "r3"}, {"request_id": "r4"}]])  # a list stands for its items
     assert producer.flushes == 0 and len(producer.queued) == 5
@@ -92,7 +101,7 @@ def test_without_recovery_a_batch_does_not_wait_for_the_broker_and_close_deliver
 
 def test_without_recovery_a_full_queue_holds_the_sink_and_loses_nothing():
     producer = OutageProducer(capacity=2, down_polls=3)
-    sink = _KafkaPartition(producer, "examples", lambda item: None, durable=False)
+    sink = _wired(producer, lambda item: None, durable=False)
     sink.write_batch([{"a": i} for i in range(5)])
     sink.close()
     assert producer.delivered == [f'{{"a":{i}}}'.encode() for i in range(5)]
@@ -100,8 +109,7 @@ def test_without_recovery_a_full_queue_holds_the_sink_and_loses_nothing():
 
 
 def test_without_recovery_a_refused_delivery_stops_the_flow_at_the_next_batch():
-    sink = _KafkaPartition(OutageProducer(refuse="Broker: Message size too large"), "examples", lambda item: None,
-                           durable=False)
+    sink = _wired(OutageProducer(refuse="Broker: Message size too large"), lambda item: None, durable=False)
     with pytest.raises(RuntimeError, match="Kafka refused 2 messages to 'examples': Broker: Message size too large"):
         sink.write_batch([{"a": 1}, {"a": 2}])
 
