@@ -80,7 +80,7 @@ def kafka_output(quick: bool) -> Iterator[Figure]:
 
             p = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "enable.idempotence": "true",
                           "queue.buffering.max.messages": 1_000_000, "delivery.report.only.error": True,
-                          "on_delivery": lambda err, msg: None})
+                          "on_delivery": lambda err, msg: None, **config.kafka_settings()})
             topic = config.topic("features")
             c0 = time.process_time()
             for i in range(0, n, 500):

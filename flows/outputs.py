@@ -74,8 +74,7 @@ class KafkaEventOutput:
             # part of what writing 30,000 events a second cost the open-loop simulator.
             producer = Producer({"bootstrap.servers": config.brokers, "linger.ms": 20,
                                  "enable.idempotence": "true", "queue.buffering.max.messages": 1_000_000,
-                                 "delivery.report.only.error": True, "on_delivery": self._delivered,
-                                 **config.kafka_settings()})
+                                 "delivery.report.only.error": True, **config.kafka_settings()})
         self.producer = producer
         self.config = config
         self.errors = 0
@@ -89,14 +88,14 @@ class KafkaEventOutput:
         if not events:
             return
         topic = self._topics[stream]
-        produce = self.producer.produce
+        produce, delivered = self.producer.produce, self._delivered
         # One encoder call for the batch: JSON has no raw newline, so the lines split cleanly.
         values = encode_lines(list(events)).split(b"\n")
         values.pop()  # the b"" after the last newline
         for e, value in zip(events, values, strict=True):
             while True:
                 try:
-                    produce(topic, value, message_key(e))
+                    produce(topic, value, message_key(e), on_delivery=delivered)
                     break
                 except BufferError:
                     self.producer.poll(0.05)  # the local queue is full: let deliveries drain

@@ -7,6 +7,7 @@ at-least-once: after a crash the epoch in flight is written again.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -66,8 +67,9 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
 
     `durable` (recovery on): each batch waits until the broker has all of it, since Bytewax
     commits the epoch once this returns. Recovery off, nothing is committed, so nothing waits for
-    the broker but a full queue and `close`: a wait per batch held the flow idle for a broker
-    round trip many times a second."""
+    the broker but a full queue and `close` (with the same warnings): a wait per batch held the
+    flow idle for a broker round trip many times a second. Delivery reports come for failures
+    only (`delivery.report.only.error`): a Python call per message delivered was most of their cost."""
 
     def __init__(self, producer: Any, topic: str, key_of: KeyOf, durable: bool = True):
         self.producer = producer
@@ -85,15 +87,25 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
         # One encoder call for the batch: JSON has no raw newline, so the lines split cleanly.
         values = encode_lines(items).split(b"\n")
         values.pop()  # the b"" after the last newline
-        produce, topic, key_of = self.producer.produce, self.topic, self.key_of
+        produce, topic, key_of, delivered = self.producer.produce, self.topic, self.key_of, self._delivered
+        full_since = warned = 0.0
         for item, value in zip(items, values, strict=True):
             key = key_of(item)
             while True:
                 try:
-                    produce(topic, value, key.encode() if key is not None else None)
+                    produce(topic, value, key.encode() if key is not None else None, on_delivery=delivered)
                     break
                 except BufferError:
-                    self.producer.poll(0.1)  # local queue full: let deliveries drain
+                    # The local queue is full (the broker slow or down): let deliveries drain, however
+                    # long it takes, with a warning every FLUSH_WARN_S.
+                    now = time.monotonic()
+                    if not full_since:
+                        full_since = warned = now
+                    elif now - warned >= FLUSH_WARN_S:
+                        warned = now
+                        log.warning("Kafka has not acknowledged %d messages to %r for %.0f s (broker down?); "
+                                    "waiting", len(self.producer), self.topic, now - full_since)
+                    self.producer.poll(0.1)
         if self.durable:
             self._flush()  # Bytewax commits the epoch after this returns: wait until the broker has it all
         else:
@@ -132,14 +144,10 @@ class KafkaStreamSink(DynamicSink[Any]):
 
         # message.timeout.ms 0: no delivery timeout (librdkafka's default drops a message after
         # 5 min); a broker outage holds the flow instead.
-        # Delivery reports of failures only (through `_delivered`): one Python call per message
-        # delivered was most of what a report cost.
-        part = _KafkaPartition(None, self.topic, self.key_of, self.durable)
-        part.producer = Producer({"bootstrap.servers": self.config.brokers, "linger.ms": 5,
-                                  "enable.idempotence": "true", "message.timeout.ms": "0",
-                                  "delivery.report.only.error": True, "on_delivery": part._delivered,
-                                  **self.config.kafka_settings()})
-        return part
+        producer = Producer({"bootstrap.servers": self.config.brokers, "linger.ms": 5,
+                             "enable.idempotence": "true", "message.timeout.ms": "0",
+                             "delivery.report.only.error": True, **self.config.kafka_settings()})
+        return _KafkaPartition(producer, self.topic, self.key_of, self.durable)
 
 
 def make_sink(stream: str, config: Config, key_of: KeyOf = lambda item: None, durable: bool = True) -> DynamicSink:

@@ -59,6 +59,7 @@ __all__ = [
     "ServingStore",
     "ServingStoreError",
     "ServingWriter",
+    "StoreNotReady",
     "StoreStats",
     "TXN_END_HEADER",
 ]
@@ -348,26 +349,33 @@ class LmdbServingStore:
                     elif fmt != STORE_FORMAT:
                         raise ServingStoreError(self._format_message(fmt))
             else:
-                if not (self.path / "data.mdb").exists():
+                data_file = self.path / "data.mdb"
+                if not data_file.exists():
                     raise ServingStoreError(f"no serving store at {self.path}: its writer creates it; start that first")
+                not_ready = StoreNotReady(f"the serving store at {self.path} is still being created by its writer; "
+                                          "open it again once the writer has started")
+                if data_file.stat().st_size < 2 * 4096:  # not even LMDB's two meta pages written yet
+                    raise not_ready
                 self.env = lmdb.open(str(self.path), readonly=True, lock=True, max_dbs=4, readahead=False)
                 # Handles opened in a transaction that is aborted die with it: py-lmdb's own
                 # (committed) transaction keeps them.
                 try:
-                    self._data = self.env.open_db(_DATA, create=False)
                     self._meta = self.env.open_db(_META, create=False)
-                    self._changes = self.env.open_db(_CHANGES, create=False)
                 except lmdb.NotFoundError:
-                    fmt = None  # the writer has made the file, not yet its databases
-                else:
-                    with self._read() as txn:
-                        fmt = txn.get(_M_FORMAT, db=self._meta)
-                if fmt is None:
-                    # Its writer is creating it (a reader that opens it then is not wrong: it is early).
-                    raise StoreNotReady(f"the serving store at {self.path} is still being created by its writer; "
-                                        "open it again once the writer has started")
+                    raise not_ready from None  # the writer has made the file, not yet its databases
+                with self.env.begin(db=self._meta) as txn:  # just opened: the map is the file's own
+                    fmt = txn.get(_M_FORMAT)
+                if fmt is None:  # the writer records the format last, once the databases are made
+                    raise not_ready
                 if fmt != STORE_FORMAT:
                     raise ServingStoreError(self._format_message(fmt))
+                try:
+                    self._data = self.env.open_db(_DATA, create=False)
+                    self._changes = self.env.open_db(_CHANGES, create=False)
+                except lmdb.NotFoundError:
+                    raise ServingStoreError(f"the serving store at {self.path} records its format but lacks a "
+                                            "database: it is damaged; delete the directory and let sync (or the "
+                                            "replica) rebuild it") from None
         except BaseException:
             if getattr(self, "env", None) is not None:
                 self.env.close()

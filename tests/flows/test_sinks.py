@@ -37,18 +37,23 @@ class OutageProducer:
     def produce(self, topic, value, key=None, on_delivery=None):
         if len(self.queued) >= self.capacity:
             raise BufferError("Local: Queue full")
-        self.queued.append((value, on_delivery or self.report))
+        self.queued.append((value, on_delivery))
 
-    report = None  # the producer's own delivery callback (its `on_delivery` setting)
+    refuse_from_poll = 1  # the first poll(0) that serves a refusal (2: the broker answers a batch late)
 
     def poll(self, timeout=0):
         if timeout:
             self.polls += 1
             if self.polls > self.down_polls:
                 self._deliver()
-        elif self.refuse:  # a refusal already reported by the broker is served at any poll
-            self._deliver()
+        elif self.refuse:  # a refusal the broker has reported is served at a poll
+            self.zero_polls = getattr(self, "zero_polls", 0) + 1
+            if self.zero_polls >= self.refuse_from_poll:
+                self._deliver()
         return 0
+
+    def __len__(self):
+        return len(self.queued)
 
     def flush(self, timeout=None):
         self.flushes += 1
@@ -66,10 +71,7 @@ class OutageProducer:
 
 
 def _wired(producer: OutageProducer, key_of, durable: bool = True) -> _KafkaPartition:
-    """A sink over `producer`, whose delivery reports go to the sink (as KafkaStreamSink.build sets it)."""
-    sink = _KafkaPartition(producer, "examples", key_of, durable)
-    producer.report = sink._delivered
-    return sink
+    return _KafkaPartition(producer, "examples", key_of, durable)
 
 
 def test_a_long_outage_holds_the_sink_and_loses_nothing(caplog):
@@ -109,9 +111,54 @@ def test_without_recovery_a_full_queue_holds_the_sink_and_loses_nothing():
 
 
 def test_without_recovery_a_refused_delivery_stops_the_flow_at_the_next_batch():
-    sink = _wired(OutageProducer(refuse="Broker: Message size too large"), lambda item: None, durable=False)
-    with pytest.raises(RuntimeError, match="Kafka refused 2 messages to 'examples': Broker: Message size too large"):
+    producer = OutageProducer(refuse="Broker: Message size too large")
+    producer.refuse_from_poll = 2  # reported after the batch that wrote them has returned
+    sink = _wired(producer, lambda item: None, durable=False)
+    sink.write_batch([{"a": 1}, {"a": 2}])
+    with pytest.raises(RuntimeError, match="Kafka refused 3 messages to 'examples': Broker: Message size too large"):
+        sink.write_batch([{"a": 3}])
+
+
+def test_without_recovery_a_refusal_reported_at_the_end_stops_the_flow_at_close():
+    producer = OutageProducer(refuse="Broker: Message size too large")
+    producer.refuse_from_poll = 2
+    sink = _wired(producer, lambda item: None, durable=False)
+    sink.write_batch([{"a": 1}])
+    with pytest.raises(RuntimeError, match="Kafka refused 1 messages"):
+        sink.close()
+
+
+def test_without_recovery_a_long_full_queue_warns_while_it_waits(caplog, monkeypatch):
+    from flows import sinks
+
+    clock = iter(range(0, 10_000, 10))  # each look at the clock: 10 s later
+    monkeypatch.setattr(sinks.time, "monotonic", lambda: float(next(clock)))
+    producer = OutageProducer(capacity=1, down_polls=7)
+    sink = _wired(producer, lambda item: None, durable=False)
+    with caplog.at_level(logging.WARNING, "freshrec.sinks"):
         sink.write_batch([{"a": 1}, {"a": 2}])
+    assert sum("has not acknowledged 1 messages" in r.message for r in caplog.records) >= 2
+    sink.close()
+    assert producer.delivered == [b'{"a":1}', b'{"a":2}']
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_real_producer_reports_what_the_broker_never_took(durable, tmp_path):
+    # A real confluent-kafka producer and no broker (nothing listens on port 1): each message
+    # times out after 300 ms, and the sink must say so, whether it waits per batch or at close.
+    from flows.sinks import KafkaStreamSink
+    from tests.helpers import config_for
+
+    config = config_for(tmp_path, source="kafka", brokers="127.0.0.1:1",
+                        kafka_config='{"message.timeout.ms": "300"}')
+    sink = KafkaStreamSink("examples", config, durable=durable).build("out", 0, 1)
+    if durable:
+        with pytest.raises(RuntimeError, match="Kafka refused 2 messages .*timed out"):
+            sink.write_batch([{"a": 1}, {"a": 2}])
+    else:
+        sink.write_batch([{"a": 1}, {"a": 2}])
+        with pytest.raises(RuntimeError, match="Kafka refused 2 messages .*timed out"):
+            sink.close()
 
 
 def test_the_flow_waits_for_the_broker_at_each_batch_only_with_recovery_on(monkeypatch, tmp_path):

@@ -198,7 +198,15 @@ def test_only_the_writer_writes_and_one_object_per_directory_per_process(tmp_pat
     r.close()
 
 
-@pytest.mark.parametrize("made", ["file only", "databases, no format yet"])
+def _open_fds(path) -> int:
+    """How many of this process's file descriptors point at `path`."""
+    import os
+
+    fds = os.listdir("/proc/self/fd")
+    return sum(os.path.realpath(f"/proc/self/fd/{fd}") == str(path.resolve()) for fd in fds)
+
+
+@pytest.mark.parametrize("made", ["empty file", "file only", "meta, no format yet"])
 def test_a_reader_that_opens_a_store_its_writer_is_still_creating_is_told_to_try_again(tmp_path, made):
     # The moments between the writer's lmdb.open and its format record: the model server (or any
     # reader) starting beside the flow can open the store then.
@@ -206,16 +214,34 @@ def test_a_reader_that_opens_a_store_its_writer_is_still_creating_is_told_to_try
 
     path = tmp_path / "s"
     path.mkdir()
-    env = lmdb.open(str(path), max_dbs=4)
-    if made != "file only":
-        for name in (b"data", b"meta", b"changes"):
-            env.open_db(name)
-    env.close()
+    if made == "empty file":
+        (path / "data.mdb").write_bytes(b"")
+    else:
+        env = lmdb.open(str(path), max_dbs=4)
+        if made != "file only":
+            env.open_db(b"data")
+            env.open_db(b"meta")
+        env.close()
     with pytest.raises(StoreNotReady, match="still being created"):
         LmdbServingStore(path)
+    assert _open_fds(path / "data.mdb") == 0  # the failed open left no handle
     LmdbServingStore(path, writer=True).close()  # the writer finishes
-    with LmdbServingStore(path) as r:  # and the same object's path is free again: no handle left open
+    with LmdbServingStore(path) as r:
         assert r.stats().params_version == 0
+
+
+def test_a_store_that_records_its_format_but_lacks_a_database_is_damaged_not_early(tmp_path):
+    import lmdb
+
+    LmdbServingStore(tmp_path / "s", writer=True).close()
+    env = lmdb.open(str(tmp_path / "s"), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"changes", txn=txn), delete=True)
+    env.close()
+    with pytest.raises(ServingStoreError, match="damaged") as e:
+        LmdbServingStore(tmp_path / "s")
+    assert not isinstance(e.value, StoreNotReady)
+    assert _open_fds(tmp_path / "s" / "data.mdb") == 0
 
 
 def test_build_recommender_finishes_creating_a_store_its_writer_has_begun(tmp_path):
