@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from flows.config import Config, ConfigError
-from flows.events import ActionEvent, FeatureEvent, ItemEvent, encode_lines
+from flows.events import ActionEvent, FeatureEvent, ItemEvent, encode_each
 from flows.streams import StreamWriter
 
 INPUT_STREAMS = ("items", "features", "actions")
@@ -89,9 +89,7 @@ class KafkaEventOutput:
             return
         topic = self._topics[stream]
         produce, delivered = self.producer.produce, self._delivered
-        # One encoder call for the batch: JSON has no raw newline, so the lines split cleanly.
-        values = encode_lines(list(events)).split(b"\n")
-        values.pop()  # the b"" after the last newline
+        values = encode_each(list(events))
         for e, value in zip(events, values, strict=True):
             while True:
                 try:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from flows.config import Config
-from flows.events import encode_lines
+from flows.events import encode_each
 from flows.streams import StreamWriter
 
 log = logging.getLogger("freshrec.sinks")
@@ -84,9 +84,7 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
 
     def write_batch(self, items: list[Any]) -> None:
         items = each(items)
-        # One encoder call for the batch: JSON has no raw newline, so the lines split cleanly.
-        values = encode_lines(items).split(b"\n")
-        values.pop()  # the b"" after the last newline
+        values = encode_each(items)
         produce, topic, key_of, delivered = self.producer.produce, self.topic, self.key_of, self._delivered
         full_since = warned = 0.0
         for item, value in zip(items, values, strict=True):
@@ -103,8 +101,7 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
                         full_since = warned = now
                     elif now - warned >= FLUSH_WARN_S:
                         warned = now
-                        log.warning("Kafka has not acknowledged %d messages to %r for %.0f s (broker down?); "
-                                    "waiting", len(self.producer), self.topic, now - full_since)
+                        self._warn_waiting(len(self.producer), now - full_since)
                     self.producer.poll(0.1)
         if self.durable:
             self._flush()  # Bytewax commits the epoch after this returns: wait until the broker has it all
@@ -116,9 +113,12 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
         waited = 0.0
         while (remaining := self.producer.flush(FLUSH_WARN_S)) > 0:
             waited += FLUSH_WARN_S
-            log.warning("Kafka has not acknowledged %d messages to %r for %.0f s (broker down?); waiting",
-                        remaining, self.topic, waited)
+            self._warn_waiting(remaining, waited)
         self._raise_failed()
+
+    def _warn_waiting(self, messages: int, seconds: float) -> None:
+        log.warning("Kafka has not acknowledged %d messages to %r for %.0f s (broker down?); waiting",
+                    messages, self.topic, seconds)
 
     def _raise_failed(self) -> None:
         if self.failed:

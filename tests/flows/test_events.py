@@ -766,3 +766,13 @@ def test_a_batch_stamped_by_freshrecs_writers_is_parsed_in_one_pass_with_the_sam
                 with_(stream)):  # unstamped among stamped: each keeps its own rule
         lines = [*stamped, bad]
         assert parse_many(stream, lines, arrival, ahead) == split_by_parse(stream, lines, [arrival] * 5, ahead)
+
+
+def test_encode_each_is_encode_of_each_object_even_with_newlines_in_their_text():
+    from flows.events import DeadLetter, encode, encode_each
+
+    objs = [DeadLetter(stream="features", reason="bad\nline", raw="{\n}\u2028", raw_b64=None, truncated=False,
+                       received_at=1.0),
+            {"a": "x\ny", "b": [1, {"c": "\r\n"}]}, FeatureEvent(request_id="r\n", user_id="u", item_id="v", ts=2.0)]
+    assert encode_each(objs) == [encode(o) for o in objs]
+    assert encode_each([]) == []
