@@ -6,6 +6,7 @@ as a ratio; benchmarks assert nothing about time.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -110,6 +111,20 @@ def host_shares(before: Optional[HostCpu], after: Optional[HostCpu]) -> Optional
     if total <= 0:
         return None
     return busy / total, steal / total
+
+
+def process_cpu_s(pid: int, thread: Optional[int] = None) -> Optional[float]:
+    """CPU seconds (user + system) a process has used so far, all its threads, or one thread's
+    (`thread`, a task id: the process's own id is its main thread); None where /proc does not say.
+    A rate held on a shared machine moves with what else runs; the CPU an event costs the flow
+    moves far less, so it shows a change that the rate's noise hides."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the command's closing parenthesis: state is field 3, utime and stime fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def host_figures(prefix: str, shares: Optional[tuple[float, float]], suffix: str = "") -> Iterator[Figure]:

@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bench import Figure, HostCpu, benchmark, compared, host_figures, host_shares
+from bench import Figure, HostCpu, benchmark, compared, host_figures, host_shares, process_cpu_s
 from flows.config import Config
 
 FEATURES_PER_ACTION = 5
@@ -317,9 +317,10 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
             # The window opens after the warm-up (the trainer imports TensorFlow on the first examples).
             while time.time() < t_start + warmup_s and sim.is_alive():
                 time.sleep(0.1)
-            before, t_a, host_a = _scrape_all(ports), time.time(), HostCpu.read()
+            pids = [f.proc.pid for f in flows if f.proc is not None]
+            before, t_a, host_a, cpu_a = _scrape_all(ports), time.time(), HostCpu.read(), _flow_cpu(pids)
             sim.join(duration + 60)
-            after, t_b, host_b = _scrape_all(ports), time.time(), HostCpu.read()
+            after, t_b, host_b, cpu_b = _scrape_all(ports), time.time(), HostCpu.read(), _flow_cpu(pids)
             reader.join(30)
             for f in flows:
                 if not f.running:
@@ -358,6 +359,8 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
     u, r, e = window(users), window(rows), window(examples)
     h50, h99 = _histogram_quantiles(before, after, "freshrec_sync_freshness_seconds", (0.5, 0.99))
     host = host_shares(host_a, host_b)
+    events = _events(after) - _events(before)
+    cpu_us, main_us = ((b - a) / events * 1e6 if events > 0 else float("nan") for a, b in zip(cpu_a, cpu_b, strict=True))
     return {
         "p50": pct(u, 50), "p99": pct(u, 99), "n_users": len(u),
         "rows_p50": pct(r, 50), "rows_p99": pct(r, 99), "n_rows": len(r),
@@ -367,7 +370,18 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
         "sim_actions": simmed["decided"] / simmed["elapsed_s"], "rate": rate,
         # The machine over the window (nan where it does not say): busy, and stolen by the host.
         "host_busy": host[0] if host else float("nan"), "host_steal": host[1] if host else float("nan"),
+        # The flow's CPU (its processes, all threads; and their main threads) per event consumed in
+        # the window: the cost of an event, which moves far less with the machine's load than the rate.
+        "flow_cpu_us": cpu_us, "flow_main_us": main_us,
     }
+
+
+def _flow_cpu(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds so far of the flow's processes, and of their main threads (nan unless /proc says)."""
+    whole = [process_cpu_s(p) for p in pids]
+    main = [process_cpu_s(p, p) for p in pids]
+    nan = float("nan")
+    return (nan if None in whole else sum(whole)), (nan if None in main else sum(main))  # type: ignore[arg-type]
 
 
 def _figures(res: dict[str, float], suffix: str) -> Iterator[Figure]:
@@ -379,6 +393,9 @@ def _figures(res: dict[str, float], suffix: str) -> Iterator[Figure]:
     yield compared("serve.freshness_rows_p50" + suffix, "ms", res["rows_p50"], "flow histogram p50", res["flow_p50"])
     yield compared("serve.freshness_rows_p99" + suffix, "ms", res["rows_p99"], "flow histogram p99", res["flow_p99"])
     yield compared("serve.sim_actions" + suffix, "actions/s", res["sim_actions"], "offered", res["rate"])
+    if res["flow_cpu_us"] == res["flow_cpu_us"]:
+        yield compared("serve.flow_cpu_per_event" + suffix, "us", res["flow_cpu_us"], "its main thread's",
+                       res["flow_main_us"])
     said = res["host_steal"] == res["host_steal"]  # not nan: the system said
     yield from host_figures("serve.loop", (res["host_busy"], res["host_steal"]) if said else None, suffix)
 

@@ -52,3 +52,33 @@ def test_no_shares_without_both_readings_or_without_time():
     assert host_shares(a, None) is None
     assert host_shares(a, a) is None
     assert list(host_figures("x", host_shares(None, a))) == []
+
+
+def test_process_cpu_counts_this_process_and_its_main_thread():
+    import os
+    import threading
+    import time
+
+    from bench import process_cpu_s
+
+    pid = os.getpid()
+    whole, main = process_cpu_s(pid), process_cpu_s(pid, pid)
+    assert whole is not None and main is not None and whole >= main
+
+    def spin() -> None:  # CPU on another thread: the process's count grows, the main thread's not by it
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+
+    t = threading.Thread(target=spin)
+    t.start()
+    t.join()
+    assert process_cpu_s(pid) - whole >= 0.2
+    assert process_cpu_s(pid, pid) - main < 0.2
+
+
+def test_process_cpu_of_no_process_is_none():
+    from bench import process_cpu_s
+
+    assert process_cpu_s(2**22 + 12345) is None  # above the kernel's pid_max
+    assert process_cpu_s(1, 2**22 + 12345) is None
