@@ -22,7 +22,6 @@ Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 # msgspec rejects NaN/Infinity tokens and numbers that overflow a float, so every decoded float is
 # finite; the bounds on `ts` are checked by the decoder in the same pass.
 Ts = Annotated[float, msgspec.Meta(gt=0, le=MAX_TS)]
-Position = Annotated[int, msgspec.Meta(ge=0, le=MAX_POSITION)]
 Sparse = dict[str, Union[str, list[str]]]
 Dense = dict[str, float]
 
@@ -40,7 +39,7 @@ class FeatureEvent(msgspec.Struct, omit_defaults=True, gc=False):
     user_id: Id
     item_id: Id
     ts: Ts
-    position: Optional[Position] = None
+    position: Optional[Annotated[int, msgspec.Meta(ge=0, le=MAX_POSITION)]] = None
     sparse: Sparse = {}
     dense: Dense = {}
     model_version: Optional[str] = None
@@ -136,114 +135,6 @@ STREAMS: dict[str, type] = {
 
 _DECODERS = {name: msgspec.json.Decoder(cls) for name, cls in STREAMS.items()}
 _ENCODER = msgspec.json.Encoder()
-
-
-# -- feature events' features, parsed once ------------------------------------------------------
-#
-# The model server logs an item's features with every impression of it, so a feature stream repeats
-# the same `sparse` and `dense` texts over and over. A batch of feature events is read with those two
-# fields left as raw JSON; each text is parsed (and checked, as `FeatureEvent` checks it) the first
-# time it comes, and later events with the same text get the same dict. Measured: a quarter to a
-# third less time an event to decode, and three fewer objects for the collector an impression (a
-# waiting impression's `sparse` and its tag list climbed through every generation: flows/heap.py).
-# So the dicts of parsed events may be shared between events: nothing may change one in place (no
-# part of freshrec does; the catalog and the join replace an item's dicts, never edit them).
-
-_EMPTY_RAW = msgspec.Raw(b"{}")
-
-
-class _FeatureLine(msgspec.Struct, gc=False):
-    """A feature event as `FeatureEvent` reads it, its features still raw JSON."""
-
-    request_id: Id
-    user_id: Id
-    item_id: Id
-    ts: Ts
-    position: Optional[Position] = None
-    sparse: msgspec.Raw = _EMPTY_RAW
-    dense: msgspec.Raw = _EMPTY_RAW
-    model_version: Optional[str] = None
-    score: Optional[float] = None
-    event_id: Optional[str] = None
-    received_at: Optional[float] = None
-
-
-class _Parsed:
-    """Parsed JSON values by their text, at most about `2 * limit` of them: a young and an old
-    generation; a text found in the old one moves to the young one, and when the young one is full
-    it becomes the old one (the texts no event brought since are dropped). `misses` counts the
-    texts parsed. Safe beside other threads (Bytewax's workers): the worst a race does is parse a
-    text again."""
-
-    def __init__(self, decoder: msgspec.json.Decoder, limit: int = 32_768):
-        self.decode = decoder.decode
-        self.limit = limit
-        self.young: dict[bytes, object] = {}
-        self.old: dict[bytes, object] = {}
-        self.misses = 0
-
-    def miss(self, text: bytes) -> object:
-        """The value of a `text` not in the young generation (parsed if it is in neither); raises
-        what the decoder raises for a bad one."""
-        value = self.old.pop(text, None)
-        if value is None:
-            value = self.decode(text)
-            self.misses += 1
-        young = self.young
-        if len(young) >= self.limit:
-            self.old, self.young = young, {}
-        self.young[text] = value
-        return value
-
-
-_FEATURE_LINE = msgspec.json.Decoder(_FeatureLine).decode
-_SPARSE = _Parsed(msgspec.json.Decoder(Sparse))
-_DENSE = _Parsed(msgspec.json.Decoder(Dense))
-# Where most texts are new (features made per impression, not per item), the detour costs more than
-# it saves (measured: 3.3x the plain decode's time with every text new). So a batch goes the shared
-# way only while its first `PROBE_LINES` lines found most of their texts parsed already; when they
-# did not, the rest of it and the next `PLAIN_BATCHES` batches are decoded plainly.
-PROBE_LINES = 256
-PLAIN_BATCHES = 32
-_plain_batches = [0]
-
-
-def _decode_features(lines: list[bytes]) -> list[FeatureEvent]:
-    """`FeatureEvent`s of clean lines, their features parsed once per text (see above). Raises
-    msgspec's errors for a line `FeatureEvent`'s decoder would refuse (the caller then parses the
-    batch line by line, for the reasons)."""
-    plain = _DECODERS["features"].decode
-    if _plain_batches[0] > 0:
-        _plain_batches[0] -= 1
-        return list(map(plain, lines))
-    sparse, dense = _SPARSE, _DENSE
-    probe = lines[:PROBE_LINES]
-    misses = sparse.misses + dense.misses
-    out = _shared(probe)
-    if len(lines) <= PROBE_LINES:
-        return out
-    if sparse.misses + dense.misses - misses > len(probe):  # of its 2 * len(probe) texts, most new
-        _plain_batches[0] = PLAIN_BATCHES
-        return out + list(map(plain, lines[PROBE_LINES:]))
-    return out + _shared(lines[PROBE_LINES:])
-
-
-def _shared(lines: list[bytes]) -> list[FeatureEvent]:
-    out = []
-    sparse, dense = _SPARSE, _DENSE
-    for r in map(_FEATURE_LINE, lines):
-        text = bytes(r.sparse)
-        s = sparse.young.get(text)
-        if s is None:
-            s = sparse.miss(text)
-        text = bytes(r.dense)
-        d = dense.young.get(text)
-        if d is None:
-            d = dense.miss(text)
-        out.append(FeatureEvent(r.request_id, r.user_id, r.item_id, r.ts, r.position, s, d, r.model_version,
-                                r.score, r.event_id, r.received_at))
-    return out
-
 
 DEFAULT_MAX_FUTURE_S = 86400.0
 
@@ -379,7 +270,7 @@ def parse_many(
                 for raw in lines:
                     if not raw.isascii():
                         raw.decode("utf-8")
-            events = _decode_features(lines) if stream == "features" else list(map(_DECODERS[stream].decode, lines))
+            events = list(map(_DECODERS[stream].decode, lines))
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             events = None
         if events is not None:

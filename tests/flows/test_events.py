@@ -479,69 +479,6 @@ def test_parse_many_with_arrival_per_line_matches_parse(stream):
                                                if isinstance(parse(stream, raw, a, 5000.0), DeadLetter)]
 
 
-def test_feature_events_with_the_same_features_text_share_one_parsed_dict():
-    a = raw_of(VALID["features"])
-    b = with_("features", item_id="v2", request_id="r-2")  # same sparse and dense texts
-    compact = json.dumps(VALID["features"], separators=(",", ":")).encode()  # other texts, equal features
-    assert compact != a
-    events, dls = parse_many("features", [a, b, compact], ARRIVAL)
-    assert dls == [] and events == [parse("features", x, ARRIVAL) for x in (a, b, compact)]
-    assert events[0].sparse is events[1].sparse and events[0].dense is events[1].dense
-    assert events[2].sparse == events[0].sparse
-    # Events without features get equal empty dicts, as `FeatureEvent`'s defaults.
-    bare = json.dumps({k: VALID["features"][k] for k in REQUIRED["features"]}).encode()
-    events, _ = parse_many("features", [bare, bare], ARRIVAL)
-    assert [(e.sparse, e.dense) for e in events] == [({}, {}), ({}, {})]
-
-
-def test_a_features_text_is_checked_even_when_an_equal_value_was_parsed_before():
-    good = with_("features", sparse={"author": "a7"})
-    bad = with_("features", sparse={"author": 7})  # parsed once, never cached: refused each time
-    for _ in range(2):
-        events, dls = parse_many("features", [good, bad, good], ARRIVAL)
-        assert len(events) == 2 and [d.reason for d in dls] == [parse("features", bad, ARRIVAL).reason]
-        assert "sparse" in dls[0].reason
-
-
-def test_the_parsed_features_are_bounded_by_two_generations():
-    from flows.events import Dense, _Parsed
-
-    cache = _Parsed(msgspec.json.Decoder(Dense), limit=3)
-    texts = [f'{{"x":{i}}}'.encode() for i in range(10)]
-    first = cache.miss(texts[0])
-    assert first == {"x": 0.0}
-    for t in texts[1:7]:
-        cache.miss(t)
-    assert len(cache.young) + len(cache.old) <= 6
-    # A text from the old generation moves to the young one, as the same object.
-    kept = next(iter(cache.old))
-    value = cache.old[kept]
-    assert cache.miss(kept) is value and kept in cache.young and kept not in cache.old
-    with pytest.raises(msgspec.ValidationError):
-        cache.miss(b'{"x":"no"}')
-    assert b'{"x":"no"}' not in cache.young
-
-
-def test_batches_of_new_features_texts_are_decoded_plainly_for_a_while_and_the_same(monkeypatch):
-    import flows.events as ev
-
-    monkeypatch.setattr(ev, "_plain_batches", [0])
-    monkeypatch.setattr(ev, "PROBE_LINES", 4)
-    monkeypatch.setattr(ev, "PLAIN_BATCHES", 2)
-    new = [with_("features", item_id=f"v{i}", sparse={"author": f"a-new-{i}"}, dense={"d": i + 0.5}) for i in range(12)]
-    events, dls = parse_many("features", new, ARRIVAL)
-    assert dls == [] and events == [parse("features", x, ARRIVAL) for x in new]
-    assert ev._plain_batches == [2]  # its probe parsed a text per line and more: plain for two batches
-    misses = ev._SPARSE.misses
-    again = [with_("features", item_id=f"w{i}", sparse={"author": "a-shared"}) for i in range(6)]
-    for left in (1, 0):
-        assert parse_many("features", again, ARRIVAL)[0] == [parse("features", x, ARRIVAL) for x in again]
-        assert ev._plain_batches == [left] and ev._SPARSE.misses == misses  # plain: the cache untouched
-    events, _ = parse_many("features", again, ARRIVAL)  # shared again: one text, parsed once
-    assert ev._plain_batches == [0] and ev._SPARSE.misses == misses + 1
-    assert all(e.sparse is events[0].sparse for e in events)
-
-
 def test_parse_many_of_nothing_is_nothing():
     assert parse_many("actions", [], ARRIVAL) == ([], [])
     assert parse_many("actions", [], []) == ([], [])
