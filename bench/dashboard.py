@@ -30,7 +30,6 @@ process's CPU time over the wall time of the "on" runs (share of one core).
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -47,7 +46,7 @@ from pathlib import Path
 from bytewax.testing import run_main
 from prometheus_client import REGISTRY, generate_latest
 
-from bench import Figure, benchmark
+from bench import Figure, benchmark, process_cpu_s
 from flows.config import Config
 from flows.observe import MetricsServer, graph_of
 from flows.pipeline import build_flow
@@ -67,8 +66,10 @@ def _free_port() -> int:
 
 def _cpu_s(pid: int) -> float:
     """User plus system CPU seconds of process `pid` so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    cpu = process_cpu_s(pid)
+    if cpu is None:
+        raise RuntimeError(f"no CPU time for process {pid} in /proc")
+    return cpu
 
 
 def _scraped_since(url: str, since: float, timeout_s: float = 60.0) -> None:

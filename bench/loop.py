@@ -347,7 +347,8 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
     t_b = min(t_b, t_end)
     offered = rate * (FEATURES_PER_ACTION + 1)
     written = sum(_at(prog, t_b, c) - _at(prog, t_a, c) for c in (1, 2)) / (t_b - t_a)
-    consumed = (_events(after) - _events(before)) / (t_b - t_a)
+    events = _events(after) - _events(before)  # consumed in the window
+    consumed = events / (t_b - t_a)
     # Events written but not yet read when the window closes, in seconds of the offered load.
     backlog_end = (sum(_at(prog, t_b, c) for c in (1, 2)) - _events(after)) / offered
 
@@ -362,7 +363,6 @@ def run_loop(source: str, rate: float, warmup_s: float, measure_s: float, *, bro
     u, r, e = window(users), window(rows), window(examples)
     h50, h99 = _histogram_quantiles(before, after, "freshrec_sync_freshness_seconds", (0.5, 0.99))
     host = host_shares(host_a, host_b)
-    events = _events(after) - _events(before)
     cpu_us, main_us = ((b - a) / events * 1e6 if events > 0 else float("nan")
                        for a, b in zip(cpu_a, cpu_b, strict=True))
     if workers != 1 or processes != 1:

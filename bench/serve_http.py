@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import Figure, HostCpu, benchmark, compared, host_figures, host_shares
+from bench import Figure, HostCpu, benchmark, compared, host_figures, host_shares, process_cpu_s
 from bench.serve import SPEC, K, _rows, build_catalog_store
 
 TARGET_MS = 20.0
@@ -134,9 +134,11 @@ class ServerProcess:
             if pid in seen:
                 continue
             seen.add(pid)
+            cpu = process_cpu_s(pid)
+            if cpu is None:  # gone
+                continue
+            total += cpu
             try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
                 for task in Path(f"/proc/{pid}/task").iterdir():
                     todo += [int(c) for c in (task / "children").read_text().split()]
             except (FileNotFoundError, ProcessLookupError):
