@@ -30,6 +30,10 @@ def source_with_digest(module: str) -> str:
     text = text.replace(PLACEHOLDER, f'_BUILT_FROM: Optional[str] = "{digest}"')
     if not copy.exists() or copy.read_text(encoding="utf-8") != text:  # unchanged: no recompile
         copy.write_text(text, encoding="utf-8")
+    for pxd in src.parent.glob("*.pxd"):  # declarations the copies cimport (flows/_capi.pxd)
+        beside = copy.parent / pxd.name
+        if not beside.exists() or beside.read_bytes() != pxd.read_bytes():
+            beside.write_bytes(pxd.read_bytes())
     return str(copy.relative_to(ROOT))
 
 

@@ -340,6 +340,30 @@ def test_an_example_once_made_is_not_changed_by_what_comes_after(tmp_path):
     assert (b.counts.after_example, b.counts.duplicates, b.counts.duplicate_features) == (2, 1, 2)
 
 
+def test_waiting_impressions_leave_the_cyclic_collector_to_reference_counting(tmp_path):
+    # Compiled, the joiner untracks an impression's `sparse` of strings (and its tag lists), in
+    # memory and read back from LMDB; anything else in it keeps the dict tracked. Plain Python
+    # cannot untrack: the source leaves them all tracked, with the same examples.
+    import gc
+
+    import flows.joiner as joiner
+
+    odd = FeatureEvent(request_id="r9", user_id="u9", item_id="v0", ts=T0, sparse={"nested": [["x"]]})
+    b = JoinBucket(JoinSettings(window_s=WINDOW, cache_size=2), LmdbSpillStore(tmp_path))
+    b.on_features([rich(k, T0) for k in range(4)])
+    b.spill(1, 0)  # all on disk: a label reads them back
+    examples = b.on_actions([act(k, T0 + 1, "like", f"e{k}") for k in (0, 1)])
+    b.on_features([rich(k, T0) for k in range(4, 6)] + [odd])
+    examples += b.on_actions([act(k, T0 + 1, "like", f"e{k}") for k in (4, 5, 9)])
+    assert sorted(e.request_id for e in examples) == ["r0", "r1", "r4", "r5", "r9"]
+    for e in examples:
+        plain = e.request_id != "r9"
+        assert gc.is_tracked(e.sparse) is not (joiner.COMPILED and plain)
+        if plain:
+            assert gc.is_tracked(e.sparse["tags"]) is not joiner.COMPILED
+    assert [e.sparse for e in examples if e.request_id == "r9"] == [{"nested": [["x"]]}]
+
+
 def test_the_cache_bound_counts_waiting_keys_only(tmp_path):
     b = JoinBucket(JoinSettings(window_s=WINDOW, cache_size=3), LmdbSpillStore(tmp_path))
     b.on_features([feat(k, T0) for k in range(3)])
