@@ -448,11 +448,87 @@ _msgpack_encode = msgspec.msgpack.Encoder().encode
 _user_decode = msgspec.msgpack.Decoder(_USER_ACTIONS).decode
 
 
-def encode_user_actions(actions: Iterable[Sequence[Any]]) -> bytes:
-    """`[[item_id, action, ts], ...]` of a user's recent (item_id, action, ts), oldest first."""
+def encode_user_actions(actions: Iterable[Sequence[Any]] | bytes) -> bytes:
+    """`[[item_id, action, ts], ...]` of a user's recent (item_id, action, ts), oldest first.
+    `bytes` are taken as a record this function made (the flow's catalog keeps them so)."""
+    if type(actions) is bytes:
+        return actions
     if type(actions) is not UserActions:
         actions = [(str(a[0]), str(a[1]), float(a[2])) for a in actions]
     return _msgpack_encode(actions)
+
+
+_TS_TAIL = struct.Struct(">Bd")  # an action's ts, last in its array: msgpack's float64 marker, big-endian
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    return b"\xdc" + n.to_bytes(2, "big") if n < 65536 else b"\xdd" + n.to_bytes(4, "big")
+
+
+def _array_len(b: bytes) -> tuple[int, int]:
+    """(length, header size) of the msgpack array `b` begins with; (-1, 0) if it does not."""
+    c = b[0] if b else 0
+    if 0x90 <= c <= 0x9F:
+        return c & 0x0F, 1
+    if c == 0xDC and len(b) >= 3:
+        return int.from_bytes(b[1:3], "big"), 3
+    if c == 0xDD and len(b) >= 5:
+        return int.from_bytes(b[1:5], "big"), 5
+    return -1, 0
+
+
+def _after_str(b: bytes, i: int) -> int:
+    """Where the msgpack string at `i` ends; -1 if no string starts there."""
+    c = b[i]
+    if 0xA0 <= c <= 0xBF:
+        return i + 1 + (c & 0x1F)
+    if c == 0xD9:
+        return i + 2 + b[i + 1]
+    if c == 0xDA:
+        return i + 3 + int.from_bytes(b[i + 1:i + 3], "big")
+    if c == 0xDB:
+        return i + 5 + int.from_bytes(b[i + 1:i + 5], "big")
+    return -1
+
+
+def append_user_actions(record: bytes, new: Sequence[tuple[str, str, float]], cap: int) -> bytes | None:
+    """`record` (of `encode_user_actions`) with `new` after its actions and its oldest dropped to
+    keep `cap`, without decoding it: the usual case of a user's next actions, all newer than what
+    the record holds. `new` must be in ts order, without repeats. None when that does not hold
+    (an action not newer than the record's newest), or the record is not as this module writes it:
+    the caller merges the decoded list then.
+
+    >>> r = encode_user_actions([("v1", "like", 1.0), ("v2", "skip", 2.0)])
+    >>> decode_user_actions(append_user_actions(r, [("v3", "like", 3.0)], 2))
+    [('v2', 'skip', 2.0), ('v3', 'like', 3.0)]
+    >>> append_user_actions(r, [("v3", "like", 2.0)], 2) is None
+    True
+    """
+    n, head = _array_len(record)
+    if n < 0 or not new:
+        return None
+    if n:
+        if len(record) < head + 9:
+            return None
+        marker, newest = _TS_TAIL.unpack_from(record, len(record) - 9)
+        if marker != 0xCB or not new[0][2] > newest:
+            return None
+    drop = n + len(new) - cap
+    if drop >= n:
+        return _msgpack_encode(new[-cap:])
+    i = head
+    for _ in range(max(drop, 0)):  # over the oldest: [item_id, action, ts] each
+        if record[i] != 0x93:
+            return None
+        j = _after_str(record, i + 1)
+        j = _after_str(record, j) if j > 0 else -1
+        if j < 0 or record[j] != 0xCB:
+            return None
+        i = j + 9
+    body = _msgpack_encode(new)
+    return _array_header(n - max(drop, 0) + len(new)) + record[i:] + body[_array_len(body)[1]:]
 
 
 def decode_user_actions(value: bytes) -> list[tuple[str, str, float]]:

@@ -11,6 +11,7 @@ from flows.catalog import COUNTS_AT, Catalog, catalog_delta
 from flows.clock import ACTIVE, SourceBatch
 from flows.events import ActionEvent, FeatureEvent, ItemEvent
 from flows.joiner import positive_rule
+from paramserver.records import decode_user_actions, encode_user_actions
 
 T0 = 1764288000.0
 DEFAULT_RULE = positive_rule(None)
@@ -50,7 +51,7 @@ class FakeStore:
     def write(self, catalog: Catalog) -> tuple[dict, dict]:
         items, users = catalog.take_dirty()
         self.items.update({k: _json_roundtrip(v) for k, v in items.items()})
-        self.users.update({k: [list(a) for a in v] for k, v in users.items()})
+        self.users.update({k: [list(a) for a in decode_user_actions(encode_user_actions(v))] for k, v in users.items()})
         return items, users
 
 
@@ -118,12 +119,17 @@ def test_positive_actions_count_and_negatives_and_neutral_watches_do_not():
         assert items["v2"]["positives"] == 0
 
 
+def users_of(cat: Catalog) -> dict[str, list]:
+    """The users' lists of the next write, decoded (the catalog keeps and writes them as records)."""
+    return {u: decode_user_actions(r) for u, r in cat.take_dirty()[1].items()}
+
+
 def test_users_keep_their_newest_actions_in_ts_order_each_once():
     cat = make(user_recent=3)
     cat.merge(deltas(batch("actions", [act("v1", T0 + 1), act("v2", T0 + 5, "skip"), act("v3", T0 + 3)])))
-    assert cat.take_dirty()[1] == {"u1": [("v1", "like", T0 + 1), ("v3", "like", T0 + 3), ("v2", "skip", T0 + 5)]}
+    assert users_of(cat) == {"u1": [("v1", "like", T0 + 1), ("v3", "like", T0 + 3), ("v2", "skip", T0 + 5)]}
     cat.merge(deltas(batch("actions", [act("v4", T0 + 4, user="u1"), act("v1", T0 + 1), act("v9", T0, user="u2")])))
-    _, users = cat.take_dirty()
+    users = users_of(cat)
     assert users["u1"] == [("v3", "like", T0 + 3), ("v4", "like", T0 + 4), ("v2", "skip", T0 + 5)]
     assert users["u2"] == [("v9", "like", T0)]
     cat.merge(deltas(batch("actions", [act("v4", T0 + 4)])))  # seen already (a replay): no change
@@ -141,7 +147,7 @@ def test_entries_load_from_the_store_on_first_touch_so_counts_carry_on():
     items, users = cat.take_dirty()
     assert (items["v1"]["impressions"], items["v1"]["positives"], items["v1"]["sparse"]) == (12, 5, {"a": "x"})
     assert items["v2"]["impressions"] == 1
-    assert users["u1"] == [("v0", "like", T0 - 10), ("v1", "like", T0 + 2)]
+    assert decode_user_actions(users["u1"]) == [("v0", "like", T0 - 10), ("v1", "like", T0 + 2)]
 
 
 def test_an_item_no_stream_described_waits_for_one():
@@ -415,4 +421,4 @@ def test_a_users_list_merges_as_the_plain_rule_says(batches, cap):
         acts = [act(i, T0 + t, a, user="u1") for i, a, t in b]
         cat.merge(deltas(batch("actions", acts)))
         want = _merged_plainly(want, [(i, a, T0 + t) for i, a, t in b], cap)
-        assert cat.users["u1"] == want
+        assert cat.user_actions("u1") == want

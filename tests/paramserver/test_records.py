@@ -19,6 +19,7 @@ from paramserver.records import (
     RecordError,
     Records,
     UserActions,
+    append_user_actions,
     decode_dense,
     decode_dense_chunk,
     decode_item,
@@ -193,6 +194,35 @@ def test_catalog_records_are_json_and_user_records_msgpack():
     for bad in (msgspec.msgpack.encode([[1, "like", 1.5]]), msgspec.msgpack.encode({"a": 1}), b"\xc1"):
         with pytest.raises(RecordError, match="user record"):
             decode_user_actions(bad)
+
+
+_IDS = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_IDS, st.sampled_from(["like", "skip"]), st.floats(-1e6, 1e6)), max_size=40),
+       st.lists(st.tuples(_IDS, st.sampled_from(["like", "skip"]), st.floats(-1e6, 1e6)), max_size=20),
+       st.integers(1, 45))
+def test_appending_to_a_users_record_is_encoding_the_appended_list(old, new, cap):
+    # Ids of every string header's size (fix, 8 and 16 bit), arrays of both headers' sizes; the
+    # append stands down (None) exactly when a new action is not newer than the record's newest.
+    old = sorted(old, key=lambda a: a[2])[-cap:]
+    new = sorted(dict.fromkeys(new), key=lambda a: a[2])
+    got = append_user_actions(encode_user_actions(old), new, cap)
+    if not new or (old and not new[0][2] > old[-1][2]):
+        assert got is None
+    else:
+        assert got == encode_user_actions((old + new)[-cap:])
+
+
+def test_appending_stands_down_on_a_record_it_did_not_write():
+    # Not an array; a newest ts that is not a float64; an oldest action to drop that is not
+    # [str, str, float64]: it does not guess, the catalog merges the decoded list instead.
+    enc = msgspec.msgpack.encode
+    for record in (b"", b"\xc1", enc({"a": 1}), enc([["v1", "like", 1]]), enc([[1, "a", 1.0], ["v1", "like", 2.0]]),
+                   enc([["v0", "like", 1], ["v1", "like", 2.0]]), enc([["v0", "like"], ["v1", "like", 2.0]])):
+        assert append_user_actions(record, [("v2", "like", 5.0)], 2) is None
+    assert encode_user_actions(b"any record") == b"any record"  # a record is written as it is
 
 
 def test_records_of_pairs_know_what_the_writer_knows():
