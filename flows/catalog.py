@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 import operator
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import filterfalse
 from typing import Any, Optional
 
 from flows.clock import SourceBatch
@@ -180,16 +182,17 @@ class Catalog:
         """Reads the entries the deltas touch and memory lacks, in one read per kind."""
         have = self.items
         want: set[str] = set()
+        absent = functools.partial(filterfalse, have.__contains__)  # in C, per key: no generator
         for d in deltas:
             for m in (d.items, d.seen, d.impressions, d.positives):
-                want.update(k for k in m if k not in have)
+                want.update(absent(m))
         if want:
             ids = sorted(want)
             for i, entry in zip(ids, self.load_items(ids), strict=True):
                 have[i] = self._adopt(i, entry)
             self.counts.items_loaded += len(ids)
         users = self.users
-        uwant = {u for d in deltas for u in d.actions if u not in users}
+        uwant = {u for d in deltas for u in filterfalse(users.__contains__, d.actions)}
         if uwant:
             ids = sorted(uwant)
             for u, got in zip(ids, self.load_users(ids), strict=True):

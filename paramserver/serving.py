@@ -850,12 +850,18 @@ class KafkaDeltaProducer:
     def send(self, records: Records, version: int) -> None:
         produce = self._producer.produce
         topic = self.topic
-        n = len(records.keys)
-        for i, (k, v) in enumerate(zip(records.keys, records.values, strict=True)):
-            headers = [(TXN_END_HEADER, _Q.pack(version))] if i == n - 1 else None
+        keys, values = records.keys, records.values
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys for {len(values)} values")
+        last = len(keys) - 1
+        for i, k in enumerate(keys):
+            v = values[i] or None
             while True:
                 try:
-                    produce(topic, v or None, k, headers=headers)
+                    if i < last:  # positional only: keywords cost the call their parsing
+                        produce(topic, v, k)
+                    else:
+                        produce(topic, v, k, headers=[(TXN_END_HEADER, _Q.pack(version))])
                     break
                 except BufferError:  # the local queue is full: let librdkafka send some
                     self._producer.poll(0.1)
