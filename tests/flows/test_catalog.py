@@ -160,24 +160,30 @@ def test_an_item_no_stream_described_waits_for_one():
     assert (v7["positives"], v7["source"]) == (1, "items")
 
 
+def write_all(store: FakeStore, cat: Catalog) -> tuple[dict, dict]:
+    """A write that takes every count change too: a snapshot's, or one after the counts' interval."""
+    cat.release_counts()
+    return store.write(cat)
+
+
 def test_a_resume_sets_counts_back_to_its_snapshot_so_replayed_epochs_count_once():
     store = FakeStore()
     cat = make(store, attempt="a1")
     epochs = [[feat("v1", T0 + i) for i in range(n)] for n in (3, 2, 4, 5)]
     cat.merge(deltas(batch("features", epochs[0])))
-    store.write(cat)
+    write_all(store, cat)
     cat.snapshot(1)
     cat.merge(deltas(batch("features", epochs[1] + [feat("v2", T0)])))  # v2 first touched after snapshot 1
-    store.write(cat)
+    write_all(store, cat)
     cat.snapshot(2)
     cat.merge(deltas(batch("features", epochs[2])))
-    store.write(cat)  # then a crash: Bytewax resumes from snapshot 1 and replays epochs 1 and 2
+    write_all(store, cat)  # then a crash: Bytewax resumes from snapshot 1 and replays epochs 1 and 2
     assert store.items["v1"]["impressions"] == 9
     again = make(store, seq=1, resumed_at=1, attempt="a2", lineage={"a1": 1})
     again.merge(deltas(batch("features", epochs[1] + [feat("v2", T0)])))
     again.snapshot(2)
     again.merge(deltas(batch("features", epochs[2] + epochs[3])))
-    items, _ = store.write(again)
+    items, _ = write_all(store, again)
     assert items["v1"]["impressions"] == 3 + 2 + 4 + 5 and items["v2"]["impressions"] == 1
     assert again.counts.rewound == 2 and again.counts.inexact == 0
     # A fresh run (another run id) carries the counts on as they are: no rewinding.
@@ -218,7 +224,7 @@ def test_a_resume_older_than_the_kept_history_is_counted_as_inexact():
     cat = make(store, keep=2)
     for seq in range(5):
         cat.merge(deltas(batch("features", [feat("v1", T0 + seq)])))
-        store.write(cat)
+        write_all(store, cat)
         cat.snapshot(seq + 1)
     assert len(store.items["v1"][COUNTS_AT]["at"]) == 2
     again = make(store, keep=2, seq=1, resumed_at=1)
@@ -397,6 +403,31 @@ def test_count_changes_alone_wait_for_their_interval_where_descriptions_go_at_th
     cat.release_counts()  # a snapshot's sync writes every change
     assert store.write(cat)[0]["v1"]["impressions"] == 3
     assert store.items["v1"]["impressions"] == 3 and store.items["v2"]["impressions"] == 2
+
+
+def test_the_same_features_again_go_with_the_counts_where_new_ones_go_at_the_next_sync():
+    # The model server logs an item's features with every impression of it: the same again only
+    # moves `updated_ts`, which the entry's next write (of its counts, at the latest) carries.
+    now = [100.0]
+    store = FakeStore()
+    cat = make(store, counts_every_s=1.0, clock=lambda: now[0])
+    same = {"sparse": {"author": "a1", "tags": ["x", "y"]}, "dense": {"d": 1.0}}
+    cat.merge(deltas(batch("features", [feat("v1", T0, **same)])))
+    assert set(store.write(cat)[0]) == {"v1"}
+    cat.merge(deltas(batch("features", [feat("v1", T0 + 1, **same)])))
+    now[0] += 0.5
+    assert store.write(cat)[0] == {}
+    cat.merge(deltas(batch("features", [feat("v1", T0 + 2, sparse={"author": "a2"})])))
+    v1 = store.write(cat)[0]["v1"]  # new features: at once, counts with them
+    assert (v1["sparse"], v1["dense"], v1["updated_ts"], v1["impressions"]) == ({"author": "a2"}, {}, T0 + 2, 3)
+    cat.merge(deltas(batch("features", [feat("v1", T0 + 3, sparse={"author": "a2"}), feat("v1", T0 - 5)])))
+    v1 = store.write(cat)[0]["v1"]  # seen before its first `ts`: its age changed, at once
+    assert (v1["ts"], v1["updated_ts"], v1["impressions"]) == (T0 - 5, T0 + 3, 5)
+    cat.merge(deltas(batch("features", [feat("v1", T0 + 4, sparse={"author": "a2"})])))
+    assert store.write(cat)[0] == {}
+    now[0] += 1.0
+    v1 = store.write(cat)[0]["v1"]
+    assert (v1["sparse"], v1["updated_ts"], v1["impressions"]) == ({"author": "a2"}, T0 + 4, 6)
 
 
 def _merged_plainly(old: list, new: list, cap: int) -> list:
