@@ -174,6 +174,10 @@ class Catalog:
         self.clock = clock
         self.counts_taken_at = -math.inf
         self.dirty_users: set[str] = set()
+        # Items whose `counts_at` holds this snapshot's record already (`_before_counting` has
+        # nothing to add): one set lookup per count, where the call was 3.6% of the loop flow's
+        # main thread. Emptied by `snapshot`.
+        self._recorded: set[str] = set()
         self.counts = CatalogCounts()
 
     # ------------------------------------------------------------------------------ loading
@@ -253,7 +257,7 @@ class Catalog:
         if not deltas:
             return
         self._load(deltas)
-        items, dirty, counted = self.items, self.dirty_items, self.counted_items
+        items, dirty, counted, recorded = self.items, self.dirty_items, self.counted_items, self._recorded
         for d in deltas:
             for i, (ts, sparse, dense) in d.items.items():
                 e = items[i]
@@ -292,7 +296,9 @@ class Catalog:
             for counts, name in ((d.impressions, "impressions"), (d.positives, "positives")):
                 for i, n in counts.items():
                     e = items[i]
-                    self._before_counting(e)
+                    if i not in recorded:
+                        self._before_counting(e)
+                        recorded.add(i)
                     e[name] += n
                 counted.update(counts)
             if d.actions:
@@ -352,6 +358,7 @@ class Catalog:
     def snapshot(self, seq: int) -> None:
         """A Bytewax snapshot numbered `seq` was taken: later count changes record the counts at it."""
         self.seq = seq
+        self._recorded = set()
 
     def forget_clean_users(self, limit: int = MAX_USERS_IN_MEMORY) -> int:
         """Drops users beyond `limit` whose lists are written (they reload on their next action).

@@ -58,6 +58,7 @@ VALIDATION_EVERY_S = 1.0
 # updates (the contract's freshness) do not wait behind a burst of expiries. In the loop flow at
 # 2,500 actions/s, one call trained such a burst for 1.8-2.1 s.
 TRAIN_SLICE_S = 0.1
+UNSCORED_MAX = 8192  # impressions waiting for their score on arrival, at most, before they are scored anyway
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,11 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         # Scores of impressions taken when they arrived (in memory only: after a resume, examples
         # of impressions scored before it use the score at training).
         self.arrival_scores: OrderedDict[str, float] = OrderedDict()
+        # Impressions to score on arrival, scored together just before the next train step (or
+        # when UNSCORED_MAX wait): the model changes only in a step, so each gets the score it
+        # had when it came, in one call for all where a call per join output was 6.8% of the
+        # loop flow's main thread.
+        self.unscored: list = []
         self._parts: Optional[tuple[Any, Any, Any, Any]] = None
         self.auc = float("nan")
         self._validated_at = -float("inf")
@@ -260,6 +266,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         (`TRAIN_SLICE_S`): those labelled by an action first, then the expired. At least one
         batch per call."""
         params, trainer, sync, keys = self._parts or self._open()
+        if self.unscored:
+            self._score_on_arrival()  # with the model they came to, before a step changes it
         out: list[StepReport] = []
         size = self.cfg.batch_size
         until = time.perf_counter() + (TRAIN_SLICE_S if slice_s is None else slice_s)
@@ -326,9 +334,11 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             child(TRAIN_AUC, w).set(self.auc)
         child(TRAIN_LOGLOSS, w).set(trainer.validation.log_loss())
 
-    def _score_on_arrival(self, impressions: list) -> None:
-        """Score impressions with the model as it is now; kept by join key until their examples."""
+    def _score_on_arrival(self) -> None:
+        """Score the impressions waiting in `unscored` with the model as it is now (as it was when
+        they came: no step since); kept by join key until their examples."""
         trainer = (self._parts or self._open())[1]
+        impressions, self.unscored = self.unscored, []
         scores = trainer.score(impressions)
         kept = self.arrival_scores
         for e, score in zip(impressions, scores.tolist(), strict=True):
@@ -348,7 +358,9 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             joined = [v for v in values if type(v) is Joined]
             impressions = [e for v in joined for e in v.impressions]
             if impressions:
-                self._score_on_arrival(impressions)  # before any example of this call trains
+                self.unscored += impressions  # scored before the next step (`_train_buffer`)
+                if len(self.unscored) >= UNSCORED_MAX:
+                    self._score_on_arrival()
             examples = [v for v in values if type(v) is Example]
             for v in joined:
                 examples += v.examples

@@ -194,3 +194,31 @@ def test_examples_labelled_by_an_action_train_before_a_backlog_of_expired_ones(t
     _killed(logic)
     trained = trained_keys(tmp_path)
     assert set(trained) == {(e.request_id, e.item_id) for e in expired + labelled} and set(trained.values()) == {1}
+
+
+def test_impressions_are_scored_together_before_the_next_step_with_the_model_they_came_to(tmp_path, monkeypatch):
+    import flows.trainer_step as ts
+    from flows.clock import join_key
+    from flows.events import FeatureEvent, Joined
+
+    logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)
+    trainer = logic._open()[1]
+    calls: list = []
+    score, train = trainer.score, trainer.train
+    monkeypatch.setattr(trainer, "score", lambda imps: calls.append(("score", len(imps), trainer.steps)) or score(imps))
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: calls.append(("train", trainer.steps)) or train(*a, **k))
+    examples = _examples(32)
+    impressions = [FeatureEvent(request_id=e.request_id, user_id=e.user_id, item_id=e.item_id, ts=e.ts,
+                                sparse=e.sparse) for e in examples]
+    assert logic.on_batch([Joined([], [], impressions[:10])]) == ([], False)
+    assert logic.on_batch([Joined(examples[:31], [], impressions[10:])]) == ([], False)
+    assert calls == [] and len(logic.unscored) == 32  # no step yet: nothing to score them before
+    reports, _ = logic.on_batch([Joined(examples[31:], [], [])])
+    assert [r.examples for r in reports] == [32]
+    assert calls == [("score", 32, 0), ("train", 0)]  # all in one call, by the model before the step
+    assert set(logic.arrival_scores) == {join_key(e.request_id, e.item_id) for e in impressions} - {
+        join_key(e.request_id, e.item_id) for e in examples}  # the trained ones' were taken
+    monkeypatch.setattr(ts, "UNSCORED_MAX", 5)  # too many waiting: scored at once
+    logic.on_batch([Joined([], [], impressions[:6])])
+    assert calls[-1] == ("score", 6, 1) and logic.unscored == []
+    _killed(logic)
