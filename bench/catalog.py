@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterator
 
 from bench import Figure, benchmark, compared, interleaved
-from flows.catalog import Catalog, CatalogDelta, _merged
+from flows.catalog import Catalog, CatalogDelta, merge_user_actions
 from paramserver.records import UserActions, encode_user_actions
 
 ACTIONS = ("like", "skip", "click", "finish")
@@ -55,7 +55,7 @@ def user_actions(quick: bool) -> Iterator[Figure]:
     def base() -> None:
         for actions in next(base_writes):
             for u, new in actions.items():
-                plain[u] = _merged(plain[u], new, CAP)
+                plain[u] = merge_user_actions(plain[u], new, CAP)
             for u in actions:
                 encode_user_actions(UserActions(plain[u]))
 

@@ -28,9 +28,18 @@ from paramserver.records import append_user_actions, decode_user_actions, encode
 _item_id = operator.attrgetter("item_id")
 _ts_of = operator.itemgetter(2)
 
+NO_TS = -math.inf
+COUNTS_AT = "counts_at"  # the entry's counts at recent snapshots, so a resume can rewind them
+# An item's impression and positive counts (popularity, for cold-start lists) go to the serving
+# store at most this often, where a new item or a feature change goes at the next sync: at 25,000
+# impressions/s most of the catalog's items changed counts in every 50 ms sync, and encoding and
+# writing them all was a tenth of the loop flow (`serve.freshness`).
+COUNTS_EVERY_S = 1.0
+MAX_USERS_IN_MEMORY = 200_000  # users kept in memory past a successful write (the rest reload)
 
-def _merged(old: list[tuple[str, str, float]], new: list[tuple[str, str, float]], cap: int
-            ) -> list[tuple[str, str, float]]:
+
+def merge_user_actions(old: list[tuple[str, str, float]], new: list[tuple[str, str, float]],
+                       cap: int) -> list[tuple[str, str, float]]:
     """A user's list `old` (in ts order) with `new` merged in by ts, repeats of old ones left out,
     the newest `cap` kept."""
     # Only the old actions from the earliest new `ts` on can equal a new one, or sort after one.
@@ -43,14 +52,6 @@ def _merged(old: list[tuple[str, str, float]], new: list[tuple[str, str, float]]
     tail.sort(key=_ts_of)  # stable: as sorting the whole list
     merged = old[:start] + tail if start else tail
     return merged[-cap:] if len(merged) > cap else merged
-NO_TS = -math.inf
-COUNTS_AT = "counts_at"  # the entry's counts at recent snapshots, so a resume can rewind them
-# An item's impression and positive counts (popularity, for cold-start lists) go to the serving
-# store at most this often, where a new item or a feature change goes at the next sync: at 25,000
-# impressions/s most of the catalog's items changed counts in every 50 ms sync, and encoding and
-# writing them all was a tenth of the loop flow (`serve.freshness`).
-COUNTS_EVERY_S = 1.0
-MAX_USERS_IN_MEMORY = 200_000  # users kept in memory past a successful write (the rest reload)
 
 
 @dataclass(slots=True)
@@ -315,7 +316,7 @@ class Catalog:
                 add.sort(key=_ts_of)  # stable
             merged = append_user_actions(users[u], add, cap)
             if merged is None:  # not all newer than the user's newest: merge the decoded list
-                merged = encode_user_actions(_merged(decode_user_actions(users[u]), add, cap))
+                merged = encode_user_actions(merge_user_actions(decode_user_actions(users[u]), add, cap))
                 if merged == users[u]:
                     continue
             users[u] = merged
@@ -328,7 +329,7 @@ class Catalog:
 
     # ------------------------------------------------------------------------------ writing
 
-    def take_dirty(self) -> tuple[dict[str, dict], dict[str, list]]:
+    def take_dirty(self) -> tuple[dict[str, dict], dict[str, bytes]]:
         """The entries changed since the last call (for `DeltaSync`'s `extra`). Items no stream
         has described yet are left out: the merge that describes one marks it changed again. (They
         were once kept among the changed ones, and walked at every sync: with many items known
@@ -361,7 +362,7 @@ class Catalog:
         self._recorded = set()
 
     def forget_clean_users(self, limit: int = MAX_USERS_IN_MEMORY) -> int:
-        """Drops users beyond `limit` whose lists are written (they reload on their next action).
+        """Drops users beyond `limit` whose records are written (they reload on their next action).
         Call it only after a write succeeded; returns how many were dropped."""
         users = self.users
         over = len(users) - limit

@@ -136,13 +136,16 @@ def _entry(key: object, example: object, actions: object, due: cython.double) ->
 def _untrack(sparse: object) -> cython.void:
     """Takes an impression's `sparse` (a dict of strings and lists of strings) out of the cyclic
     collector's lists, as CPython itself does for a dict of strings. Strings hold nothing, so no
-    cycle can run through them; a dict that later gets a container is tracked again by CPython.
+    cycle can run through them; a dict that later gets a container is tracked again by CPython
+    (a list is not: nothing changes an impression's lists once parsed).
     Waiting impressions were the flow's most numerous tracked objects (two each, the dict and
     its tag list, for the whole join window), and every collection walked them. Only when
     compiled: plain Python has no way to do it, and gives the same results without it."""
     if not cython.compiled or type(sparse) is not dict:
         return
-    for v in cython.cast(dict, sparse).values():
+    for k, v in cython.cast(dict, sparse).items():
+        if type(k) is not str:
+            return
         if type(v) is list:
             for s in cython.cast(list, v):
                 if type(s) is not str:

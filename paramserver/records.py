@@ -509,6 +509,8 @@ def append_user_actions(record: bytes, new: Sequence[tuple[str, str, float]], ca
     n, head = _array_len(record)
     if n < 0 or not new:
         return None
+    # Typed as `encode_user_actions` writes them, so that every action ends in its float64 ts.
+    new = [(str(a[0]), str(a[1]), float(a[2])) for a in new]
     if n:
         if len(record) < head + 9:
             return None
@@ -519,14 +521,19 @@ def append_user_actions(record: bytes, new: Sequence[tuple[str, str, float]], ca
     if drop >= n:
         return _msgpack_encode(new[-cap:])
     i = head
-    for _ in range(max(drop, 0)):  # over the oldest: [item_id, action, ts] each
-        if record[i] != 0x93:
-            return None
-        j = _after_str(record, i + 1)
-        j = _after_str(record, j) if j > 0 else -1
-        if j < 0 or record[j] != 0xCB:
-            return None
-        i = j + 9
+    try:
+        for _ in range(max(drop, 0)):  # over the oldest: [item_id, action, ts] each
+            if record[i] != 0x93:
+                return None
+            j = _after_str(record, i + 1)
+            j = _after_str(record, j) if j > 0 else -1
+            if j < 0 or record[j] != 0xCB:
+                return None
+            i = j + 9
+    except IndexError:  # a length that runs past the end: not a record of this module's
+        return None
+    if i > len(record):
+        return None
     body = _msgpack_encode(new)
     return _array_header(n - max(drop, 0) + len(new)) + record[i:] + body[_array_len(body)[1]:]
 

@@ -896,7 +896,7 @@ class ServingWriter:
         *,
         dense: DenseBlob | None = None,
         items: Mapping[str, Mapping[str, Any] | None] | None = None,
-        users: Mapping[str, Sequence[Sequence[Any]] | None] | None = None,
+        users: Mapping[str, Sequence[Sequence[Any]] | bytes | None] | None = None,
     ) -> int:
         """Writes rows (and evictions), the dense weights, catalog entries (None: the item leaves)
         and users' recent actions (None: forget the user) in one transaction; returns the new
@@ -924,7 +924,7 @@ class ServingWriter:
     def write_items(self, items: Mapping[str, Mapping[str, Any] | None]) -> int:
         return self.write(items=items)
 
-    def write_users(self, users: Mapping[str, Sequence[Sequence[Any]] | None]) -> int:
+    def write_users(self, users: Mapping[str, Sequence[Sequence[Any]] | bytes | None]) -> int:
         return self.write(users=users)
 
     def apply(self, records: Records | Iterable[tuple[bytes, bytes | None]]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import msgspec
 import numpy as np
@@ -222,7 +223,26 @@ def test_appending_stands_down_on_a_record_it_did_not_write():
     for record in (b"", b"\xc1", enc({"a": 1}), enc([["v1", "like", 1]]), enc([[1, "a", 1.0], ["v1", "like", 2.0]]),
                    enc([["v0", "like", 1], ["v1", "like", 2.0]]), enc([["v0", "like"], ["v1", "like", 2.0]])):
         assert append_user_actions(record, [("v2", "like", 5.0)], 2) is None
+    cut = b"\x92\x93\xd9\xffab" + b"\xcb" + struct.pack(">d", 2.0)  # an id's length past the record's end
+    assert append_user_actions(cut, [("v2", "like", 5.0)], 2) is None
     assert encode_user_actions(b"any record") == b"any record"  # a record is written as it is
+
+
+def test_appending_crosses_the_array_headers_and_types_what_it_appends():
+    for n in (14, 15, 16, 65_534, 65_535, 70_000):
+        old = [(f"v{k}", "like", float(k)) for k in range(n)]
+        for cap in (n, n + 1, n + 2):
+            new = [("w", "skip", n + 1), ("x", "like", n + 2.5)]  # an int ts: written as a float
+            want = encode_user_actions((old + new)[-cap:])
+            assert append_user_actions(encode_user_actions(old), new, cap) == want, (n, cap)
+
+
+def test_the_records_module_examples_hold():
+    import doctest
+
+    import paramserver.records as records
+
+    assert doctest.testmod(records).failed == 0
 
 
 def test_records_of_pairs_know_what_the_writer_knows():
