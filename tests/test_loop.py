@@ -168,4 +168,6 @@ def test_hit_rate_rises_with_online_training_and_beats_no_training(tmp_path):
     off = run_closed_loop(tmp_path / "off", False, 60)
     print(f"hit rate by quarter, training on: {on}; off: {off}")
     assert on[-1] > on[0]
-    assert on[-1] > off[-1]
+    # The end as its second half, 6,000 recommendations a side: a quarter alone (3,000) once tied
+    # (0.0843 both, in CI), where runs of the same code ended 0.106 against 0.077-0.082.
+    assert sum(on[2:]) > sum(off[2:])
