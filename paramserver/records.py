@@ -453,9 +453,12 @@ def encode_user_actions(actions: Iterable[Sequence[Any]] | bytes) -> bytes:
     `bytes` are taken as a record this function made (the flow's catalog keeps them so)."""
     if type(actions) is bytes:
         return actions
-    if type(actions) is not UserActions:
-        actions = [(str(a[0]), str(a[1]), float(a[2])) for a in actions]
-    return _msgpack_encode(actions)
+    return _msgpack_encode(actions if type(actions) is UserActions else _typed(actions))
+
+
+def _typed(actions: Iterable[Sequence[Any]]) -> list[tuple[str, str, float]]:
+    """Each action as the record holds it: (str, str, float), so its ts is a msgpack float64."""
+    return [(str(a[0]), str(a[1]), float(a[2])) for a in actions]
 
 
 _TS_TAIL = struct.Struct(">Bd")  # an action's ts, last in its array: msgpack's float64 marker, big-endian
@@ -509,8 +512,7 @@ def append_user_actions(record: bytes, new: Sequence[tuple[str, str, float]], ca
     n, head = _array_len(record)
     if n < 0 or not new:
         return None
-    # Typed as `encode_user_actions` writes them, so that every action ends in its float64 ts.
-    new = [(str(a[0]), str(a[1]), float(a[2])) for a in new]
+    new = _typed(new)  # so that every action ends in its float64 ts, as the record's do
     if n:
         if len(record) < head + 9:
             return None
