@@ -69,3 +69,27 @@ def test_the_compose_stack_publishes_on_loopback_and_prometheus_scrapes_the_flow
     assert {"flow:9464", "server:8000"} <= targets
     home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == "/var/lib/grafana/dashboards/freshrec.json"
+
+
+def test_the_image_compiles_the_join_modules_in_a_build_stage_and_refuses_them_uncompiled():
+    """setup.py compiles some modules with Cython; an image that lacked setup.py or a C compiler
+    once ran them as plain Python, silently. The build stage must copy every file the build reads
+    and have a compiler; the image must check that each module setup.py names went in compiled."""
+    import tomllib
+
+    text = (DOCKER / "Dockerfile").read_text()
+    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
+    assert len(stages) == 2, "a build stage and the image"
+    build, image = stages
+    assert re.search(r"apt-get install[^\n]*\bgcc\b", build), "the build stage needs a C compiler"
+    copied = {src for line in re.findall(r"^COPY (?!--from)(.+)$", build, flags=re.M) for src in line.split()[:-1]}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", "setup.py", project["project"]["readme"], *project["tool"]["setuptools"]["packages"]}
+    assert needed <= copied, needed - copied
+    assert "COPY --from=build" in image and "gcc" not in image
+    compiled = re.search(r"for module in \(([^)]*)\)", (ROOT / "setup.py").read_text())
+    assert compiled
+    for module in re.findall(r'"([\w.]+)"', compiled.group(1)):
+        alias = re.search(rf"import [^\n]*\b{re.escape(module)} as (\w+)", image)
+        assert alias, f"the image does not check that {module} is compiled"
+        assert f"{alias.group(1)}.COMPILED" in image, module
