@@ -74,7 +74,7 @@ def deltas(*batches: SourceBatch, rule=DEFAULT_RULE) -> list:
 def test_one_delta_per_source_batch_and_none_for_an_empty_one():
     assert catalog_delta(batch("features", []), DEFAULT_RULE) == []
     got = catalog_delta(batch("features", [feat("v1", T0), feat("v1", T0 + 1), feat("v2", T0 + 2)]), DEFAULT_RULE)
-    assert len(got) == 1 and got[0].impressions == {"v1": 2, "v2": 1}
+    assert len(got) == 1 and {i: s[4] for i, s in got[0].seen.items()} == {"v1": 2, "v2": 1}
     got = catalog_delta(batch("items", [item("v1", T0 + 5, sparse={"a": "new"}), item("v1", T0, sparse={"a": "old"})]),
                         DEFAULT_RULE)
     assert got[0].items == {"v1": (T0 + 5, {"a": "new"}, {})}  # the latest by ts, not by order
