@@ -1,17 +1,27 @@
-"""catalog.user_actions: users' recent actions merged at the writer step and encoded for the
+"""The catalog at the writer step.
+
+catalog.user_actions: users' recent actions merged at the writer step and encoded for the
 serving store's write, per action, as the loop flow does it (90,000 users whose lists are full,
 one action each for 500 of them between writes). Against the same lists kept as lists of tuples,
 merged, then encoded whole at each write (the catalog's way before it kept each list as its record).
+
+catalog.features: feature events (the model server's, an item's features with every impression)
+made into deltas and merged, per event, as the loop flow does it (batches of 500 over 50,000 items,
+every item known). Against the least any catalog must do with them: per batch, a count and the
+latest features per item, added to a dict of [count, ts, sparse, dense] per item.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 from collections.abc import Iterator
 
 from bench import Figure, benchmark, compared, interleaved
-from flows.catalog import Catalog, CatalogDelta, merge_user_actions
+from flows.catalog import Catalog, CatalogDelta, catalog_delta, merge_user_actions
+from flows.clock import SourceBatch
+from flows.events import FeatureEvent
 from paramserver.records import UserActions, encode_user_actions
 
 ACTIONS = ("like", "skip", "click", "finish")
@@ -62,3 +72,51 @@ def user_actions(quick: bool) -> Iterator[Figure]:
     ours_rate, base_rate = interleaved(per_write * writes, ours, base, repeats=repeats)
     yield compared("catalog.user_actions", "actions/s", ours_rate, "lists of tuples, encoded at each write",
                    base_rate)
+
+
+@benchmark("catalog.features")
+def features(quick: bool) -> Iterator[Figure]:
+    n_items, per_batch, batches = (10_000, 500, 40) if quick else (50_000, 500, 200)
+    rng = random.Random(5)
+    described = {f"v{i}": ({"author": f"a{i % 3000}", "tags": [f"t{i % 50}", f"t{i % 77}"]}, {"duration_s": float(i % 60)})
+                 for i in range(n_items)}
+    t0 = 1764288000.0
+
+    def batch(k: int) -> SourceBatch:
+        events = []
+        for j in range(per_batch):
+            i = f"v{rng.randrange(n_items)}"  # made one by one, as parsing makes them
+            sparse, dense = described[i]
+            events.append(FeatureEvent(request_id=f"r{k}-{j // 10}", user_id=f"u{rng.randrange(50_000)}", item_id=i,
+                                       ts=t0 + k + j * 1e-4, position=j % 10, sparse=dict(sparse), dense=dict(dense),
+                                       received_at=t0 + k))
+        return SourceBatch("features", "features-0", events, [], t0 + k, 0, t0 + k)
+
+    made = [batch(k) for k in range(batches)]
+    rule = lambda e: False  # noqa: E731 (no actions here)
+    cat = Catalog(lambda ids: [None] * len(ids), lambda ids: [None] * len(ids), 50, run="bench")
+    for b in made:  # every item known, as in a flow that has run a while
+        cat.merge(catalog_delta(b, rule))
+    bare: dict[str, list] = {}
+
+    def ours() -> None:
+        for b in made:
+            cat.merge(catalog_delta(b, rule))
+        cat.take_dirty()
+
+    def base() -> None:
+        for b in made:
+            counts = Counter(e.item_id for e in b.events)
+            latest = {e.item_id: e for e in b.events}
+            for i, n in counts.items():
+                e = latest[i]
+                got = bare.get(i)
+                if got is None:
+                    bare[i] = [n, e.ts, e.sparse, e.dense]
+                else:
+                    got[0] += n
+                    if e.ts >= got[1]:
+                        got[1:] = [e.ts, e.sparse, e.dense]
+
+    ours_rate, base_rate = interleaved(per_batch * batches, ours, base, repeats=3 if quick else 7)
+    yield compared("catalog.features", "events/s", ours_rate, "a count and the latest features per item", base_rate)
