@@ -7,7 +7,7 @@ merged, then encoded whole at each write (the catalog's way before it kept each 
 
 catalog.features: feature events (the model server's, an item's features with every impression)
 made into deltas and merged, per event, as the loop flow does it (batches of 500 over 50,000 items,
-every item known). Against the least any catalog must do with them: per batch, a count and the
+every item known, each run's events newer than the last's, a snapshot per run). Against the least any catalog must do with them: per batch, a count and the
 latest features per item, added to a dict of [count, ts, sparse, dense] per item.
 """
 
@@ -17,6 +17,7 @@ import itertools
 import random
 from collections import Counter
 from collections.abc import Iterator
+from typing import Optional
 
 from bench import Figure, benchmark, compared, interleaved
 from flows.catalog import Catalog, CatalogDelta, catalog_delta, merge_user_actions
@@ -76,7 +77,7 @@ def user_actions(quick: bool) -> Iterator[Figure]:
 
 @benchmark("catalog.features")
 def features(quick: bool) -> Iterator[Figure]:
-    n_items, per_batch, batches = (10_000, 500, 40) if quick else (50_000, 500, 200)
+    n_items, per_batch, batches, repeats = (10_000, 500, 20, 3) if quick else (50_000, 500, 100, 5)
     rng = random.Random(5)
     described = {f"v{i}": ({"author": f"a{i % 3000}", "tags": [f"t{i % 50}", f"t{i % 77}"]}, {"duration_s": float(i % 60)})
                  for i in range(n_items)}
@@ -92,20 +93,26 @@ def features(quick: bool) -> Iterator[Figure]:
                                        received_at=t0 + k))
         return SourceBatch("features", "features-0", events, [], t0 + k, 0, t0 + k)
 
-    made = [batch(k) for k in range(batches)]
+    # A set of batches for the warm-up (every item known to both, as in a flow that has run a
+    # while), then one per run, in the order the runs take them (base first): each newer than all
+    # before it, as a flow's events are, so every item's features are compared and its times move.
+    made = [[batch(s * batches + k) for k in range(batches)] for s in range(1 + 2 * repeats)]
+    ours_sets, base_sets = iter(made[2::2]), iter(made[1::2])
     rule = lambda e: False  # noqa: E731 (no actions here)
     cat = Catalog(lambda ids: [None] * len(ids), lambda ids: [None] * len(ids), 50, run="bench")
-    for b in made:  # every item known, as in a flow that has run a while
-        cat.merge(catalog_delta(b, rule))
     bare: dict[str, list] = {}
+    snapshots = itertools.count(1)
 
-    def ours() -> None:
-        for b in made:
+    def ours(batches: Optional[list[SourceBatch]] = None) -> None:
+        # A snapshot per run: each item's first count after it records the counts (the flow
+        # snapshots every 10 s, some 200,000 feature events apart at 5,000 actions/s).
+        cat.snapshot(next(snapshots))
+        for b in batches or next(ours_sets):
             cat.merge(catalog_delta(b, rule))
         cat.take_dirty()
 
-    def base() -> None:
-        for b in made:
+    def base(batches: Optional[list[SourceBatch]] = None) -> None:
+        for b in batches or next(base_sets):
             counts = Counter(e.item_id for e in b.events)
             latest = {e.item_id: e for e in b.events}
             for i, n in counts.items():
@@ -118,5 +125,7 @@ def features(quick: bool) -> Iterator[Figure]:
                     if e.ts >= got[1]:
                         got[1:] = [e.ts, e.sparse, e.dense]
 
-    ours_rate, base_rate = interleaved(per_batch * batches, ours, base, repeats=3 if quick else 7)
+    ours(made[0])
+    base(made[0])
+    ours_rate, base_rate = interleaved(per_batch * batches, ours, base, repeats=repeats)
     yield compared("catalog.features", "events/s", ours_rate, "a count and the latest features per item", base_rate)

@@ -611,6 +611,7 @@ class LocalKafka:
         proc = subprocess.run(
             [
                 java,
+                *JIT_OPTIONS,
                 *logging,
                 *classpath,
                 "kafka.tools.StorageTool",

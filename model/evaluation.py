@@ -78,11 +78,12 @@ class ProgressiveValidation:
         self.seen += n
 
     def _window(self, ring: np.ndarray) -> np.ndarray:
-        """The ring's pairs in arrival order, oldest first."""
+        """A copy of the ring's pairs in arrival order, oldest first (never a view: a later
+        `update` must not change what a caller holds, nor the caller the window)."""
         if self.seen <= self.window:
-            return ring[:self.seen]
+            return ring[:self.seen].copy()
         at = self.seen % self.window
-        return np.concatenate((ring[at:], ring[:at])) if at else ring
+        return np.concatenate((ring[at:], ring[:at]))
 
     @property
     def scores(self) -> np.ndarray:

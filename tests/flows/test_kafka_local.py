@@ -77,7 +77,12 @@ def test_cli_start_produce_consume_stop(tmp_path: Path, capsys: pytest.CaptureFi
         assert kafka_local.main(["start", *args]) == 0
         assert capsys.readouterr().out.strip() == bootstrap
         assert kafka_local.main(["status", *args]) == 0
-        assert capsys.readouterr().out.startswith("running pid=")
+        status = capsys.readouterr().out
+        assert status.startswith("running pid=")
+        pid = int(status.split()[1].removeprefix("pid="))
+        if Path(f"/proc/{pid}/cmdline").exists():  # the broker's JVM compiles with C1 only
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert all(option.encode() in command for option in kafka_local.JIT_OPTIONS)
         # A second start finds the broker running and changes nothing.
         assert kafka_local.main(["start", *args]) == 0
         assert capsys.readouterr().out.strip() == bootstrap

@@ -45,6 +45,9 @@ def test_the_window_holds_what_a_bounded_queue_of_the_same_pairs_would(window, b
         pv.update([s for s, _ in batch], [float(y) for _, y in batch])
         queue.extend((s, float(y)) for s, y in batch)
         assert list(pv.scores) == [s for s, _ in queue] and list(pv.labels) == [y for _, y in queue]
+        held = pv.scores
+        held[:] = -1.0  # a copy: the window is not changed through it
+        assert list(pv.scores) == [s for s, _ in queue]
     assert pv.seen == sum(map(len, batches))
     scores, labels = np.array([s for s, _ in queue]), np.array([y for _, y in queue])
     want_auc, got_auc = roc_auc(scores, labels), pv.auc()
