@@ -41,13 +41,13 @@ def test_kafka_output_produces_keyed_json_and_reports_refusals(tmp_path):
         def __init__(self):
             self.sent, self.full_once = [], True
 
-        def produce(self, topic, value, key, on_delivery):
+        def produce(self, topic, value, key):
             if self.full_once:  # the local queue is full once: the output must wait and retry
                 self.full_once = False
                 raise BufferError
             self.sent.append((topic, value, key))
             if key == b"bad":  # reports of failures only (delivery.report.only.error)
-                on_delivery("refused", None)
+                self.on_delivery("refused", None)
 
         def poll(self, timeout):
             return 0
@@ -58,6 +58,7 @@ def test_kafka_output_produces_keyed_json_and_reports_refusals(tmp_path):
     config = config_for(tmp_path, source="kafka", topic_prefix="p.")
     producer = FakeProducer()
     out = KafkaEventOutput(config, producer=producer)
+    producer.on_delivery = out._delivered
     out.write("items", [ItemEvent(item_id="v1", ts=T0), ItemEvent(item_id="v2", ts=T0)])
     assert [(t, k) for t, _, k in producer.sent] == [("p.items", b"v1"), ("p.items", b"v2")]
     assert isinstance(parse("items", producer.sent[0][1], T0), ItemEvent)

@@ -34,10 +34,12 @@ class OutageProducer:
         self.flushes = 0
         self.polls = 0
 
-    def produce(self, topic, value, key=None, on_delivery=None):
+    on_delivery = None  # the producer's delivery callback (`_wired` sets it)
+
+    def produce(self, topic, value, key=None):
         if len(self.queued) >= self.capacity:
             raise BufferError("Local: Queue full")
-        self.queued.append((value, on_delivery))
+        self.queued.append(value)
 
     refuse_from_poll = 1  # the first poll(0) that serves a refusal (2: the broker answers a batch late)
 
@@ -63,15 +65,17 @@ class OutageProducer:
         return 0
 
     def _deliver(self) -> None:
-        for value, cb in self.queued:
-            cb(Err(self.refuse) if self.refuse else None, None)
+        for value in self.queued:
+            self.on_delivery(Err(self.refuse) if self.refuse else None, None)
             if not self.refuse:
                 self.delivered.append(value)
         self.queued.clear()
 
 
 def _wired(producer: OutageProducer, key_of, durable: bool = True) -> _KafkaPartition:
-    return _KafkaPartition(producer, "examples", key_of, durable)
+    sink = _KafkaPartition(producer, "examples", key_of, durable)
+    producer.on_delivery = sink._delivered
+    return sink
 
 
 def test_a_long_outage_holds_the_sink_and_loses_nothing(caplog):
@@ -181,3 +185,29 @@ def test_the_flow_waits_for_the_broker_at_each_batch_only_with_recovery_on(monke
         monkeypatch.setattr(pipeline, "make_sink", recorded)
         pipeline.build_flow(config)  # built, not run: nothing connects to a broker
         assert ("examples", durable) in made and ("dead-letter", durable) in made, (argv, made)
+
+
+@pytest.mark.kafka
+def test_a_real_brokers_refusal_reaches_the_sink_and_the_simulators_output(kafka_bootstrap, tmp_path):
+    """The producers' own delivery callback (no callback per message) gets a real broker's refusal:
+    a message under the client's size limit and over the broker's."""
+    import uuid
+
+    from flows import kafka_local
+    from flows.events import ItemEvent
+    from flows.outputs import KafkaEventOutput
+    from flows.sinks import KafkaStreamSink
+    from tests.helpers import config_for
+
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    kafka_local.create_topics(kafka_bootstrap, {prefix + "examples": 1, prefix + "items": 1})
+    config = config_for(tmp_path, source="kafka", brokers=kafka_bootstrap, topic_prefix=prefix,
+                        kafka_config='{"message.max.bytes": 5000000}')
+    sink = KafkaStreamSink("examples", config, key_of=lambda item: None).build("examples", 0, 1)
+    sink.write_batch([{"a": 1}])  # delivered
+    with pytest.raises(RuntimeError, match="Kafka refused 1 messages to .*Message size too large"):
+        sink.write_batch([{"a": "x" * 1_500_000}])
+    out = KafkaEventOutput(config)
+    out.write("items", [ItemEvent(item_id="v1", ts=1764288000.0, sparse={"a": "x" * 1_500_000})])
+    with pytest.raises(RuntimeError, match="refused 1 messages"):
+        out.close()
