@@ -7,8 +7,9 @@ merged, then encoded whole at each write (the catalog's way before it kept each 
 
 catalog.features: feature events (the model server's, an item's features with every impression)
 made into deltas and merged, per event, as the loop flow does it (batches of 500 over 50,000 items,
-every item known, each run's events newer than the last's, a snapshot per run). Against the least any catalog must do with them: per batch, a count and the
-latest features per item, added to a dict of [count, ts, sparse, dense] per item.
+every item known, each run's events newer than the last's, a snapshot per run). Against the least
+any catalog must do with them: per batch, a count and the latest features per item, added to a
+dict of [count, ts, sparse, dense] per item.
 """
 
 from __future__ import annotations

@@ -86,10 +86,10 @@ class _KafkaPartition(StatelessSinkPartition[Any]):
     def write_batch(self, items: list[Any]) -> None:
         items = each(items)
         values = encode_each(items)
-        produce, topic = self.producer.produce, self.topic
+        produce, topic, key_of = self.producer.produce, self.topic, self.key_of
         full_since = warned = 0.0
         for item, value in zip(items, values, strict=True):
-            key = self.key_of(item)
+            key = key_of(item)
             while True:
                 try:
                     # Positional, no callback of its own (the producer's `on_delivery` reports

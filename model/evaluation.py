@@ -48,17 +48,16 @@ def log_loss(scores: np.ndarray, labels: np.ndarray) -> float:
 class ProgressiveValidation:
     """The last `window` (score, label) pairs, each scored before its example was learned.
 
-    The window is a pair of numpy rings, written a batch at a time and read in place. As deques of
+    The window is a numpy ring of pairs, written a batch at a time and read in place. As deques of
     Python floats, filled a float at a time and copied into arrays for each figure, a second of the
     loop flow's validation (11 steps of 770 examples, then the gauges' AUC and log loss over 10,000
-    pairs) took 3.7 ms; as rings 1.5 ms (0.41x), most of it the AUC's sort."""
+    pairs) took 3.7 ms; as a numpy ring 1.6 ms (0.44x), most of it the AUC's sort."""
 
     def __init__(self, window: int = 10_000):
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window
-        self._scores = np.zeros(window, np.float64)
-        self._labels = np.zeros(window, np.float64)
+        self._ring = np.zeros((window, 2), np.float64)  # (score, label) per row
         self.seen = 0
 
     def update(self, scores: Sequence[float], labels: Sequence[float]) -> None:
@@ -67,37 +66,34 @@ class ProgressiveValidation:
         if len(s) != len(y):
             raise ValueError(f"{len(s)} scores for {len(y)} labels")
         n, w = len(s), self.window
-        if n > w:  # only the last `window` stay, where they would have been written
-            s, y = s[-w:], y[-w:]
-        at = (self.seen + n - len(s)) % w
-        first = min(len(s), w - at)
-        self._scores[at:at + first], self._labels[at:at + first] = s[:first], y[:first]
-        rest = len(s) - first
-        if rest:
-            self._scores[:rest], self._labels[:rest] = s[first:], y[first:]
+        pairs = np.column_stack((s[-w:], y[-w:]))  # only the last `window` stay
+        at = (self.seen + n - len(pairs)) % w  # where they would have been written
+        first = min(len(pairs), w - at)
+        self._ring[at:at + first] = pairs[:first]
+        self._ring[:len(pairs) - first] = pairs[first:]  # wrapped round (none when they fit)
         self.seen += n
 
-    def _window(self, ring: np.ndarray) -> np.ndarray:
-        """A copy of the ring's pairs in arrival order, oldest first (never a view: a later
+    def _ordered(self) -> np.ndarray:
+        """A copy of the window's pairs in arrival order, oldest first (never a view: a later
         `update` must not change what a caller holds, nor the caller the window)."""
         if self.seen <= self.window:
-            return ring[:self.seen].copy()
+            return self._ring[:self.seen].copy()
         at = self.seen % self.window
-        return np.concatenate((ring[at:], ring[:at]))
+        return np.concatenate((self._ring[at:], self._ring[:at]))
 
     @property
     def scores(self) -> np.ndarray:
-        return self._window(self._scores)
+        return self._ordered()[:, 0]
 
     @property
     def labels(self) -> np.ndarray:
-        return self._window(self._labels)
+        return self._ordered()[:, 1]
 
     def auc(self) -> float:
-        # The pairs' order does not change the figures: the rings are read as they lie.
-        n = min(self.seen, self.window)
-        return roc_auc(self._scores[:n], self._labels[:n])
+        # The pairs' order does not change the figures: the ring is read as it lies.
+        held = self._ring[:min(self.seen, self.window)]
+        return roc_auc(held[:, 0], held[:, 1])
 
     def log_loss(self) -> float:
-        n = min(self.seen, self.window)
-        return log_loss(self._scores[:n], self._labels[:n])
+        held = self._ring[:min(self.seen, self.window)]
+        return log_loss(held[:, 0], held[:, 1])
