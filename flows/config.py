@@ -134,6 +134,10 @@ class Config:
                                  "how far the watermark stays behind the inputs (event time)")
     neg_sample_rate: float = _setting("FRESHREC_NEG_SAMPLE_RATE", "1.0", _number(float, 0, 1, lo_open=True),
                                       "fraction of expired negatives kept (kept ones carry weight 1/rate)")
+    validation_sample: float = _setting("FRESHREC_VALIDATION_SAMPLE", "1.0", _number(float, 0, 1, lo_open=True),
+                                        "fraction of join keys progressive validation takes where the model "
+                                        "server logged no score, drawn from those `FRESHREC_NEG_SAMPLE_RATE` "
+                                        "keeps (so at most that): the trainer scores only these on arrival")
     orphan_hold_s: float = _setting("FRESHREC_ORPHAN_HOLD_S", "60", _number(float, 0),
                                     "an action whose impression has not come when the watermark passes its ts "
                                     "plus this is dead-lettered as an orphan")

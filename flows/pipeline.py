@@ -69,6 +69,7 @@ class JoinStepConfig:
     undo_keep: int
     settings: JoinSettings
     forward_impressions: bool = False
+    score_sample: float = 1.0  # the key sample scored on arrival (`validation_rate`)
     lmdb_max_bytes: Optional[int] = None
     # False only where recovery is known to be off (`bytewax.run` without a recovery directory):
     # no resume will read LMDB, so a snapshot writes nothing there (pressure flushes still do) and
@@ -126,7 +127,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
                 if b.partition.startswith("features"):
                     out += bucket.on_features(b.events, b.keys, b.partition)
                     if self.cfg.forward_impressions:
-                        unscored += _to_score(b, self.cfg.settings.neg_sample_rate)
+                        unscored += _to_score(b, self.cfg.score_sample)
                 else:
                     out += bucket.on_actions(b.events, b.keys, b.partition)
             self.clock.observe(b.partition, b.progress, b.status, now)
@@ -189,9 +190,9 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
 
 def _to_score(b: BucketBatch, rate: float) -> list:
     """The impressions of `b` the trainer scores on arrival, for progressive validation: those
-    without a logged score in the key sample at the negative sample rate (all keys at 1). Outside
-    it an expiry makes no example, so scoring them all was mostly wasted: a fifth of the loop
-    flow's time at 5,000 actions/s with a rate of 0.2 (`serve.freshness`)."""
+    without a logged score in the key sample at `rate` (`validation_rate`; all keys at 1). Beyond
+    the negative sample rate an expiry makes no example, so scoring them all was mostly wasted: a
+    fifth of the loop flow's time at 5,000 actions/s with a rate of 0.2 (`serve.freshness`)."""
     if rate >= 1.0:
         return [e for e in b.events if e.score is None]
     keys = b.keys if b.keys is not None else [join_key(e.request_id, e.item_id) for e in b.events]
@@ -243,6 +244,13 @@ def _quiet(_step_id: str, _item: Any) -> None:
     pass
 
 
+def validation_rate(config: Config) -> float:
+    """The key sample progressive validation takes where no score was logged: a sample of the keys
+    an expiry keeps (`in_key_sample` nests: a key under a lower rate is under every higher one), so
+    it never waits on an example that will not come, and it is independent of the label."""
+    return min(config.validation_sample, config.neg_sample_rate)
+
+
 def train_step_config(config: Config) -> TrainStepConfig:
     return TrainStepConfig(
         state_dir=config.state_dir, batch_size=config.train_batch, max_wait_s=config.train_max_wait_ms / 1000.0,
@@ -252,7 +260,7 @@ def train_step_config(config: Config) -> TrainStepConfig:
         deltas_brokers=config.brokers if config.source == "kafka" else None,
         deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()),
         train=config.train, trained_keys_log=config.trained_keys_log, user_recent=config.user_recent,
-        validation_sample=config.neg_sample_rate,
+        validation_sample=validation_rate(config),
         undo_keep=config.undo_keep,
         recovery_dir=recovery_run_name(bytewax_recovery_dir()), lmdb_max_bytes=config.lmdb_max_bytes)
 
@@ -336,6 +344,7 @@ def build_flow(config: Config, *, tap: Sink | None = None,
     recovering = not recovery_off() if recovery is None else recovery
     step = JoinStepConfig(partitions, config.lateness_s, config.state_dir, config.undo_keep,
                           join_settings(config), forward_impressions=config.train,
+                          score_sample=validation_rate(config),
                           lmdb_max_bytes=config.lmdb_max_bytes,
                           recovery=recovering)
     # One item per call of a bucket (`Joined`), not one per example: the sinks and the trainer

@@ -80,7 +80,9 @@ def test_impressions_without_a_logged_score_are_scored_when_they_arrive(tmp_path
     assert len(out) == 1500
 
 
-def test_with_sampled_negatives_only_the_key_sample_is_scored_on_arrival_and_validated(tmp_path):
+@pytest.mark.parametrize("validation_sample, validated_rate", [(1.0, 0.25), (0.1, 0.1)])
+def test_with_sampled_negatives_only_the_key_sample_is_scored_on_arrival_and_validated(
+        tmp_path, validation_sample, validated_rate):
     from bytewax.testing import TestingSink, run_main
 
     from flows.clock import join_key
@@ -89,15 +91,17 @@ def test_with_sampled_negatives_only_the_key_sample_is_scored_on_arrival_and_val
     from tests.helpers import config_for
 
     write_sample(tmp_path / "data", requests=300, per_request=5, seed=2, malformed=False)
-    config = config_for(tmp_path, train=1, train_batch=64, neg_sample_rate=0.25)
+    config = config_for(tmp_path, train=1, train_batch=64, neg_sample_rate=0.25, validation_sample=validation_sample)
     sources = ("logged", "on_arrival", "at_training", "left_out")
     before = {s: pv_count(s) for s in sources}
     out = []
     run_main(build_flow(config, tap=TestingSink(out)))
     got = {s: pv_count(s) - before[s] for s in sources}
-    sampled = [e for e in out if in_key_sample(join_key(e.request_id, e.item_id), 0.25)]
-    # Every kept negative is in the sample; positives and explicit negatives outside it train but
-    # are left out of validation, and no example outside it was scored on arrival.
+    sampled = [e for e in out if in_key_sample(join_key(e.request_id, e.item_id), validated_rate)]
+    # Every kept negative is in the expiry's sample (0.25); validation takes the keys of its own
+    # sample, at most that one (a validation sample of 1 means the expiry's): positives and explicit
+    # negatives outside it train but are left out of validation, and no example outside it was
+    # scored on arrival.
     assert all(in_key_sample(join_key(e.request_id, e.item_id), 0.25) for e in out if e.weight != 1.0)
     assert 0 < len(sampled) < len(out)
     assert got == {"logged": 0, "on_arrival": len(sampled), "at_training": 0, "left_out": len(out) - len(sampled)}
