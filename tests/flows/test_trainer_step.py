@@ -178,6 +178,33 @@ def test_the_trained_keys_log_is_written_only_when_asked_for(tmp_path):
         logic._parts[2].writer.store.close()
 
 
+def test_labelled_and_expired_examples_share_their_batches_labelled_first(tmp_path):
+    import flows.trainer_step as ts
+    from flows.events import Joined
+
+    logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)  # batches of 32
+    expired, labelled = _examples(20), _examples(200)[100:120]
+    for e in labelled:
+        e.label_received_at = e.label_ts
+    assert logic.on_batch([Joined(expired, [], [])])[0] == []  # 20 wait: no batch yet
+    reports, _ = logic.on_batch([Joined(labelled, [], [])])
+    # 40 wait: one full batch, the 20 labelled ones and the first 12 expired ones; 8 expired wait.
+    assert [r.examples for r in reports] == [32] and logic.buffer == [] and logic.expired == expired[12:]
+    more = _examples(300)[200:205]
+    for e in more:
+        e.label_received_at = e.label_ts
+    logic.on_batch([Joined(more, [], [])])
+    assert logic.buffer == more and logic._waiting() == 13
+    logic.first_at -= 120.0  # the wait is up: one partial batch of both kinds, not one of each
+    reports, _ = logic.on_notify()
+    assert [r.examples for r in reports] == [13] and logic._waiting() == 0
+    logic.snapshot()
+    _killed(logic)
+    trained = trained_keys(tmp_path)
+    assert set(trained) == {(e.request_id, e.item_id) for e in expired + labelled + more}
+    assert set(trained.values()) == {1}
+
+
 def test_examples_labelled_by_an_action_train_before_a_backlog_of_expired_ones(tmp_path, monkeypatch):
     import flows.trainer_step as ts
     from flows.events import Joined
