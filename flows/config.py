@@ -173,6 +173,11 @@ class Config:
                                   "embedding width of every sparse slot", state=True)
     sync_interval_ms: float = _setting("FRESHREC_SYNC_INTERVAL_MS", "50", _number(float, 1),
                                        "touched embedding rows go to the serving store this often")
+    item_sync_interval_ms: float = _setting("FRESHREC_ITEM_SYNC_INTERVAL_MS", "500", _number(float, 1),
+                                            "the item tower's touched rows (item id and item slots, the "
+                                            "item's bias) go to the serving store this often (never more "
+                                            "often than `FRESHREC_SYNC_INTERVAL_MS`), the user tower's "
+                                            "at every sync")
     dense_sync_s: float = _setting("FRESHREC_DENSE_SYNC_S", "10", _number(float, 0.1),
                                    "dense weights go to the serving store this often")
     max_future_s: float = _setting("FRESHREC_MAX_FUTURE_S", "86400", _number(float, 0, lo_open=True),

@@ -256,7 +256,7 @@ def train_step_config(config: Config) -> TrainStepConfig:
         state_dir=config.state_dir, batch_size=config.train_batch, max_wait_s=config.train_max_wait_ms / 1000.0,
         user_slots=config.user_slots, item_slots=config.item_slots, dense=config.dense_features,
         dim=config.embedding_dim, sync_interval_s=config.sync_interval_ms / 1000.0,
-        dense_interval_s=config.dense_sync_s,
+        dense_interval_s=config.dense_sync_s, item_sync_interval_s=config.item_sync_interval_ms / 1000.0,
         deltas_brokers=config.brokers if config.source == "kafka" else None,
         deltas_topic=config.topic("param-deltas"), kafka_settings=tuple(config.kafka_settings().items()),
         train=config.train, trained_keys_log=config.trained_keys_log, user_recent=config.user_recent,

@@ -72,6 +72,9 @@ class TrainStepConfig:
     dim: int
     sync_interval_s: float
     dense_interval_s: float
+    # The item tower's rows (item id, item slots, the item's bias) go at most this often; None: at
+    # every sync, as the user tower's.
+    item_sync_interval_s: Optional[float] = None
     window: int = 10_000
     max_arrival_scores: int = 1_000_000
     # On Kafka, every write to the serving store also goes to `param-deltas`, for replicas.
@@ -187,7 +190,9 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                                resumed_at=self.seq if self.resumed else (0 if cfg.recovery_dir else None),
                                keep=cfg.undo_keep, attempt=self.attempt, lineage=self.lineage)
         sync = DeltaSync(params, ServingWriter(store, deltas), interval_s=cfg.sync_interval_s,
-                         dense_interval_s=cfg.dense_interval_s, extra=self.catalog.take_dirty)
+                         dense_interval_s=cfg.dense_interval_s, extra=self.catalog.take_dirty,
+                         slow_slots=("item_id", *cfg.item_slots, "item_id.bias"),
+                         slow_interval_s=cfg.item_sync_interval_s)
         self._parts = (params, trainer, sync, keys)
         log.info("writer step ready at snapshot %s (%s, %s)", self.seq, "resumed" if self.resumed else "fresh flow",
                  "training" if cfg.train else "catalog only")

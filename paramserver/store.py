@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -175,12 +175,13 @@ class ParameterStore:
             return DenseBlob(version=self._dense_version, arrays=dict(self._dense), updated_at=self._dense_at)
 
     # --- the sync's and the housekeeping's calls ----------------------------------------------------------
-    def take_touched(self, now: Optional[float] = None) -> list[RowBatch]:
-        """Per slot with changes: the rows updated since the last call and the ids evicted."""
+    def take_touched(self, now: Optional[float] = None, *, skip: Collection[str] = ()) -> list[RowBatch]:
+        """Per slot with changes (but those in `skip`, which keep theirs for a later call): the
+        rows updated since the last call and the ids evicted."""
         now = self._clock() if now is None else now
         with self._lock:
-            return [t.take_touched(now) for t in self._tables.values()
-                    if t.has_touched or getattr(t, "_evicted", None)]
+            return [t.take_touched(now) for name, t in self._tables.items()
+                    if (t.has_touched or getattr(t, "_evicted", None)) and name not in skip]
 
     def expire(self, now: Optional[float] = None) -> int:
         """Evict rows not updated for their slot's `expire_s`; returns how many."""

@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -40,8 +40,9 @@ PARAMS_VERSION = Gauge("freshrec_params_version", "params_version of a serving s
 class TouchedParams(Protocol):
     """What DeltaSync needs of the training tables."""
 
-    def take_touched(self) -> list[RowBatch]:
-        """The rows touched (and ids evicted) since the last call, per slot; clears the set."""
+    def take_touched(self, *, skip: Collection[str] = ()) -> list[RowBatch]:
+        """The rows touched (and ids evicted) since the last call, per slot but those in `skip`
+        (kept for a later call); clears what it returns."""
         ...
 
     def dense(self) -> DenseBlob:
@@ -63,19 +64,29 @@ class DeltaSync:
     its last call; they go in the same transaction, and are kept for the next sync if it fails
     (a newer entry taken later wins over a kept one).
 
+    `slow_slots` (with `slow_interval_s` longer than `interval_s`) go at most every
+    `slow_interval_s` from `maybe_sync`: rows many users' actions touch (an item's, an author's),
+    which a sync every `interval_s` wrote again and again, where a user's own row is what their
+    next recommendation needs at once. A `sync` called directly takes every slot.
+
     With `start()`, a thread calls `maybe_sync` every `interval_s`; `params.take_touched` must
     then be safe to call beside the trainer (that is the training tables' business).
     """
 
     def __init__(self, params: TouchedParams | None, writer: ServingWriter, interval_s: float = 0.2,
                  dense_interval_s: float = 10.0, clock: Callable[[], float] = time.time, *,
-                 extra: Callable[[], CatalogUpdates] | None = None) -> None:
-        if interval_s <= 0 or dense_interval_s <= 0:
+                 extra: Callable[[], CatalogUpdates] | None = None,
+                 slow_slots: Collection[str] = (), slow_interval_s: float | None = None) -> None:
+        if interval_s <= 0 or dense_interval_s <= 0 or (slow_interval_s is not None and slow_interval_s <= 0):
             raise ValueError("sync intervals must be positive")
         self.params = params
         self.writer = writer
         self.interval_s = interval_s
         self.dense_interval_s = dense_interval_s
+        slow = slow_interval_s is not None and slow_interval_s > interval_s
+        self.slow_slots = frozenset(slow_slots) if slow else frozenset()
+        self.slow_interval_s = slow_interval_s if slow else interval_s
+        self.last_slow = -math.inf
         self.clock = clock
         self.extra = extra
         self.last_sync = -math.inf
@@ -102,18 +113,25 @@ class DeltaSync:
         now = self.clock() if now is None else now
         if now - self.last_sync < self.interval_s:
             return 0
-        return self.sync(now)
+        return self.sync(now, slow=not self.slow_slots or now - self.last_slow >= self.slow_interval_s)
 
-    def sync(self, now: float | None = None, *, dense: bool | None = None) -> int:
-        """Pushes the touched rows now (and the dense weights if their interval passed and their
-        version moved, or if `dense` is True), with the `extra` catalog updates, in one transaction;
-        returns the rows pushed."""
+    def sync(self, now: float | None = None, *, dense: bool | None = None, slow: bool = True) -> int:
+        """Pushes the touched rows now (those of `slow_slots` too unless `slow` is False; the
+        dense weights if their interval passed and their version moved, or if `dense` is True),
+        with the `extra` catalog updates, in one transaction; returns the rows pushed."""
         with self._lock:
             now = self.clock() if now is None else now
             t0 = time.perf_counter()
             self.last_sync = now
             params = self.params
-            batches = self._pending + (params.take_touched() if params is not None else [])
+            if params is None:
+                touched = []
+            elif slow or not self.slow_slots:
+                touched = params.take_touched()
+                self.last_slow = now
+            else:
+                touched = params.take_touched(skip=self.slow_slots)
+            batches = self._pending + touched
             self._pending = []
             items, users = self._pending_items, self._pending_users
             self._pending_items, self._pending_users = {}, {}

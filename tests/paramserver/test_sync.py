@@ -200,3 +200,46 @@ def test_catalog_updates_of_a_failed_sync_go_with_the_next_and_newer_ones_win(st
     assert store.read_items(["v1", "v2"]) == [{"n": 1}, {"n": 2}]
     assert store.read_users(["u1"]) == [[("v1", "click", 1.0)]]
     assert store.dense_version() == 0 and store.keys(b"dense/") == []  # no params: no dense weights
+
+
+def test_slow_slots_go_at_their_own_interval_and_a_direct_sync_takes_every_slot(store):
+    from paramserver.store import ParameterStore
+    from paramserver.table import SlotConfig
+
+    params = ParameterStore({s: SlotConfig(dim=2, min_count=1) for s in ("user_id", "item_id", "author")})
+    sync = DeltaSync(params, ServingWriter(store), interval_s=0.125, dense_interval_s=1e9,
+                     slow_slots=("item_id", "author"), slow_interval_s=0.5)
+
+    def touch(now: float) -> None:
+        for slot, ids in (("user_id", ["u1"]), ("item_id", ["v1", "v2"]), ("author", ["a1"])):
+            params.pull(slot, ids, now=now)
+            params.push(slot, ids, np.ones((len(ids), 2), np.float32), now=now)
+
+    def versions(slot: str, ids: list[str]) -> list[int]:
+        return store.read_rows(slot, ids).versions.tolist()
+
+    touch(10.0)
+    assert sync.maybe_sync(now=10.0) == 4  # the first sync takes every slot
+    touch(10.0625)
+    assert sync.maybe_sync(now=10.125) == 1  # the user's row at once; the items' and author's wait
+    assert versions("user_id", ["u1"]) == [2] and versions("item_id", ["v1", "v2"]) == [1, 1]
+    touch(10.25)
+    assert sync.maybe_sync(now=10.25) == 1
+    assert versions("item_id", ["v1", "v2"]) == [1, 1] and versions("author", ["a1"]) == [1]
+    assert sync.maybe_sync(now=10.5) == 3  # their interval passed: the rows touched meanwhile, once each
+    assert versions("item_id", ["v1", "v2"]) == [3, 3] and versions("author", ["a1"]) == [3]
+    touch(10.625)
+    assert sync.sync(now=10.625) == 4  # a direct sync (a snapshot's, the last) takes every slot
+    assert versions("item_id", ["v1", "v2"]) == [4, 4] and versions("user_id", ["u1"]) == [4]
+
+
+def test_slow_slots_need_a_longer_interval_to_wait(store):
+    params = FakeParams()
+    sync = DeltaSync(params, ServingWriter(store), interval_s=0.2, slow_slots=("s",), slow_interval_s=0.1)
+    assert sync.slow_slots == frozenset()  # never less often than the sync itself
+    params.push(["a"])
+    assert sync.maybe_sync(now=1.0) == 1
+    params.push(["a"])
+    assert sync.maybe_sync(now=1.25) == 1
+    with pytest.raises(ValueError, match="positive"):
+        DeltaSync(params, ServingWriter(store), slow_interval_s=0.0)
