@@ -172,7 +172,8 @@ class Config:
     embedding_dim: int = _setting("FRESHREC_EMBEDDING_DIM", "16", _number(int, 1, 1024),
                                   "embedding width of every sparse slot", state=True)
     sync_interval_ms: float = _setting("FRESHREC_SYNC_INTERVAL_MS", "50", _number(float, 1),
-                                       "touched embedding rows go to the serving store this often")
+                                       "touched embedding rows go to the serving store this often (the item tower's "
+                                       "at `FRESHREC_ITEM_SYNC_INTERVAL_MS`)")
     item_sync_interval_ms: float = _setting("FRESHREC_ITEM_SYNC_INTERVAL_MS", "500", _number(float, 1),
                                             "the item tower's touched rows (item id and item slots, the "
                                             "item's bias) go to the serving store this often (never more "

@@ -268,7 +268,8 @@ def keep_fraction(key: str) -> cython.double:
 
 def in_key_sample(key: Key, rate: float) -> bool:
     """Whether `key` is in the sample of join keys at `rate` (all of them at 1): those whose expiry
-    makes a kept negative. Progressive validation takes the same sample where the model server
+    makes a kept negative. Progressive validation takes this sample, or one at a lower rate (a
+    subset: `keep_fraction` below the lower rate is below the higher), where the model server
     logged no score (flows/trainer_step.py), so it scores on arrival no impression whose expiry
     would be sampled out."""
     return rate >= 1.0 or keep_fraction(key) < rate

@@ -127,7 +127,7 @@ class JoinLogic(StatefulBatchLogic[BucketBatch, Any, dict]):
                 if b.partition.startswith("features"):
                     out += bucket.on_features(b.events, b.keys, b.partition)
                     if self.cfg.forward_impressions:
-                        unscored += _to_score(b, self.cfg.score_sample)
+                        unscored += _to_score(b, min(self.cfg.score_sample, self.cfg.settings.neg_sample_rate))
                 else:
                     out += bucket.on_actions(b.events, b.keys, b.partition)
             self.clock.observe(b.partition, b.progress, b.status, now)

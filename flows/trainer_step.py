@@ -61,6 +61,16 @@ TRAIN_SLICE_S = 0.1
 UNSCORED_MAX = 8192  # impressions waiting for their score on arrival, at most, before they are scored anyway
 
 
+def item_tower_slots(user_slots: tuple[str, ...], item_slots: tuple[str, ...]) -> tuple[str, ...]:
+    """The tables of the item tower (its id, its slots, the item's bias): what
+    `FRESHREC_ITEM_SYNC_INTERVAL_MS` times. A slot of both towers is the user's."""
+    from model.features import BIAS_SLOTS, FeatureSpec
+
+    spec = FeatureSpec(user_slots=user_slots, item_slots=item_slots)
+    item_bias = [s for s in BIAS_SLOTS if s.startswith("item_id")]
+    return tuple(s for s in (*spec.item_side, *item_bias) if s not in spec.user_side)
+
+
 @dataclass(frozen=True)
 class TrainStepConfig:
     state_dir: Path
@@ -91,8 +101,8 @@ class TrainStepConfig:
     recovery_dir: Optional[str] = None
     lmdb_max_bytes: Optional[int] = None  # FRESHREC_LMDB_MAX_BYTES: the cap of the serving store and checkpoints
     # Progressive validation takes the examples with a logged score, and the others only in the
-    # join-key sample at this rate (the negative sample rate: the joiner forwards only their
-    # impressions to be scored on arrival). 1: all.
+    # join-key sample at this rate (`flows.pipeline.validation_rate`, at most the negative sample
+    # rate: the joiner forwards only their impressions to be scored on arrival). 1: all.
     validation_sample: float = 1.0
 
 
@@ -191,7 +201,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                                keep=cfg.undo_keep, attempt=self.attempt, lineage=self.lineage)
         sync = DeltaSync(params, ServingWriter(store, deltas), interval_s=cfg.sync_interval_s,
                          dense_interval_s=cfg.dense_interval_s, extra=self.catalog.take_dirty,
-                         slow_slots=("item_id", *cfg.item_slots, "item_id.bias"),
+                         slow_slots=item_tower_slots(cfg.user_slots, cfg.item_slots),
                          slow_interval_s=cfg.item_sync_interval_s)
         self._parts = (params, trainer, sync, keys)
         log.info("writer step ready at snapshot %s (%s, %s)", self.seq, "resumed" if self.resumed else "fresh flow",

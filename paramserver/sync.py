@@ -1,5 +1,6 @@
 """Delta sync: every `interval_s`, only the rows touched since the last sync go from the training
-tables to the serving store, in one transaction; the dense weights at their own, slower interval.
+tables to the serving store, in one transaction (those of `slow_slots` at their own interval); the
+dense weights at their own, slower interval.
 
 Monolith's vocabulary: the training tables keep a touched-key set; a sync takes it (`take_touched`)
 and pushes those rows. Called from the trainer's step (`maybe_sync`) or from a thread (`start`).

@@ -253,3 +253,30 @@ def test_impressions_are_scored_together_before_the_next_step_with_the_model_the
     logic.on_batch([Joined([], [], impressions[:6])])
     assert calls[-1] == ("score", 6, 1) and logic.unscored == []
     _killed(logic)
+
+
+def test_the_item_towers_rows_go_at_their_own_interval_and_all_at_a_snapshot(tmp_path):
+    import dataclasses
+
+    from flows.trainer_step import TrainerLogic, item_tower_slots
+
+    assert item_tower_slots((), ("author", "tags")) == ("item_id", "author", "tags", "item_id.bias")
+    assert item_tower_slots(("author",), ("author", "tags")) == ("item_id", "tags", "item_id.bias")
+    cfg = dataclasses.replace(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), item_sync_interval_s=3600.0,
+                              batch_size=64)
+    logic = TrainerLogic(cfg, None)
+    examples = _examples(64)
+    logic.on_batch(examples)  # trains one batch, then syncs: the first sync takes every slot
+    store = logic._parts[2].writer.store
+    items, users = ["v1", "v2"], ["u1", "u2"]
+    assert store.read_rows("item_id", items).found.all() and store.read_rows("user_id", users).versions.tolist() == [1, 1]
+    for e in examples:
+        e.request_id += "-again"
+    logic.on_batch(examples)  # the same users and items once more
+    before = store.read_rows("item_id", items).versions.tolist()
+    logic._parts[2].maybe_sync(time.time() + 2.0)
+    assert store.read_rows("item_id", items).versions.tolist() == before  # the items' wait an hour
+    assert store.read_rows("user_id", users).versions.tolist() == [2, 2]  # the users' went
+    logic.snapshot()  # every slot
+    assert [v > b for v, b in zip(store.read_rows("item_id", items).versions.tolist(), before, strict=True)] == [True, True]
+    _killed(logic)

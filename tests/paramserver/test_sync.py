@@ -40,8 +40,10 @@ class FakeParams:
                 self.touched.pop(i, None)
                 self.evicted.append(i)
 
-    def take_touched(self) -> list[RowBatch]:
+    def take_touched(self, *, skip=()) -> list[RowBatch]:
         with self.lock:
+            if "s" in skip:  # its one slot
+                return []
             ids = list(self.touched)
             if not ids and not self.evicted:
                 return []
@@ -235,11 +237,58 @@ def test_slow_slots_go_at_their_own_interval_and_a_direct_sync_takes_every_slot(
 
 def test_slow_slots_need_a_longer_interval_to_wait(store):
     params = FakeParams()
-    sync = DeltaSync(params, ServingWriter(store), interval_s=0.2, slow_slots=("s",), slow_interval_s=0.1)
-    assert sync.slow_slots == frozenset()  # never less often than the sync itself
-    params.push(["a"])
-    assert sync.maybe_sync(now=1.0) == 1
-    params.push(["a"])
-    assert sync.maybe_sync(now=1.25) == 1
+    sync = DeltaSync(params, ServingWriter(store), interval_s=0.25, slow_slots=("s",), slow_interval_s=0.125)
+    assert sync.slow_slots == frozenset()  # never less often than the sync itself: every sync takes them
     with pytest.raises(ValueError, match="positive"):
-        DeltaSync(params, ServingWriter(store), slow_interval_s=0.0)
+        DeltaSync(params, ServingWriter(store), slow_slots=("s",), slow_interval_s=0.0)
+
+
+def _tables(**config):
+    from paramserver.store import ParameterStore
+    from paramserver.table import SlotConfig
+
+    return ParameterStore({s: SlotConfig(dim=2, min_count=1, **config) for s in ("user_id", "item_id")})
+
+
+def _touch(params, now: float, items=("v1",)) -> None:
+    for slot, ids in (("user_id", ["u1"]), ("item_id", list(items))):
+        params.pull(slot, ids, now=now)
+        params.push(slot, ids, np.ones((len(ids), 2), np.float32), now=now)
+
+
+def test_slow_rows_of_a_failed_sync_wait_in_it_and_evictions_of_slow_slots_go_at_their_interval(store):
+    params = _tables(expire_s=1.0)
+    writer = ServingWriter(store)
+    sync = DeltaSync(params, writer, interval_s=0.125, dense_interval_s=1e9, slow_slots=("item_id",),
+                     slow_interval_s=0.5)
+    _touch(params, 10.0)
+    real = writer.write
+    writer.write = lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone"))
+    with pytest.raises(OSError):
+        sync.maybe_sync(now=10.0)  # a slow one: it took the item's row too
+    writer.write = real
+    assert sync.maybe_sync(now=10.125) == 2  # the next, fast, writes what the failed one took
+    assert store.read_rows("item_id", ["v1"]).found.all()
+    _touch(params, 11.5, items=())  # the user stays; the item's row expires
+    assert params.expire(now=12.0) == 1
+    assert sync.maybe_sync(now=12.0) == 2  # slow: the user's row and the item's tombstone
+    assert not store.read_rows("item_id", ["v1"]).found.any()
+    _touch(params, 12.0, items=("v2",))
+    assert sync.maybe_sync(now=12.125) == 1  # the user's row; v2's waits
+    assert params.expire(now=13.25) == 2  # both idle past expire_s, v2 before its row was written
+    assert sync.maybe_sync(now=13.25) == 2  # slow again: the user's tombstone, and v2's
+    assert not store.read_rows("user_id", ["u1"]).found.any()
+    assert not store.read_rows("item_id", ["v1", "v2"]).found.any()
+
+
+def test_stop_takes_every_slot(store):
+    params = _tables()
+    sync = DeltaSync(params, ServingWriter(store), interval_s=0.125, dense_interval_s=1e9, slow_slots=("item_id",),
+                     slow_interval_s=100.0)
+    _touch(params, 10.0)
+    assert sync.maybe_sync(now=10.0) == 2
+    _touch(params, 10.125)
+    assert sync.maybe_sync(now=10.25) == 1  # the item waits for its interval
+    assert store.read_rows("item_id", ["v1"]).versions.tolist() == [1]
+    sync.stop()  # its final sync takes it
+    assert store.read_rows("item_id", ["v1"]).versions.tolist() == [2]
