@@ -114,7 +114,7 @@ class DeltaSync:
         now = self.clock() if now is None else now
         if now - self.last_sync < self.interval_s:
             return 0
-        return self.sync(now, slow=not self.slow_slots or now - self.last_slow >= self.slow_interval_s)
+        return self.sync(now, slow=now - self.last_slow >= self.slow_interval_s)
 
     def sync(self, now: float | None = None, *, dense: bool | None = None, slow: bool = True) -> int:
         """Pushes the touched rows now (those of `slow_slots` too unless `slow` is False; the
