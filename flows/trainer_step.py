@@ -20,6 +20,7 @@ import shutil
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,6 +60,7 @@ VALIDATION_EVERY_S = 1.0
 # 2,500 actions/s, one call trained such a burst for 1.8-2.1 s.
 TRAIN_SLICE_S = 0.1
 UNSCORED_MAX = 8192  # impressions waiting for their score on arrival, at most, before they are scored anyway
+PENDING_POLL_S = 0.005  # how soon an idle step looks again at a train step still running
 
 
 def item_tower_slots(user_slots: tuple[str, ...], item_slots: tuple[str, ...]) -> tuple[str, ...]:
@@ -180,6 +182,12 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         # loop flow's main thread.
         self.unscored: list = []
         self._parts: Optional[tuple[Any, Any, Any, Any]] = None
+        # The train step whose graph runs on `_graph_thread` while the flow goes on (TensorFlow lets
+        # go of the GIL inside it): its rows are pushed, and nothing else touches the model or the
+        # tables' rows, until `_settle` takes it. The main thread waited on the graph for 10-20% of
+        # its time in the loop flow (futex, schedstat), with the rest of the flow held up behind it.
+        self._pending: Optional[tuple[Any, list[Example], Optional[np.ndarray], Optional[np.ndarray]]] = None
+        self._graph_thread: Optional[ThreadPoolExecutor] = None
         self.auc = float("nan")
         self._validated_at = -float("inf")
 
@@ -232,6 +240,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         if began_at is None and cfg.recovery_dir:
             self._record_run_start()
         trainer = OnlineTrainer(spec, params, window=cfg.window)
+        self._graph_thread = ThreadPoolExecutor(1, thread_name_prefix="freshrec-train")
         dense = params.dense()
         if dense.arrays:
             trainer.load_dense_state(dense.arrays)
@@ -276,23 +285,37 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
     def _waiting(self) -> int:
         return len(self.buffer) + len(self.expired)
 
-    def _train_buffer(self, now: float, all_of_it: bool, slice_s: Optional[float] = None) -> list[StepReport]:
+    def _train_buffer(self, now: float, all_of_it: bool, slice_s: Optional[float] = None,
+                      wait: bool = False) -> list[StepReport]:
         """Train full batches (and, `all_of_it`, the last partial one) for up to `slice_s`
         (`TRAIN_SLICE_S`), cut from the examples labelled by an action followed by the expired:
         one queue, so a batch the labelled ones leave room in fills with expired ones, and a flush
         trains one partial batch, not one of each kind (a step costs about 2.5 ms besides its
-        examples). At least one batch per call."""
+        examples).
+
+        One step at most is in flight, its graph on `_graph_thread`: unless `wait` (a snapshot,
+        the end), a call never waits for it. While it runs, the call starts nothing and the
+        examples wait for a later one (`notify_at` comes back soon); else it starts at least one
+        batch, and the next only once the one before has finished. With `wait`, every step has
+        finished when it returns."""
         params, trainer, sync, keys = self._parts or self._open()
+        out: list[StepReport] = []
+        if self._pending is not None:
+            if not (wait or self._pending[0].done()):
+                return out
+            out += self._settle()
         if self.unscored:
             self._score_on_arrival()  # with the model they came to, before a step changes it
-        out: list[StepReport] = []
+        if now - self.last_dense >= self.cfg.dense_interval_s:
+            params.set_dense(trainer.dense_state(), now)  # between steps: as the last one left them
+            self.last_dense = now
         size = self.cfg.batch_size
         until = time.perf_counter() + (TRAIN_SLICE_S if slice_s is None else slice_s)
         labelled, expired = self.buffer, self.expired
         n_labelled, total, done = len(labelled), len(labelled) + len(expired), 0
         try:
             while done < total and (all_of_it or total - done >= size):
-                if out and time.perf_counter() >= until:
+                if done and (time.perf_counter() >= until or not (wait or self._pending[0].done())):  # type: ignore[index]
                     break
                 end = done + size
                 if end <= n_labelled:
@@ -302,7 +325,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                 else:
                     batch = labelled[done:] + expired[:end - n_labelled]
                 done = min(end, total)
-                out.append(self._train_batch(batch, now, trainer, keys))
+                out += self._settle()
+                self._start_batch(batch, now, trainer, keys)
         finally:
             # One copy of what is left, however many batches went (never of both queues joined):
             # slicing the rest off at each batch copied it each time (quadratic in a backlog: 59%
@@ -311,19 +335,21 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                 self.buffer = labelled[done:]
             elif done:
                 self.buffer, self.expired = [], expired[done - n_labelled:]
+        if wait:
+            out += self._settle()
         if out and now - self._validated_at >= VALIDATION_EVERY_S:
             self._validate(now)
             out[-1].auc = self.auc
         self.first_at = (self.first_at or now) if self._waiting() else None
-        if now - self.last_dense >= self.cfg.dense_interval_s:
-            params.set_dense(trainer.dense_state(), now)
-            self.last_dense = now
-        self._sync(now)
+        if self._pending is None:
+            self._sync(now)
+        # else the step's rows are not pushed yet: `_take_step` syncs once they are (a sync now
+        # would take the interval's turn, and they would wait for the next)
         return out
 
-    def _train_batch(self, batch: list[Example], now: float, trainer: Any, keys: Any) -> StepReport:
-        """One train step on `batch`, with its scores' provenance, its keys logged and its metrics."""
-        child, w = self.catalog_metrics.child, self.worker
+    def _start_batch(self, batch: list[Example], now: float, trainer: Any, keys: Any) -> None:
+        """Starts a train step on `batch` (its graph on `_graph_thread`), its provenance kept for
+        `_settle`."""
         kept = self.arrival_scores
         rate = self.cfg.validation_sample
         # The join keys, made once for both uses below (only flows that forward impressions keep
@@ -335,7 +361,19 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         if rate < 1.0:
             validated = np.fromiter((e.score is not None or in_key_sample(k, rate) for e, k in zip(batch, keys_of, strict=True)),
                                     bool, len(batch))
-        step = trainer.train(batch, now, arrival_scores=arrival, validated=validated)
+        run = self._graph_thread.submit if self._graph_thread is not None else None
+        step = trainer.start_train(batch, now, arrival_scores=arrival, validated=validated, run=run)
+        self._pending = (step, batch, validated, arrival)
+
+    def _settle(self) -> list[StepReport]:
+        """The train step in flight, if any, taken: waits for its graph, pushes its rows, and
+        counts it; its report ([] if none)."""
+        if self._pending is None:
+            return []
+        pending, batch, validated, arrival = self._pending
+        self._pending = None
+        step = pending.result()
+        child, w = self.catalog_metrics.child, self.worker
         # Where each validated example's score came from (as OnlineTrainer._validate picks it).
         logged = np.fromiter((e.score is not None for e in batch), bool, len(batch))
         taken = np.ones(len(batch), bool) if validated is None else validated
@@ -345,12 +383,22 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                   "left_out": len(batch) - int(np.count_nonzero(taken))}
         for source, n in counts.items():
             child(PV_SCORES, w, source).inc(n)
+        keys = self._parts[3] if self._parts is not None else None
         if keys is not None:
             keys.write(self.seq + 1, batch)
         child(TRAIN_EXAMPLES, w).inc(step.size)
         child(TRAIN_STEPS, w).inc()
         child(TRAIN_LOSS, w).set(step.loss)
-        return StepReport(step.size, step.loss, self.auc)
+        return [StepReport(step.size, step.loss, self.auc)]
+
+    def _take_step(self, now: float, wait: bool = False) -> list[StepReport]:
+        """`_settle` when the step in flight has finished (or, `wait`, once it has), its rows
+        synced if due."""
+        if self._pending is None or not (wait or self._pending[0].done()):
+            return []
+        out = self._settle()
+        self._sync(now)
+        return out
 
     def _validate(self, now: float) -> None:
         trainer = (self._parts or self._open())[1]
@@ -375,6 +423,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
 
     def on_batch(self, values: list[Any]) -> tuple[list[StepReport], bool]:
         now = time.time()
+        out = self._take_step(now) if self._pending is not None else []
         if any(type(v) is not Example for v in values):
             deltas = [v for v in values if type(v) is CatalogDelta]
             if deltas:
@@ -387,6 +436,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             if impressions:
                 self.unscored += impressions  # scored before the next step (`_train_buffer`)
                 if len(self.unscored) >= UNSCORED_MAX:
+                    out += self._settle()
                     self._score_on_arrival()
             examples = [v for v in values if type(v) is Example]
             for v in joined:
@@ -395,7 +445,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             if not values:
                 if deltas:
                     self._sync(now)
-                return [], False
+                return out, False
         if not self._waiting():
             self.first_at = now
         labelled = [e for e in values if e.label_received_at is not None]
@@ -406,19 +456,21 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             self.expired += [e for e in values if e.label_received_at is None]
         waited = now - (self.first_at or now) >= self.cfg.max_wait_s
         if waited or self._waiting() >= self.cfg.batch_size:
-            return self._train_buffer(now, all_of_it=waited), False
-        return [], False
+            out += self._train_buffer(now, all_of_it=waited)
+        return out, False
 
     def on_notify(self) -> tuple[list[StepReport], bool]:
         now = time.time()
+        out = self._take_step(now) if self._pending is not None else []
         if self._waiting():
-            return self._train_buffer(now, all_of_it=now - (self.first_at or now) >= self.cfg.max_wait_s), False
-        if self._parts is not None:
+            out += self._train_buffer(now, all_of_it=now - (self.first_at or now) >= self.cfg.max_wait_s)
+        elif self._parts is not None and not out:
             self._sync(now)
-        return [], False
+        return out, False
 
     def on_eof(self) -> tuple[list[StepReport], bool]:
-        out = self._train_buffer(time.time(), all_of_it=True, slice_s=math.inf) if self._waiting() else []
+        out = self._train_buffer(time.time(), all_of_it=True, slice_s=math.inf, wait=True) if self._waiting() else []
+        out += self._settle()
         if self._parts is not None:
             params, trainer, sync, _ = self._parts
             if trainer is not None:
@@ -429,21 +481,28 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             self.catalog.release_counts()  # type: ignore[union-attr]
             sync.sync(dense=True)
             sync.writer.close()  # flushes what is still on its way to param-deltas
+        if self._graph_thread is not None:
+            self._graph_thread.shutdown()
+            self._graph_thread = None
         return out, False
 
     def notify_at(self) -> Optional[datetime]:
+        due = []
+        if self._pending is not None:  # its rows go to the serving store once it has finished
+            due.append(datetime.now(UTC) + timedelta(seconds=PENDING_POLL_S))
         if self.first_at is not None:
-            return datetime.fromtimestamp(self.first_at + self.cfg.max_wait_s, UTC)
-        if self._parts is not None:
+            due.append(datetime.fromtimestamp(self.first_at + self.cfg.max_wait_s, UTC))
+        elif self._parts is not None:
             # Keep publishing touched rows while no examples come.
-            return datetime.now(UTC) + timedelta(seconds=self.cfg.sync_interval_s)
-        return None
+            due.append(datetime.now(UTC) + timedelta(seconds=self.cfg.sync_interval_s))
+        return min(due) if due else None
 
     def snapshot(self) -> dict:
         # Examples waiting for a batch belong to this epoch: train them now, so the checkpoint
         # below covers every example the epoch brought, and a resume trains none twice.
         if self._waiting():
-            self._train_buffer(time.time(), all_of_it=True, slice_s=math.inf)
+            self._train_buffer(time.time(), all_of_it=True, slice_s=math.inf, wait=True)
+        self._settle()
         if self._parts is not None:
             params, trainer, sync, keys = self._parts
             # The store must hold every catalog change made before this snapshot: a resume from it

@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -114,6 +115,28 @@ def padded_size(n: int) -> int:
         return 16
     step = 1 << max(0, n.bit_length() - 2)
     return -(-n // step) * step
+
+
+class GraphRun:
+    """A train step's graph, run or running (`TwoTowerRanker.start_train`)."""
+
+    def __init__(self, outputs: Any, packed: Packed, batch: Batch, n: int, field_slots: tuple[str, ...]):
+        self.future: Optional[Future] = outputs if isinstance(outputs, Future) else None
+        self._outputs = outputs
+        self._packed, self._batch, self._n, self._field_slots = packed, batch, n, field_slots
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def result(self) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
+        """(loss, scores before the update, gradient of each slot's rows), once the graph ran."""
+        p, n = self._packed, self._n
+        loss, scores, g_emb, g_bias = self._outputs if self.future is None else self.future.result()
+        g_emb, g_bias = g_emb.numpy(), g_bias.numpy()
+        grads = {s: g_emb[p.offsets[k]:p.offsets[k + 1]] for k, s in enumerate(self._field_slots)}
+        ub, ib = p.user_bias_rows, len(self._batch.slots["item_id.bias"].ids)
+        grads["user_id.bias"], grads["item_id.bias"] = g_bias[:ub], g_bias[ub:ub + ib]
+        return float(loss), scores.numpy()[:n], grads
 
 
 class _FusedAdam(tf.Module):
@@ -483,18 +506,24 @@ class TwoTowerRanker(tf.Module):
     def train(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray
               ) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
         """One step: (loss, scores before the update, gradient of each slot's rows)."""
+        return self.start_train(batch, rows, dense).result()
+
+    def start_train(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray,
+                    run: Optional[Callable[..., Future]] = None
+                    ) -> GraphRun:
+        """`train` in two halves: the graph's inputs are made here, and the `GraphRun` returned
+        waits for the graph and gives `train`'s result. `run` (an executor's `submit`; None: run
+        it here) runs the graph elsewhere: TensorFlow lets go of the GIL while it runs, so the
+        caller's thread carries on meanwhile. Nothing else may use the graph until the result is
+        taken (its weights change inside the step)."""
         n = batch.size
         p, n_pad = self._packed(batch, rows, dense, "_step")
         labels, weights = batch.labels, batch.weights
         if n_pad != n:
             labels, weights = np.zeros(n_pad, np.float32), np.zeros(n_pad, np.float32)
             labels[:n], weights[:n] = batch.labels, batch.weights
-        loss, scores, g_emb, g_bias = self._concrete("_step")(*_tensors(*p.inputs, labels, weights, np.float32(n)))
-        g_emb, g_bias = g_emb.numpy(), g_bias.numpy()
-        grads = {s: g_emb[p.offsets[k]:p.offsets[k + 1]] for k, s in enumerate(self._field_slots)}
-        ub, ib = p.user_bias_rows, len(batch.slots["item_id.bias"].ids)
-        grads["user_id.bias"], grads["item_id.bias"] = g_bias[:ub], g_bias[ub:ub + ib]
-        return float(loss), scores.numpy()[:n], grads
+        fn, args = self._concrete("_step"), _tensors(*p.inputs, labels, weights, np.float32(n))
+        return GraphRun(fn(*args) if run is None else run(fn, *args), p, batch, n, self._field_slots)
 
     def score(self, batch: Batch, rows: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarray:
         p, n_pad = self._packed(batch, rows, dense, "_score_packed")

@@ -27,6 +27,31 @@ class StepResult:
     size: int
 
 
+class PendingStep:
+    """A step of `OnlineTrainer.start_train` whose graph may still be running: `result()` waits for
+    it, pushes the rows' gradients and updates progressive validation (once; later calls give the
+    same result)."""
+
+    def __init__(self, trainer: OnlineTrainer, examples: Sequence[Any], now: float,
+                 arrival_scores: Optional[np.ndarray], validated: Optional[np.ndarray], batch: Any, graph: Any):
+        self.trainer, self.examples, self.now = trainer, examples, now
+        self.arrival_scores, self.validated, self.batch = arrival_scores, validated, batch
+        self._graph = graph  # a `GraphRun`; None once its result is taken
+        self._result: Optional[StepResult] = None
+
+    def done(self) -> bool:
+        """Whether `result()` would not wait for the graph (it has finished, or failed)."""
+        return self._graph is None or self._graph.done()
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            graph, self._graph = self._graph, None
+            if graph is None:
+                raise RuntimeError("this step failed already")
+            self._result = self.trainer._finish(self, graph.result())
+        return self._result
+
+
 USER_ID_LR = 0.3
 
 
@@ -142,13 +167,28 @@ class OnlineTrainer:
         `arrival_scores` (NaN where unknown) are this trainer's scores of the impressions when they
         arrived, for progressive validation where the model server logged none. `validated` (bool
         per example; None: all) picks the examples progressive validation takes."""
+        return self.start_train(examples, now, arrival_scores, validated).result()
+
+    def start_train(self, examples: Sequence[Any], now: Optional[float] = None,
+                    arrival_scores: Optional[np.ndarray] = None, validated: Optional[np.ndarray] = None,
+                    run: Optional[Callable[..., Any]] = None) -> PendingStep:
+        """`train` with the graph run by `run` (an executor's `submit`; None: here), its result
+        and the rows' updates taken by `PendingStep.result`. The batch and its rows are pulled
+        here; until the result is taken, nothing else may pull, push, score or read the dense
+        weights, so steps run in the order they started and each sees the one before it whole
+        (the same results as `train`): what runs meanwhile is the rest of the flow."""
         now = time.time() if now is None else now
         batch = make_batch(examples, self.spec, [e.label for e in examples], [e.weight for e in examples])
         # Normalise with what was known before this batch, so its scores are taken before learning.
         dense = self.normalizer.apply(batch.dense)
         self.normalizer.update(batch.dense)
         rows = self._rows(batch, now)
-        loss, scores, grads = self.model.train(batch, rows, dense)
+        graph = self.model.start_train(batch, rows, dense, run)
+        return PendingStep(self, examples, now, arrival_scores, validated, batch, graph)
+
+    def _finish(self, step: PendingStep, graph_out: tuple[float, np.ndarray, dict[str, np.ndarray]]) -> StepResult:
+        loss, scores, grads = graph_out
+        examples, batch, now = step.examples, step.batch, step.now
         arrivals = _arrivals(examples)
         known = not np.isnan(arrivals).all()  # replays carry no arrival times: nothing to track
         earliest_by_slot: dict[int, np.ndarray] = {}  # the bias slots share their ids' SlotIds
@@ -170,7 +210,7 @@ class OnlineTrainer:
             # Rows get the gradient of the summed loss (per-example scale): a row sits in a few
             # examples of a batch, and the batch mean would shrink its steps by the batch size.
             self.params.push(s, slot.ids, grads[s] * len(examples), now=now, arrival=earliest)
-        self._validate(examples, scores, batch.labels, arrival_scores, validated)
+        self._validate(examples, scores, batch.labels, step.arrival_scores, step.validated)
         self.steps += 1
         self.examples += len(examples)
         self.last_loss = loss

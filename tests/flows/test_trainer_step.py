@@ -7,6 +7,7 @@ import random
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import Future
 
 import pytest
 
@@ -124,6 +125,30 @@ def _trainer_cfg(state_dir, recovery_dir):
                            dense_interval_s=10.0, recovery_dir=str(recovery_dir), trained_keys_log=True)
 
 
+def _trained(logic, called) -> list[int]:
+    """The sizes of the steps a call of the step reported, and of the one it left running."""
+    return [r.examples for r in called[0] + logic._settle()]
+
+
+class _Lazy(Future):
+    """For `TrainerLogic._graph_thread`: a graph that runs when its result is first asked for
+    (`done()` is False until then), so a test decides when a step in flight ends."""
+
+    def __init__(self, fn, *args):
+        super().__init__()
+        self._run = (fn, args)
+
+    @classmethod
+    def submit(cls, fn, *args):
+        return cls(fn, *args)
+
+    def result(self, timeout=None):
+        if not self.done():
+            fn, args = self._run
+            self.set_result(fn(*args))
+        return super().result(timeout)
+
+
 def _killed(logic) -> None:
     """What a SIGKILL leaves: the files as they are, the process's handles gone."""
     params, _trainer, sync, keys = logic._parts
@@ -187,17 +212,16 @@ def test_labelled_and_expired_examples_share_their_batches_labelled_first(tmp_pa
     for e in labelled:
         e.label_received_at = e.label_ts
     assert logic.on_batch([Joined(expired, [], [])])[0] == []  # 20 wait: no batch yet
-    reports, _ = logic.on_batch([Joined(labelled, [], [])])
     # 40 wait: one full batch, the 20 labelled ones and the first 12 expired ones; 8 expired wait.
-    assert [r.examples for r in reports] == [32] and logic.buffer == [] and logic.expired == expired[12:]
+    assert _trained(logic, logic.on_batch([Joined(labelled, [], [])])) == [32]
+    assert logic.buffer == [] and logic.expired == expired[12:]
     more = _examples(300)[200:205]
     for e in more:
         e.label_received_at = e.label_ts
     logic.on_batch([Joined(more, [], [])])
     assert logic.buffer == more and logic._waiting() == 13
     logic.first_at -= 120.0  # the wait is up: one partial batch of both kinds, not one of each
-    reports, _ = logic.on_notify()
-    assert [r.examples for r in reports] == [13] and logic._waiting() == 0
+    assert _trained(logic, logic.on_notify()) == [13] and logic._waiting() == 0
     logic.snapshot()
     _killed(logic)
     trained = trained_keys(tmp_path)
@@ -214,11 +238,10 @@ def test_examples_labelled_by_an_action_train_before_a_backlog_of_expired_ones(t
     expired, labelled = _examples(96), _examples(200)[100:132]
     for e in labelled:
         e.label_received_at = e.label_ts  # its label came with an action
-    reports, _ = logic.on_batch([Joined(expired, [], [])])
-    assert [r.examples for r in reports] == [32] and len(logic.expired) == 64
-    reports, _ = logic.on_batch([Joined(labelled, [], [])])
+    assert _trained(logic, logic.on_batch([Joined(expired, [], [])])) == [32] and len(logic.expired) == 64
     # The labelled batch went first, though the expired ones came before it.
-    assert [r.examples for r in reports] == [32] and logic.buffer == [] and logic.expired == expired[32:]
+    assert _trained(logic, logic.on_batch([Joined(labelled, [], [])])) == [32]
+    assert logic.buffer == [] and logic.expired == expired[32:]
     assert logic.notify_at() is not None  # the step comes back for the rest
     logic.snapshot()  # a snapshot trains everything, however long it takes
     assert logic.expired == [] and logic.buffer == []
@@ -235,24 +258,61 @@ def test_impressions_are_scored_together_before_the_next_step_with_the_model_the
     logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)
     trainer = logic._open()[1]
     calls: list = []
-    score, train = trainer.score, trainer.train
+    score, train = trainer.score, trainer.start_train
     monkeypatch.setattr(trainer, "score", lambda imps: calls.append(("score", len(imps), trainer.steps)) or score(imps))
-    monkeypatch.setattr(trainer, "train", lambda *a, **k: calls.append(("train", trainer.steps)) or train(*a, **k))
+    monkeypatch.setattr(trainer, "start_train", lambda *a, **k: calls.append(("train", trainer.steps)) or train(*a, **k))
     examples = _examples(32)
     impressions = [FeatureEvent(request_id=e.request_id, user_id=e.user_id, item_id=e.item_id, ts=e.ts,
                                 sparse=e.sparse) for e in examples]
     assert logic.on_batch([Joined([], [], impressions[:10])]) == ([], False)
     assert logic.on_batch([Joined(examples[:31], [], impressions[10:])]) == ([], False)
     assert calls == [] and len(logic.unscored) == 32  # no step yet: nothing to score them before
-    reports, _ = logic.on_batch([Joined(examples[31:], [], [])])
-    assert [r.examples for r in reports] == [32]
+    assert _trained(logic, logic.on_batch([Joined(examples[31:], [], [])])) == [32]
     assert calls == [("score", 32, 0), ("train", 0)]  # all in one call, by the model before the step
     assert set(logic.arrival_scores) == {join_key(e.request_id, e.item_id) for e in impressions} - {
         join_key(e.request_id, e.item_id) for e in examples}  # the trained ones' were taken
     monkeypatch.setattr(ts, "UNSCORED_MAX", 5)  # too many waiting: scored at once
-    logic.on_batch([Joined([], [], impressions[:6])])
-    assert calls[-1] == ("score", 6, 1) and logic.unscored == []
+    logic._graph_thread = _Lazy  # a step's graph runs only when its result is asked for
+    again = _examples(32)
+    for e in again:
+        e.request_id += "-again"
+    logic.on_batch([Joined(again, [], [])])
+    assert calls[-1] == ("train", 1) and logic._pending is not None and not logic._pending[0].done()
+    logic.on_batch([Joined([], [], impressions[:6])])  # too many waiting: scored at once, after the step
+    assert calls[-1] == ("score", 6, 2) and logic.unscored == [] and logic._pending is None
     _killed(logic)
+
+
+def test_a_step_in_flight_holds_up_nothing_and_a_snapshot_waits_for_every_step(tmp_path):
+    import datetime as dt
+
+    import flows.trainer_step as ts
+    from flows.events import Joined
+
+    logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)  # batches of 32
+    logic._open()
+    logic._graph_thread = _Lazy  # a step's graph runs only when its result is asked for
+    examples = _examples(96)
+    assert logic.on_batch([Joined(examples[:32], [], [])])[0] == []  # started, still running
+    step = logic._pending[0]
+    assert not step.done() and logic._parts[1].steps == 0
+    soon = logic.notify_at()
+    assert soon is not None and soon - dt.datetime.now(dt.UTC) <= dt.timedelta(seconds=ts.PENDING_POLL_S)
+    # A full batch more: it waits for the step in flight, which the call does not wait for.
+    assert logic.on_batch([Joined(examples[32:64], [], [])])[0] == [] and logic._pending[0] is step
+    assert logic._waiting() == 32 and not step.done()
+    logic.first_at -= 120.0  # the wait is up: still nothing is waited for
+    assert logic.on_notify()[0] == [] and logic._pending[0] is step and logic._waiting() == 32
+    step.result()  # the graph ends: the next call takes the step and starts the next batch
+    assert [r.examples for r in logic.on_notify()[0]] == [32]
+    assert logic._pending[0] is not step and logic._waiting() == 0 and logic._parts[1].steps == 1
+    logic.on_batch([Joined(examples[64:], [], [])])  # waits, while the second step runs
+    assert logic._waiting() == 32
+    logic.snapshot()  # trains all, every step finished
+    assert logic._pending is None and logic._waiting() == 0 and logic._parts[1].steps == 3
+    _killed(logic)
+    trained = trained_keys(tmp_path)
+    assert set(trained) == {(e.request_id, e.item_id) for e in examples} and set(trained.values()) == {1}
 
 
 def test_the_item_towers_rows_go_at_their_own_interval_and_all_at_a_snapshot(tmp_path):
@@ -266,13 +326,15 @@ def test_the_item_towers_rows_go_at_their_own_interval_and_all_at_a_snapshot(tmp
                               batch_size=64)
     logic = TrainerLogic(cfg, None)
     examples = _examples(64)
-    logic.on_batch(examples)  # trains one batch, then syncs: the first sync takes every slot
+    logic.on_batch(examples)  # trains one batch (its rows sync once its step ends)
+    logic._take_step(time.time(), wait=True)  # the first sync takes every slot
     store = logic._parts[2].writer.store
     items, users = ["v1", "v2"], ["u1", "u2"]
     assert store.read_rows("item_id", items).found.all() and store.read_rows("user_id", users).versions.tolist() == [1, 1]
     for e in examples:
         e.request_id += "-again"
     logic.on_batch(examples)  # the same users and items once more
+    logic._settle()
     before = store.read_rows("item_id", items).versions.tolist()
     logic._parts[2].maybe_sync(time.time() + 2.0)
     assert store.read_rows("item_id", items).versions.tolist() == before  # the items' wait an hour

@@ -305,3 +305,37 @@ def test_steps_prepared_ahead_are_the_steps():
         assert np.array_equal(b.model.weights()[name], w), name
     with pytest.raises(ValueError):
         b.train_steps(runs[0], batch, now, prepared=b.prepare_steps(runs[1], batch))
+
+
+def test_steps_whose_graph_runs_on_another_thread_are_the_steps():
+    """`start_train` with the graph on an executor's thread gives `train`'s results, step after
+    step, rows and dense weights included; a step's result is taken once, and a failed graph's
+    error reaches the one who takes it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stream = examples(600, seed=14, users=40, items=90)
+    a, b = (OnlineTrainer(SPEC, parameter_store(SPEC)) for _ in range(2))
+    now = T0 + 10_000
+    runs = [stream[i:i + 64] for i in range(0, 600, 64)]
+    with ThreadPoolExecutor(1) as pool:
+        for r in runs:
+            want = a.train(r, now)
+            pending = b.start_train(r, now, run=pool.submit)
+            got = pending.result()
+            assert pending.done() and pending.result() is got
+            assert np.array_equal(got.scores, want.scores) and got.loss == want.loss
+        for name, w in a.model.weights().items():
+            assert np.array_equal(b.model.weights()[name], w), name
+        users = sorted({e.user_id for e in stream})
+        assert np.array_equal(a.params.pull("user_id", users, now=now), b.params.pull("user_id", users, now=now))
+        assert (a.steps, a.examples) == (b.steps, b.examples)
+
+        def broken(fn, *args):
+            return pool.submit(lambda: (_ for _ in ()).throw(RuntimeError("graph failed")))
+
+        failing = b.start_train(runs[0], now, run=broken)
+        with pytest.raises(RuntimeError, match="graph failed"):
+            failing.result()
+        with pytest.raises(RuntimeError, match="failed already"):
+            failing.result()
+        assert b.steps == a.steps  # nothing of it was counted
