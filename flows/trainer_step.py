@@ -277,9 +277,11 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         tmp.write_text(json.dumps({"run": self.run, "tag": self.seq}))
         os.replace(tmp, path)
 
-    def _sync(self, now: float) -> None:
+    def _sync(self, now: float, soon: bool = False) -> None:
+        """The touched rows and catalog changes to the serving store if the sync interval passed
+        (`soon`: half of it)."""
         sync = (self._parts or self._open())[2]
-        if sync.maybe_sync(now) and self.catalog is not None:
+        if sync.maybe_sync(now, sync.interval_s / 2 if soon else None) and self.catalog is not None:
             self.catalog.forget_clean_users()  # written: they reload from the store when they act again
 
     def _waiting(self) -> int:
@@ -397,7 +399,10 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         if self._pending is None or not (wait or self._pending[0].done()):
             return []
         out = self._settle()
-        self._sync(now)
+        # The step's rows go at once unless a sync went less than half an interval ago: steps come
+        # about as often as syncs, and out of phase with them, their rows waited 56 ms on average
+        # (p90 145 ms) for the interval's next turn in the loop flow.
+        self._sync(now, soon=True)
         return out
 
     def _validate(self, now: float) -> None:
@@ -443,7 +448,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                 examples += v.examples
             values = examples
             if not values:
-                if deltas:
+                if deltas and self._pending is None:  # else they go with the step's rows, soon
                     self._sync(now)
                 return out, False
         if not self._waiting():

@@ -109,10 +109,11 @@ class DeltaSync:
         self._m_items = SYNC_CATALOG_ITEMS.labels(label)
         self._m_users = SYNC_CATALOG_USERS.labels(label)
 
-    def maybe_sync(self, now: float | None = None) -> int:
-        """Syncs if `interval_s` passed since the last sync; returns the rows pushed (0 if not)."""
+    def maybe_sync(self, now: float | None = None, interval_s: float | None = None) -> int:
+        """Syncs if `interval_s` (None: the sync's own) passed since the last sync; returns the rows
+        pushed (0 if not)."""
         now = self.clock() if now is None else now
-        if now - self.last_sync < self.interval_s:
+        if now - self.last_sync < (self.interval_s if interval_s is None else interval_s):
             return 0
         return self.sync(now, slow=now - self.last_slow >= self.slow_interval_s)
 
