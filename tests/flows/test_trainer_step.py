@@ -315,6 +315,43 @@ def test_a_step_in_flight_holds_up_nothing_and_a_snapshot_waits_for_every_step(t
     assert set(trained) == {(e.request_id, e.item_id) for e in examples} and set(trained.values()) == {1}
 
 
+def test_a_steps_rows_sync_when_it_ends_unless_a_sync_went_within_half_an_interval(tmp_path):
+    import dataclasses
+
+    import flows.trainer_step as ts
+    from flows.events import Joined
+
+    cfg = dataclasses.replace(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), sync_interval_s=10.0)
+    logic = ts.TrainerLogic(cfg, None)  # batches of 32
+    sync = logic._open()[2]
+    logic._graph_thread = _Lazy
+    store = sync.writer.store
+    users = sorted({e.user_id for e in _examples(32)})
+
+    def versions() -> list[int]:
+        return store.read_rows("user_id", users).versions.tolist()
+
+    def step(batch: list) -> None:
+        logic.on_batch([Joined(batch, [], [])])
+        assert logic._pending is not None
+        logic._pending[0].result()  # the graph ends, the step is not taken yet
+        logic.on_notify()  # takes it
+
+    batch = _examples(32)
+    sync.last_sync = time.time() - 6.0  # more than half the interval ago, less than all of it
+    step(batch)
+    assert versions() == [1] * len(users)  # synced when the step ended
+    for e in batch:
+        e.request_id += "-again"
+    sync.last_sync = time.time() - 4.0  # less than half the interval ago: the interval's turn
+    step(batch)
+    assert versions() == [1] * len(users) and logic._pending is None
+    sync.last_sync -= 6.0
+    logic.on_notify()
+    assert versions() == [2] * len(users)
+    _killed(logic)
+
+
 def test_the_item_towers_rows_go_at_their_own_interval_and_all_at_a_snapshot(tmp_path):
     import dataclasses
 
