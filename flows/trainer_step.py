@@ -492,15 +492,16 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         return out, False
 
     def notify_at(self) -> Optional[datetime]:
-        due = []
-        if self._pending is not None:  # its rows go to the serving store once it has finished
-            due.append(datetime.now(UTC) + timedelta(seconds=PENDING_POLL_S))
+        if self._pending is not None:
+            # Nothing trains until the step in flight has finished (then its rows go to the serving
+            # store): a wait that is up meanwhile would bring the step back at once, again and again.
+            return datetime.now(UTC) + timedelta(seconds=PENDING_POLL_S)
         if self.first_at is not None:
-            due.append(datetime.fromtimestamp(self.first_at + self.cfg.max_wait_s, UTC))
-        elif self._parts is not None:
+            return datetime.fromtimestamp(self.first_at + self.cfg.max_wait_s, UTC)
+        if self._parts is not None:
             # Keep publishing touched rows while no examples come.
-            due.append(datetime.now(UTC) + timedelta(seconds=self.cfg.sync_interval_s))
-        return min(due) if due else None
+            return datetime.now(UTC) + timedelta(seconds=self.cfg.sync_interval_s)
+        return None
 
     def snapshot(self) -> dict:
         # Examples waiting for a batch belong to this epoch: train them now, so the checkpoint

@@ -301,7 +301,8 @@ def test_a_step_in_flight_holds_up_nothing_and_a_snapshot_waits_for_every_step(t
     # A full batch more: it waits for the step in flight, which the call does not wait for.
     assert logic.on_batch([Joined(examples[32:64], [], [])])[0] == [] and logic._pending[0] is step
     assert logic._waiting() == 32 and not step.done()
-    logic.first_at -= 120.0  # the wait is up: still nothing is waited for
+    logic.first_at -= 120.0  # the wait is up: still nothing is waited for, nor asked for at once
+    assert logic.notify_at() > dt.datetime.fromtimestamp(logic.first_at + logic.cfg.max_wait_s + 60.0, dt.UTC)
     assert logic.on_notify()[0] == [] and logic._pending[0] is step and logic._waiting() == 32
     step.result()  # the graph ends: the next call takes the step and starts the next batch
     assert [r.examples for r in logic.on_notify()[0]] == [32]
