@@ -5,6 +5,8 @@ the serving store together within the sync interval.
 
 All examples and catalog deltas go to this one step (one key), so with `-w 2` the joiner's buckets
 keep running on the other worker while a step trains (TensorFlow releases the GIL inside its ops).
+A step's graph runs on a thread of its own, so the rest of the flow goes on meanwhile even with
+one worker; its rows are pushed when the step is next called after it finished.
 Its Bytewax snapshot is a manifest: the tag of the table checkpoint written at that snapshot, and
 the run the catalog's count history belongs to. With FRESHREC_TRAIN=0 it imports no TensorFlow and
 keeps no training tables: it writes the catalog only.
