@@ -56,11 +56,16 @@ TRAIN_LOGLOSS = Gauge("freshrec_train_logloss", "progressive-validation log loss
 # The window's AUC and log loss sort and sum the whole window (10,000 pairs by default): once per
 # this many seconds, not per step (a step of 256 examples spent about 5 % of its time on them).
 VALIDATION_EVERY_S = 1.0
-# The longest one call of the step trains before it lets the flow go on (a snapshot or the end
-# trains everything). Examples labelled by an action train before expired negatives: rows' fresh
-# updates (the contract's freshness) do not wait behind a burst of expiries. In the loop flow at
-# 2,500 actions/s, one call trained such a burst for 1.8-2.1 s.
+# The longest one call of the step trains before it lets the flow go on, when it waits for its
+# steps (a backlog past BACKLOG_BATCHES; a snapshot or the end train everything). Examples labelled
+# by an action train before expired negatives: rows' fresh updates (the contract's freshness) do
+# not wait behind a burst of expiries. In the loop flow at 2,500 actions/s, one call trained such a
+# burst for 1.8-2.1 s.
 TRAIN_SLICE_S = 0.1
+# Batches waiting, at most, while a step is in flight, before the step waits for its steps (as it
+# did before their graph had a thread of its own): training that cannot keep up holds up the flow
+# rather than let the examples pile up.
+BACKLOG_BATCHES = 8
 UNSCORED_MAX = 8192  # impressions waiting for their score on arrival, at most, before they are scored anyway
 PENDING_POLL_S = 0.005  # how soon an idle step looks again at a train step still running
 
@@ -186,10 +191,12 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         self._parts: Optional[tuple[Any, Any, Any, Any]] = None
         # The train step whose graph runs on `_graph_thread` while the flow goes on (TensorFlow lets
         # go of the GIL inside it): its rows are pushed, and nothing else touches the model or the
-        # tables' rows, until `_settle` takes it. The main thread waited on the graph for 10-20% of
-        # its time in the loop flow (futex, schedstat), with the rest of the flow held up behind it.
+        # tables' rows, until `_settle` takes it. In the Kafka loop, the flow's thread slept on a
+        # futex 10-15% of its time, about 5% waiting for the graph (py-spy --idle), with the rest of
+        # the flow held up behind it.
         self._pending: Optional[tuple[Any, list[Example], Optional[np.ndarray], Optional[np.ndarray]]] = None
         self._graph_thread: Optional[ThreadPoolExecutor] = None
+        self._unreported: list[StepReport] = []  # of steps a snapshot took: the next call's output
         self.auc = float("nan")
         self._validated_at = -float("inf")
 
@@ -298,12 +305,13 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         examples).
 
         One step at most is in flight, its graph on `_graph_thread`: unless `wait` (a snapshot,
-        the end), a call never waits for it. While it runs, the call starts nothing and the
-        examples wait for a later one (`notify_at` comes back soon); else it starts at least one
-        batch, and the next only once the one before has finished. With `wait`, every step has
-        finished when it returns."""
+        the end) or more than `BACKLOG_BATCHES` batches wait, a call never waits for it. While it
+        runs, the call starts nothing and the examples wait for a later one (`notify_at` comes back
+        soon); else it starts one batch (more only if a step ends before the call does). With
+        `wait`, every step has finished when it returns."""
         params, trainer, sync, keys = self._parts or self._open()
         out: list[StepReport] = []
+        wait = wait or self._waiting() > BACKLOG_BATCHES * self.cfg.batch_size
         if self._pending is not None:
             if not (wait or self._pending[0].done()):
                 return out
@@ -428,9 +436,15 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         while len(kept) > self.cfg.max_arrival_scores:
             kept.popitem(last=False)  # the oldest: its example falls back to the score at training
 
+    def _reports(self) -> list[StepReport]:
+        out, self._unreported = self._unreported, []
+        return out
+
     def on_batch(self, values: list[Any]) -> tuple[list[StepReport], bool]:
         now = time.time()
-        out = self._take_step(now) if self._pending is not None else []
+        out = self._reports()
+        if self._pending is not None:
+            out += self._take_step(now)
         if any(type(v) is not Example for v in values):
             deltas = [v for v in values if type(v) is CatalogDelta]
             if deltas:
@@ -468,15 +482,19 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
 
     def on_notify(self) -> tuple[list[StepReport], bool]:
         now = time.time()
-        out = self._take_step(now) if self._pending is not None else []
+        out = self._reports()
+        if self._pending is not None:
+            out += self._take_step(now)
         if self._waiting():
             out += self._train_buffer(now, all_of_it=now - (self.first_at or now) >= self.cfg.max_wait_s)
-        elif self._parts is not None and not out:
+        elif self._parts is not None and self._pending is None and not out:
             self._sync(now)
         return out, False
 
     def on_eof(self) -> tuple[list[StepReport], bool]:
-        out = self._train_buffer(time.time(), all_of_it=True, slice_s=math.inf, wait=True) if self._waiting() else []
+        out = self._reports()
+        if self._waiting():
+            out += self._train_buffer(time.time(), all_of_it=True, slice_s=math.inf, wait=True)
         out += self._settle()
         if self._parts is not None:
             params, trainer, sync, _ = self._parts
@@ -494,6 +512,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         return out, False
 
     def notify_at(self) -> Optional[datetime]:
+        if self._unreported:
+            return datetime.now(UTC)  # reports of steps a snapshot took
         if self._pending is not None:
             # Nothing trains until the step in flight has finished (then its rows go to the serving
             # store): a wait that is up meanwhile would bring the step back at once, again and again.
@@ -509,8 +529,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         # Examples waiting for a batch belong to this epoch: train them now, so the checkpoint
         # below covers every example the epoch brought, and a resume trains none twice.
         if self._waiting():
-            self._train_buffer(time.time(), all_of_it=True, slice_s=math.inf, wait=True)
-        self._settle()
+            self._unreported += self._train_buffer(time.time(), all_of_it=True, slice_s=math.inf, wait=True)
+        self._unreported += self._settle()
         if self._parts is not None:
             params, trainer, sync, keys = self._parts
             # The store must hold every catalog change made before this snapshot: a resume from it

@@ -233,7 +233,7 @@ def test_examples_labelled_by_an_action_train_before_a_backlog_of_expired_ones(t
     import flows.trainer_step as ts
     from flows.events import Joined
 
-    monkeypatch.setattr(ts, "TRAIN_SLICE_S", 0.0)  # one batch per call: the backlog outlasts it
+    monkeypatch.setattr(ts, "TRAIN_SLICE_S", 0.0)  # one batch per call (as with a step in flight): the backlog outlasts it
     logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)
     expired, labelled = _examples(96), _examples(200)[100:132]
     for e in labelled:
@@ -311,6 +311,54 @@ def test_a_step_in_flight_holds_up_nothing_and_a_snapshot_waits_for_every_step(t
     assert logic._waiting() == 32
     logic.snapshot()  # trains all, every step finished
     assert logic._pending is None and logic._waiting() == 0 and logic._parts[1].steps == 3
+    _killed(logic)
+    trained = trained_keys(tmp_path)
+    assert set(trained) == {(e.request_id, e.item_id) for e in examples} and set(trained.values()) == {1}
+
+
+def test_a_snapshot_takes_the_step_in_flight_before_its_checkpoint_and_reports_it_next(tmp_path, monkeypatch):
+    import flows.trainer_step as ts
+    from flows.events import Joined
+
+    logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)  # batches of 32
+    params, trainer, sync, _ = logic._open()
+    logic._graph_thread = _Lazy
+    examples = _examples(32)
+    logic.on_batch([Joined(examples, [], [])])
+    assert logic._pending is not None and logic._waiting() == 0
+    syncs: list = []
+    monkeypatch.setattr(sync, "sync", lambda *a, **k: syncs.append(1))
+    logic.on_notify()  # nothing waits, the step runs: no sync of the interval's (its rows are not pushed)
+    assert syncs == [] and logic._pending is not None
+    monkeypatch.undo()
+    checkpoints: list = []
+    checkpoint = params.checkpoint
+    monkeypatch.setattr(params, "checkpoint", lambda tag: checkpoints.append(trainer.steps) or checkpoint(tag))
+    logic.snapshot()
+    assert checkpoints == [1] and logic._pending is None  # the step was taken before the checkpoint
+    assert logic.notify_at() <= ts.datetime.now(ts.UTC)  # its report goes out at the next call
+    assert [r.examples for r in logic.on_notify()[0]] == [32] and logic.on_notify()[0] == []
+    _killed(logic)
+    assert set(trained_keys(tmp_path)) == {(e.request_id, e.item_id) for e in examples}
+
+
+def test_a_backlog_past_its_bound_waits_for_its_steps(tmp_path, monkeypatch):
+    import flows.trainer_step as ts
+    from flows.events import Joined
+
+    monkeypatch.setattr(ts, "BACKLOG_BATCHES", 2)
+    logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)  # batches of 32
+    logic._open()
+    logic._graph_thread = _Lazy
+    examples = _examples(200)
+    logic.on_batch([Joined(examples[:64], [], [])])  # two batches: one starts, one waits
+    assert logic._pending is not None and logic._waiting() == 32
+    logic.on_batch([Joined(examples[64:96], [], [])])  # 64 wait, no more than the bound: no wait
+    assert logic._waiting() == 64 and logic._parts[1].steps == 0
+    # Past the bound: the call waits for its steps, for up to the slice, as steps did before.
+    reports, _ = logic.on_batch([Joined(examples[96:], [], [])])
+    assert logic._parts[1].steps >= 1 and logic._waiting() <= 200 - 64 - 32
+    logic.snapshot()
     _killed(logic)
     trained = trained_keys(tmp_path)
     assert set(trained) == {(e.request_id, e.item_id) for e in examples} and set(trained.values()) == {1}
