@@ -1,6 +1,7 @@
 """Shared fixtures: a real Kafka broker (tests/kafka_support.py) and a clean settings environment."""
 
 import os
+import signal
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -10,6 +11,17 @@ from tests.kafka_support import *  # noqa: F401,F403  (the kafka_bootstrap fixtu
 # Timings on these machines are noisy and never a test's verdict: no per-example deadlines.
 settings.register_profile("freshrec", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("freshrec")
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # A SIGTERM (a timeout, a CI job cancelled) ends the session as Ctrl-C does, so fixtures tear
+    # down and the brokers and servers they started stop: by default it killed pytest outright and
+    # left its local Kafka broker running.
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 @pytest.fixture(autouse=True)
