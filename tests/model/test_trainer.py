@@ -338,4 +338,4 @@ def test_steps_whose_graph_runs_on_another_thread_are_the_steps():
             failing.result()
         with pytest.raises(RuntimeError, match="failed already"):
             failing.result()
-        assert b.steps == a.steps  # nothing of it was counted
+        assert b.steps == a.steps  # no step counted for it
