@@ -194,7 +194,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         # tables' rows, until `_settle` takes it. In the Kafka loop, the flow's thread slept on a
         # futex 10-15% of its time, about 5% waiting for the graph (py-spy --idle), with the rest of
         # the flow held up behind it.
-        self._pending: Optional[tuple[Any, list[Example], Optional[np.ndarray], Optional[np.ndarray]]] = None
+        self._pending: Any = None  # a `model.trainer.PendingStep`: its batch, scores on arrival, sample
         self._graph_thread: Optional[ThreadPoolExecutor] = None
         self._unreported: list[StepReport] = []  # of steps a snapshot took: the next call's output
         self.auc = float("nan")
@@ -309,11 +309,11 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         runs, the call starts nothing and the examples wait for a later one (`notify_at` comes back
         soon); else it starts one batch (more only if a step ends before the call does). With
         `wait`, every step has finished when it returns."""
-        params, trainer, sync, keys = self._parts or self._open()
+        params, trainer, _, _ = self._parts or self._open()
         out: list[StepReport] = []
         wait = wait or self._waiting() > BACKLOG_BATCHES * self.cfg.batch_size
         if self._pending is not None:
-            if not (wait or self._pending[0].done()):
+            if not (wait or self._pending.done()):
                 return out
             out += self._settle()
         if self.unscored:
@@ -327,7 +327,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         n_labelled, total, done = len(labelled), len(labelled) + len(expired), 0
         try:
             while done < total and (all_of_it or total - done >= size):
-                if done and (time.perf_counter() >= until or not (wait or self._pending[0].done())):  # type: ignore[index]
+                if done and (time.perf_counter() >= until or not (wait or self._pending.done())):
                     break
                 end = done + size
                 if end <= n_labelled:
@@ -338,7 +338,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
                     batch = labelled[done:] + expired[:end - n_labelled]
                 done = min(end, total)
                 out += self._settle()
-                self._start_batch(batch, now, trainer, keys)
+                self._start_batch(batch, now, trainer)
         finally:
             # One copy of what is left, however many batches went (never of both queues joined):
             # slicing the rest off at each batch copied it each time (quadratic in a backlog: 59%
@@ -359,7 +359,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         # would take the interval's turn, and they would wait for the next)
         return out
 
-    def _start_batch(self, batch: list[Example], now: float, trainer: Any, keys: Any) -> None:
+    def _start_batch(self, batch: list[Example], now: float, trainer: Any) -> None:
         """Starts a train step on `batch` (its graph on `_graph_thread`), its provenance kept for
         `_settle`."""
         kept = self.arrival_scores
@@ -374,17 +374,16 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             validated = np.fromiter((e.score is not None or in_key_sample(k, rate) for e, k in zip(batch, keys_of, strict=True)),
                                     bool, len(batch))
         run = self._graph_thread.submit if self._graph_thread is not None else None
-        step = trainer.start_train(batch, now, arrival_scores=arrival, validated=validated, run=run)
-        self._pending = (step, batch, validated, arrival)
+        self._pending = trainer.start_train(batch, now, arrival_scores=arrival, validated=validated, run=run)
 
     def _settle(self) -> list[StepReport]:
         """The train step in flight, if any, taken: waits for its graph, pushes its rows, and
         counts it; its report ([] if none)."""
         if self._pending is None:
             return []
-        pending, batch, validated, arrival = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
         step = pending.result()
+        batch, validated, arrival = pending.examples, pending.validated, pending.arrival_scores
         child, w = self.catalog_metrics.child, self.worker
         # Where each validated example's score came from (as OnlineTrainer._validate picks it).
         logged = np.fromiter((e.score is not None for e in batch), bool, len(batch))
@@ -403,10 +402,9 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         child(TRAIN_LOSS, w).set(step.loss)
         return [StepReport(step.size, step.loss, self.auc)]
 
-    def _take_step(self, now: float, wait: bool = False) -> list[StepReport]:
-        """`_settle` when the step in flight has finished (or, `wait`, once it has), its rows
-        synced if due."""
-        if self._pending is None or not (wait or self._pending[0].done()):
+    def _take_step(self, now: float) -> list[StepReport]:
+        """`_settle` when the step in flight has finished, its rows synced if due."""
+        if self._pending is None or not self._pending.done():
             return []
         out = self._settle()
         # The step's rows go at once unless a sync went less than half an interval ago: steps come
@@ -442,9 +440,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
 
     def on_batch(self, values: list[Any]) -> tuple[list[StepReport], bool]:
         now = time.time()
-        out = self._reports()
-        if self._pending is not None:
-            out += self._take_step(now)
+        out = self._reports() + self._take_step(now)
         if any(type(v) is not Example for v in values):
             deltas = [v for v in values if type(v) is CatalogDelta]
             if deltas:
@@ -482,9 +478,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
 
     def on_notify(self) -> tuple[list[StepReport], bool]:
         now = time.time()
-        out = self._reports()
-        if self._pending is not None:
-            out += self._take_step(now)
+        out = self._reports() + self._take_step(now)
         if self._waiting():
             out += self._train_buffer(now, all_of_it=now - (self.first_at or now) >= self.cfg.max_wait_s)
         elif self._parts is not None and self._pending is None and not out:

@@ -277,7 +277,7 @@ def test_impressions_are_scored_together_before_the_next_step_with_the_model_the
     for e in again:
         e.request_id += "-again"
     logic.on_batch([Joined(again, [], [])])
-    assert calls[-1] == ("train", 1) and logic._pending is not None and not logic._pending[0].done()
+    assert calls[-1] == ("train", 1) and logic._pending is not None and not logic._pending.done()
     logic.on_batch([Joined([], [], impressions[:6])])  # too many waiting: scored at once, after the step
     assert calls[-1] == ("score", 6, 2) and logic.unscored == [] and logic._pending is None
     _killed(logic)
@@ -294,19 +294,19 @@ def test_a_step_in_flight_holds_up_nothing_and_a_snapshot_waits_for_every_step(t
     logic._graph_thread = _Lazy  # a step's graph runs only when its result is asked for
     examples = _examples(96)
     assert logic.on_batch([Joined(examples[:32], [], [])])[0] == []  # started, still running
-    step = logic._pending[0]
+    step = logic._pending
     assert not step.done() and logic._parts[1].steps == 0
     soon = logic.notify_at()
     assert soon is not None and soon - dt.datetime.now(dt.UTC) <= dt.timedelta(seconds=ts.PENDING_POLL_S)
     # A full batch more: it waits for the step in flight, which the call does not wait for.
-    assert logic.on_batch([Joined(examples[32:64], [], [])])[0] == [] and logic._pending[0] is step
+    assert logic.on_batch([Joined(examples[32:64], [], [])])[0] == [] and logic._pending is step
     assert logic._waiting() == 32 and not step.done()
     logic.first_at -= 120.0  # the wait is up: still nothing is waited for, nor asked for at once
     assert logic.notify_at() > dt.datetime.fromtimestamp(logic.first_at + logic.cfg.max_wait_s + 60.0, dt.UTC)
-    assert logic.on_notify()[0] == [] and logic._pending[0] is step and logic._waiting() == 32
+    assert logic.on_notify()[0] == [] and logic._pending is step and logic._waiting() == 32
     step.result()  # the graph ends: the next call takes the step and starts the next batch
     assert [r.examples for r in logic.on_notify()[0]] == [32]
-    assert logic._pending[0] is not step and logic._waiting() == 0 and logic._parts[1].steps == 1
+    assert logic._pending is not step and logic._waiting() == 0 and logic._parts[1].steps == 1
     logic.on_batch([Joined(examples[64:], [], [])])  # waits, while the second step runs
     assert logic._waiting() == 32
     logic.snapshot()  # trains all, every step finished
@@ -383,7 +383,7 @@ def test_a_steps_rows_sync_when_it_ends_unless_a_sync_went_within_half_an_interv
     def step(batch: list) -> None:
         logic.on_batch([Joined(batch, [], [])])
         assert logic._pending is not None
-        logic._pending[0].result()  # the graph ends, the step is not taken yet
+        logic._pending.result()  # the graph ends, the step is not taken yet
         logic.on_notify()  # takes it
 
     batch = _examples(32)
@@ -413,7 +413,9 @@ def test_the_item_towers_rows_go_at_their_own_interval_and_all_at_a_snapshot(tmp
     logic = TrainerLogic(cfg, None)
     examples = _examples(64)
     logic.on_batch(examples)  # trains one batch (its rows sync once its step ends)
-    logic._take_step(time.time(), wait=True)  # the first sync takes every slot
+    if logic._pending is not None:
+        logic._pending.result()
+    logic.on_notify()  # takes the step: the first sync takes every slot
     store = logic._parts[2].writer.store
     items, users = ["v1", "v2"], ["u1", "u2"]
     assert store.read_rows("item_id", items).found.all() and store.read_rows("user_id", users).versions.tolist() == [1, 1]
