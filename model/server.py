@@ -272,7 +272,9 @@ class ModelServer:
 
     async def _read_body(self, request: web.Request) -> Optional[bytes]:
         """The body, or None when it is over MAX_BODY_BYTES (declared or as it streams in);
-        TimeoutError when it has not all come within the read timeout (a slow client)."""
+        TimeoutError when it has not all come within the read timeout (a slow client);
+        aiohttp's RequestPayloadError when it cannot be read (its chunked framing or its
+        Content-Encoding broken: aiohttp decompresses gzip, deflate and br bodies itself)."""
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             return None
         chunks = []
@@ -300,6 +302,9 @@ class ModelServer:
             await response.write_eof()
             request.protocol.force_close()
             return response
+        except web.RequestPayloadError as e:
+            self.metrics.actions_rejected.labels("invalid").inc()
+            return _error(400, f"body could not be read: {e}")
         if body is None:
             return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
         now = self.clock()

@@ -6,6 +6,7 @@ FRESHREC_SERVE_READ_TIMEOUT_S and block nobody else meanwhile.
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import subprocess
@@ -118,6 +119,30 @@ def test_a_chunked_body_over_the_limit_gets_413(server, size):
     status, raw = read_response(s)
     assert status == 413 and b"larger than" in raw
     s.close()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_that_does_not_decompress_gets_400_not_500(server, encoding):
+    # aiohttp decompresses a body by its Content-Encoding; one that is not what it says must be
+    # the client's error, told as such, and nothing written.
+    body = b"this is not " + encoding.encode() + b" data"
+    s = connect(server.url)
+    s.sendall(b"POST /actions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s" % (encoding.encode(), len(body), body))
+    status, raw = read_response(s)
+    s.close()
+    assert status == 400 and b"body could not be read" in raw, raw
+    assert _requests_by_status(server.server).get("500", 0) == 0
+
+
+def test_a_gzip_body_is_read(server):
+    s = connect(server.url)
+    body = gzip.compress(json.dumps([ACTION]).encode())
+    s.sendall(b"POST /actions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    status, raw = read_response(s)
+    s.close()
+    assert status == 202 and b'"accepted":1' in raw.replace(b" ", b""), raw
 
 
 def test_bodies_at_the_limit_are_read_whole(server):
