@@ -6,7 +6,9 @@ the serving store together within the sync interval.
 All examples and catalog deltas go to this one step (one key), so with `-w 2` the joiner's buckets
 keep running on the other worker while a step trains (TensorFlow releases the GIL inside its ops).
 A step's graph runs on a thread of its own, so the rest of the flow goes on meanwhile even with
-one worker; its rows are pushed when the step is next called after it finished.
+one worker; its rows are pushed when the step is next called after it finished, or sooner where
+the step has to wait for it (a backlog past BACKLOG_BATCHES, UNSCORED_MAX impressions to score, a
+snapshot, the end).
 Its Bytewax snapshot is a manifest: the tag of the table checkpoint written at that snapshot, and
 the run the catalog's count history belongs to. With FRESHREC_TRAIN=0 it imports no TensorFlow and
 keeps no training tables: it writes the catalog only.
@@ -26,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from bytewax.operators import StatefulBatchLogic
@@ -39,6 +41,9 @@ from flows.events import Example, Joined
 from flows.joiner import in_key_sample
 from flows.metrics import CatalogPublisher
 from flows.observe import worker_label
+
+if TYPE_CHECKING:
+    from model.trainer import PendingStep
 
 log = logging.getLogger("freshrec.trainer")
 RUN_START = "run-start.json"  # under state/trainer: the checkpoint a recovery run's tables began at
@@ -56,8 +61,9 @@ TRAIN_LOGLOSS = Gauge("freshrec_train_logloss", "progressive-validation log loss
 # The window's AUC and log loss sort and sum the whole window (10,000 pairs by default): once per
 # this many seconds, not per step (a step of 256 examples spent about 5 % of its time on them).
 VALIDATION_EVERY_S = 1.0
-# The longest one call of the step trains before it lets the flow go on, when it waits for its
-# steps (a backlog past BACKLOG_BATCHES; a snapshot or the end train everything). Examples labelled
+# The longest one call of the step spends starting steps before it lets the flow go on (it starts
+# another only once the last has finished, so without a wait that is rare; with a backlog past
+# BACKLOG_BATCHES it waits for each; a snapshot or the end train everything, however long). Examples labelled
 # by an action train before expired negatives: rows' fresh updates (the contract's freshness) do
 # not wait behind a burst of expiries. In the loop flow at 2,500 actions/s, one call trained such a
 # burst for 1.8-2.1 s.
@@ -189,13 +195,13 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         # loop flow's main thread.
         self.unscored: list = []
         self._parts: Optional[tuple[Any, Any, Any, Any]] = None
-        # The train step whose graph runs on `_graph_thread` while the flow goes on (TensorFlow lets
+        # The train step whose graph runs on `_graph_pool` while the flow goes on (TensorFlow lets
         # go of the GIL inside it): its rows are pushed, and nothing else touches the model or the
         # tables' rows, until `_settle` takes it. In the Kafka loop, the flow's thread slept on a
         # futex 10-15% of its time, about 5% waiting for the graph (py-spy --idle), with the rest of
         # the flow held up behind it.
-        self._pending: Any = None  # a `model.trainer.PendingStep`: its batch, scores on arrival, sample
-        self._graph_thread: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[PendingStep] = None  # with its batch, scores on arrival and sample
+        self._graph_pool: Optional[ThreadPoolExecutor] = None
         self._unreported: list[StepReport] = []  # of steps a snapshot took: the next call's output
         self.auc = float("nan")
         self._validated_at = -float("inf")
@@ -249,7 +255,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         if began_at is None and cfg.recovery_dir:
             self._record_run_start()
         trainer = OnlineTrainer(spec, params, window=cfg.window)
-        self._graph_thread = ThreadPoolExecutor(1, thread_name_prefix="freshrec-train")
+        self._graph_pool = ThreadPoolExecutor(1, thread_name_prefix="freshrec-train")
         dense = params.dense()
         if dense.arrays:
             trainer.load_dense_state(dense.arrays)
@@ -304,7 +310,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         trains one partial batch, not one of each kind (a step costs about 2.5 ms besides its
         examples).
 
-        One step at most is in flight, its graph on `_graph_thread`: unless `wait` (a snapshot,
+        One step at most is in flight, its graph on `_graph_pool`: unless `wait` (a snapshot,
         the end) or more than `BACKLOG_BATCHES` batches wait, a call never waits for it. While it
         runs, the call starts nothing and the examples wait for a later one (`notify_at` comes back
         soon); else it starts one batch (more only if a step ends before the call does). With
@@ -360,7 +366,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         return out
 
     def _start_batch(self, batch: list[Example], now: float, trainer: Any) -> None:
-        """Starts a train step on `batch` (its graph on `_graph_thread`), its provenance kept for
+        """Starts a train step on `batch` (its graph on `_graph_pool`), its provenance kept for
         `_settle`."""
         kept = self.arrival_scores
         rate = self.cfg.validation_sample
@@ -373,7 +379,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         if rate < 1.0:
             validated = np.fromiter((e.score is not None or in_key_sample(k, rate) for e, k in zip(batch, keys_of, strict=True)),
                                     bool, len(batch))
-        run = self._graph_thread.submit if self._graph_thread is not None else None
+        run = self._graph_pool.submit if self._graph_pool is not None else None
         self._pending = trainer.start_train(batch, now, arrival_scores=arrival, validated=validated, run=run)
 
     def _settle(self) -> list[StepReport]:
@@ -453,8 +459,11 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             if impressions:
                 self.unscored += impressions  # scored before the next step (`_train_buffer`)
                 if len(self.unscored) >= UNSCORED_MAX:
-                    out += self._settle()
+                    settled = self._settle()
                     self._score_on_arrival()
+                    if settled:
+                        out += settled
+                        self._sync(now, soon=True)  # the step's rows, as `_take_step` syncs them
             examples = [v for v in values if type(v) is Example]
             for v in joined:
                 examples += v.examples
@@ -491,7 +500,9 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             out += self._train_buffer(time.time(), all_of_it=True, slice_s=math.inf, wait=True)
         out += self._settle()
         if self._parts is not None:
-            params, trainer, sync, _ = self._parts
+            params, trainer, sync, keys = self._parts
+            if keys is not None:
+                keys.flush()  # the last steps' lines, as a snapshot writes them
             if trainer is not None:
                 self._validate(time.time())  # the gauges end on the whole stream's last window
                 if out:
@@ -500,9 +511,9 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             self.catalog.release_counts()  # type: ignore[union-attr]
             sync.sync(dense=True)
             sync.writer.close()  # flushes what is still on its way to param-deltas
-        if self._graph_thread is not None:
-            self._graph_thread.shutdown()
-            self._graph_thread = None
+        if self._graph_pool is not None:
+            self._graph_pool.shutdown()
+            self._graph_pool = None
         return out, False
 
     def notify_at(self) -> Optional[datetime]:

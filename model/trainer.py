@@ -30,7 +30,9 @@ class StepResult:
 class PendingStep:
     """A step of `OnlineTrainer.start_train` whose graph may still be running: `result()` waits for
     it, pushes the rows' gradients and updates progressive validation (once; later calls give the
-    same result)."""
+    same result, or, when the graph failed, raise). A failed step has left what `start_train` did
+    before the graph: the normaliser's statistics took its batch and the tables admitted its ids
+    (the flow stops on the error, and a resume restores both from the checkpoint)."""
 
     def __init__(self, trainer: OnlineTrainer, examples: Sequence[Any], now: float,
                  arrival_scores: Optional[np.ndarray], validated: Optional[np.ndarray], batch: Any, graph: Any):
@@ -48,7 +50,10 @@ class PendingStep:
             graph, self._graph = self._graph, None
             if graph is None:
                 raise RuntimeError("this step failed already")
-            self._result = self.trainer._finish(self, graph.result())
+            try:
+                self._result = self.trainer._finish(self, graph.result())
+            finally:
+                self.trainer._in_flight = None
         return self._result
 
 
@@ -140,8 +145,10 @@ class _Prepared:
 
 
 class OnlineTrainer:
-    """Trains the graph and the parameter store together, one mini-batch at a time (`train`) or many
-    in one TensorFlow call (`train_steps`)."""
+    """Trains the graph and the parameter store together, one mini-batch at a time (`train`, or
+    `start_train` with its graph on another thread) or many in one TensorFlow call (`train_steps`).
+    While a step of `start_train` is in flight, every other use of the model or the tables here
+    raises, until its `result()` is taken."""
 
     def __init__(self, spec: FeatureSpec, params: Any, model: Any = None, *, window: int = 10_000):
         if model is None:
@@ -156,6 +163,13 @@ class OnlineTrainer:
         self.steps = 0
         self.examples = 0
         self.last_loss = float("nan")
+        self._in_flight: Optional[PendingStep] = None  # a step whose result is not taken yet
+
+    def _idle(self, what: str) -> None:
+        """Refuses `what` while a step is in flight: its graph may be changing the dense weights,
+        and its rows' gradients are not pushed yet (`start_train`)."""
+        if self._in_flight is not None:
+            raise RuntimeError(f"cannot {what} while a train step is in flight: take its result() first")
 
     def _rows(self, batch, now: float, admit: bool = True) -> dict[str, np.ndarray]:
         return {s: self.params.pull(s, batch.slots[s].ids, now=now, admit=admit) for s in self.spec.slots}
@@ -177,6 +191,7 @@ class OnlineTrainer:
         here; until the result is taken, nothing else may pull, push, score or read the dense
         weights, so steps run in the order they started and each sees the one before it whole
         (the same results as `train`): what runs meanwhile is the rest of the flow."""
+        self._idle("start a train step")
         now = time.time() if now is None else now
         batch = make_batch(examples, self.spec, [e.label for e in examples], [e.weight for e in examples])
         # Normalise with what was known before this batch, so its scores are taken before learning.
@@ -184,7 +199,8 @@ class OnlineTrainer:
         self.normalizer.update(batch.dense)
         rows = self._rows(batch, now)
         graph = self.model.start_train(batch, rows, dense, run)
-        return PendingStep(self, examples, now, arrival_scores, validated, batch, graph)
+        step = self._in_flight = PendingStep(self, examples, now, arrival_scores, validated, batch, graph)
+        return step
 
     def _finish(self, step: PendingStep, graph_out: tuple[float, np.ndarray, dict[str, np.ndarray]]) -> StepResult:
         loss, scores, grads = graph_out
@@ -304,6 +320,7 @@ class OnlineTrainer:
         `prepared`: `prepare_steps(examples, batch_size)`, made ahead. `beside_graph` is called
         just before the graph runs, its inputs ready (threads it starts then have the GIL to
         themselves while it runs)."""
+        self._idle("run train steps")
         now = time.time() if now is None else now
         n = len(examples)
         if prepared is None:
@@ -438,6 +455,7 @@ class OnlineTrainer:
 
     def score(self, events: Sequence[Any], now: Optional[float] = None) -> np.ndarray:
         """Scores of feature events (or examples) with the model as it is now."""
+        self._idle("score")
         now = time.time() if now is None else now
         batch = make_batch(events, self.spec)
         rows = self._rows(batch, now, admit=False)  # scoring looks; only training admits ids
@@ -445,8 +463,10 @@ class OnlineTrainer:
 
     def dense_state(self) -> dict[str, np.ndarray]:
         """The dense weights and the normaliser's statistics, for the parameter store."""
+        self._idle("read the dense weights")
         return {**self.model.weights(), **self.normalizer.state()}
 
     def load_dense_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self._idle("load dense weights")
         self.model.load_weights(arrays)
         self.normalizer.load(arrays)

@@ -3,6 +3,7 @@ the changed rows published to the serving store."""
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
@@ -131,7 +132,7 @@ def _trained(logic, called) -> list[int]:
 
 
 class _Lazy(Future):
-    """For `TrainerLogic._graph_thread`: a graph that runs when its result is first asked for
+    """For `TrainerLogic._graph_pool`: a graph that runs when its result is first asked for
     (`done()` is False until then), so a test decides when a step in flight ends."""
 
     def __init__(self, fn, *args):
@@ -141,6 +142,10 @@ class _Lazy(Future):
     @classmethod
     def submit(cls, fn, *args):
         return cls(fn, *args)
+
+    @classmethod
+    def shutdown(cls, wait=True):
+        pass
 
     def result(self, timeout=None):
         if not self.done():
@@ -272,7 +277,7 @@ def test_impressions_are_scored_together_before_the_next_step_with_the_model_the
     assert set(logic.arrival_scores) == {join_key(e.request_id, e.item_id) for e in impressions} - {
         join_key(e.request_id, e.item_id) for e in examples}  # the trained ones' were taken
     monkeypatch.setattr(ts, "UNSCORED_MAX", 5)  # too many waiting: scored at once
-    logic._graph_thread = _Lazy  # a step's graph runs only when its result is asked for
+    logic._graph_pool = _Lazy  # a step's graph runs only when its result is asked for
     again = _examples(32)
     for e in again:
         e.request_id += "-again"
@@ -291,7 +296,7 @@ def test_a_step_in_flight_holds_up_nothing_and_a_snapshot_waits_for_every_step(t
 
     logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)  # batches of 32
     logic._open()
-    logic._graph_thread = _Lazy  # a step's graph runs only when its result is asked for
+    logic._graph_pool = _Lazy  # a step's graph runs only when its result is asked for
     examples = _examples(96)
     assert logic.on_batch([Joined(examples[:32], [], [])])[0] == []  # started, still running
     step = logic._pending
@@ -322,7 +327,7 @@ def test_a_snapshot_takes_the_step_in_flight_before_its_checkpoint_and_reports_i
 
     logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)  # batches of 32
     params, trainer, sync, _ = logic._open()
-    logic._graph_thread = _Lazy
+    logic._graph_pool = _Lazy
     examples = _examples(32)
     logic.on_batch([Joined(examples, [], [])])
     assert logic._pending is not None and logic._waiting() == 0
@@ -347,21 +352,64 @@ def test_a_backlog_past_its_bound_waits_for_its_steps(tmp_path, monkeypatch):
     from flows.events import Joined
 
     monkeypatch.setattr(ts, "BACKLOG_BATCHES", 2)
+    monkeypatch.setattr(ts, "TRAIN_SLICE_S", math.inf)  # no time limit: what the call trains is fixed
     logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)  # batches of 32
     logic._open()
-    logic._graph_thread = _Lazy
+    logic._graph_pool = _Lazy
     examples = _examples(200)
     logic.on_batch([Joined(examples[:64], [], [])])  # two batches: one starts, one waits
     assert logic._pending is not None and logic._waiting() == 32
     logic.on_batch([Joined(examples[64:96], [], [])])  # 64 wait, no more than the bound: no wait
     assert logic._waiting() == 64 and logic._parts[1].steps == 0
-    # Past the bound: the call waits for its steps, for up to the slice, as steps did before.
+    # Past the bound: the call waits for its steps, as steps did before: the one in flight, then
+    # every full batch (5 of the 168 waiting), and returns with none in flight.
     reports, _ = logic.on_batch([Joined(examples[96:], [], [])])
-    assert logic._parts[1].steps >= 1 and logic._waiting() <= 200 - 64 - 32
+    assert [r.examples for r in reports] == [32] * 6 and logic._parts[1].steps == 6
+    assert logic._pending is None and logic._waiting() == 8
     logic.snapshot()
     _killed(logic)
     trained = trained_keys(tmp_path)
     assert set(trained) == {(e.request_id, e.item_id) for e in examples} and set(trained.values()) == {1}
+
+
+def test_the_end_takes_the_step_in_flight_and_trains_what_waits(tmp_path):
+    import flows.trainer_step as ts
+    from flows.events import Joined
+
+    logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)  # batches of 32
+    trainer = logic._open()[1]
+    pool = logic._graph_pool
+    logic._graph_pool = _Lazy
+    examples = _examples(50)
+    logic.on_batch([Joined(examples[:32], [], [])])
+    logic.on_batch([Joined(examples[32:], [], [])])  # 18 wait behind the step in flight
+    assert logic._pending is not None and not logic._pending.done() and logic._waiting() == 18
+    reports, _ = logic.on_eof()
+    assert [r.examples for r in reports] == [32, 18] and trainer.steps == 2
+    assert logic._pending is None and logic._waiting() == 0 and logic._graph_pool is None
+    pool.shutdown()
+    assert set(trained_keys(tmp_path)) == {(e.request_id, e.item_id) for e in examples}
+
+
+def test_a_failed_graph_stops_the_step_with_its_error(tmp_path):
+    import flows.trainer_step as ts
+    from flows.events import Joined
+
+    logic = ts.TrainerLogic(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), None)  # batches of 32
+    logic._open()
+    logic._graph_pool.shutdown()
+
+    class Broken(_Lazy):
+        def __init__(self, fn, *args):
+            super().__init__(fn, *args)
+            self.set_exception(RuntimeError("graph failed: out of memory"))
+
+    logic._graph_pool = Broken
+    assert logic.on_batch([Joined(_examples(32), [], [])])[0] == []  # started; its graph has failed
+    with pytest.raises(RuntimeError, match="graph failed: out of memory"):
+        logic.on_notify()  # the next call takes the step: the error stops the flow
+    assert logic._pending is None and logic._parts[1].steps == 0
+    _killed(logic)
 
 
 def test_a_steps_rows_sync_when_it_ends_unless_a_sync_went_within_half_an_interval(tmp_path):
@@ -373,7 +421,7 @@ def test_a_steps_rows_sync_when_it_ends_unless_a_sync_went_within_half_an_interv
     cfg = dataclasses.replace(_trainer_cfg(tmp_path / "state", tmp_path / "recovery"), sync_interval_s=10.0)
     logic = ts.TrainerLogic(cfg, None)  # batches of 32
     sync = logic._open()[2]
-    logic._graph_thread = _Lazy
+    logic._graph_pool = _Lazy
     store = sync.writer.store
     users = sorted({e.user_id for e in _examples(32)})
 

@@ -321,6 +321,11 @@ def test_steps_whose_graph_runs_on_another_thread_are_the_steps():
         for r in runs:
             want = a.train(r, now)
             pending = b.start_train(r, now, run=pool.submit)
+            if r is runs[0]:  # until its result is taken, nothing else may use the model or the rows
+                for use, args in ((b.score, (r,)), (b.dense_state, ()), (b.start_train, (r, now)),
+                                  (b.train_steps, (r, 32, now))):
+                    with pytest.raises(RuntimeError, match="while a train step is in flight"):
+                        use(*args)
             got = pending.result()
             assert pending.done() and pending.result() is got
             assert np.array_equal(got.scores, want.scores) and got.loss == want.loss
@@ -339,3 +344,4 @@ def test_steps_whose_graph_runs_on_another_thread_are_the_steps():
         with pytest.raises(RuntimeError, match="failed already"):
             failing.result()
         assert b.steps == a.steps  # no step counted for it
+        b.score(runs[0])  # and none in flight: the trainer can be used again
