@@ -11,6 +11,8 @@ from collections import Counter
 from concurrent.futures import Future
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flows.sample import write_sample
 from tests.flows.test_recovery import by_key, bytewax_run, flow_env, lines_written, read_stream, run_with_kills
@@ -478,3 +480,72 @@ def test_the_item_towers_rows_go_at_their_own_interval_and_all_at_a_snapshot(tmp
     logic.snapshot()  # every slot
     assert [v > b for v, b in zip(store.read_rows("item_id", items).versions.tolist(), before, strict=True)] == [True, True]
     _killed(logic)
+
+
+_CALLS = st.lists(st.one_of(
+    # examples (whole batches of 32 as often as any other size), share labelled
+    st.tuples(st.just("batch"), st.one_of(st.sampled_from([1, 31, 32, 33, 64]), st.integers(0, 80)),
+              st.floats(0.0, 1.0)),
+    st.tuples(st.just("notify")),
+    st.tuples(st.just("graph ends")),  # the step in flight's graph finishes (not taken yet)
+    st.tuples(st.just("wait is up")),  # the oldest example has waited its max_wait_s
+    st.tuples(st.just("snapshot")),
+), max_size=30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(calls=_CALLS, backlog=st.integers(1, 4))
+def test_every_example_is_trained_exactly_once_whatever_the_calls_and_graph_timings(calls, backlog):
+    """Over any order of batches, notifications, graphs ending and snapshots: one step in flight at
+    most, none after a snapshot, and by the end every example trained once, each step reported once."""
+    import tempfile
+    from pathlib import Path
+
+    import flows.trainer_step as ts
+    from flows.events import Joined
+
+    saved = ts.BACKLOG_BATCHES
+    ts.BACKLOG_BATCHES = backlog
+    try:
+        with tempfile.TemporaryDirectory(prefix="freshrec-test-trainer-") as tmp:
+            base = Path(tmp)
+            logic = ts.TrainerLogic(_trainer_cfg(base / "state", base / "recovery"), None)  # batches of 32
+            trainer = logic._open()[1]
+            logic._graph_pool.shutdown()
+            logic._graph_pool = _Lazy
+            sent: list = []
+            reported = 0
+            for call in calls:
+                if call[0] == "batch":
+                    n, share = call[1], call[2]
+                    batch = _examples(len(sent) + n)[len(sent):]
+                    for i, e in enumerate(batch):
+                        if i < share * n:
+                            e.label_received_at = e.ts  # labelled by an action: the first queue
+                    sent += batch
+                    out, _ = logic.on_batch([Joined(batch, [], [])])
+                elif call[0] == "notify":
+                    out, _ = logic.on_notify()
+                elif call[0] == "graph ends":
+                    if logic._pending is not None:
+                        logic._pending._graph.future.result()
+                    out = []
+                elif call[0] == "wait is up":
+                    if logic.first_at is not None:
+                        logic.first_at -= logic.cfg.max_wait_s
+                    out = []
+                else:
+                    logic.snapshot()
+                    assert logic._pending is None and logic._waiting() == 0
+                    out = []
+                reported += sum(r.examples for r in out)
+                assert logic._pending is None or trainer._in_flight is logic._pending
+            out, _ = logic.on_eof()
+            reported += sum(r.examples for r in out)
+            assert logic._pending is None and logic._waiting() == 0
+            assert reported == trainer.examples == len(sent)
+            trained = trained_keys(base)
+            assert set(trained) == {(e.request_id, e.item_id) for e in sent} and set(trained.values()) <= {1}
+            _killed(logic)
+    finally:
+        ts.BACKLOG_BATCHES = saved
