@@ -647,7 +647,9 @@ def openapi_document() -> dict:
                     "401": _resp("FRESHREC_API_TOKEN is set and the bearer token is missing or wrong", err),
                     "408": _resp("the body did not all come within FRESHREC_SERVE_READ_TIMEOUT_S", err),
                     "413": _resp(f"body larger than {MAX_BODY_BYTES} bytes", err),
-                    "503": _resp("the actions stream is down or failed the write; retry after Retry-After (a write that failed part way may have left some of the actions, and the join counts their retry as duplicates)", err, {
+                    "503": _resp("the actions stream is down or failed the write; retry after Retry-After (a write "
+                                 "that failed part way may have left some of the actions: the join counts their "
+                                 "retry as duplicates)", err, {
                         "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}),
                 },
             }},
