@@ -64,9 +64,9 @@ VALIDATION_EVERY_S = 1.0
 # The longest one call of the step spends starting steps before it lets the flow go on (it starts
 # another only once the last has finished, so without a wait that is rare; with a backlog past
 # BACKLOG_BATCHES it waits for each; a snapshot or the end train everything, however long).
-# Examples labelled by an action train before expired negatives: rows' fresh updates (the contract's freshness) do
-# not wait behind a burst of expiries. In the loop flow at 2,500 actions/s, one call trained such a
-# burst for 1.8-2.1 s.
+# Examples labelled by an action train before expired negatives: rows' fresh updates (the
+# contract's freshness) do not wait behind a burst of expiries. In the loop flow at 2,500
+# actions/s, one call trained such a burst for 1.8-2.1 s.
 TRAIN_SLICE_S = 0.1
 # Batches waiting, at most, while a step is in flight, before the step waits for its steps (as it
 # did before their graph had a thread of its own): training that cannot keep up holds up the flow
