@@ -100,7 +100,7 @@ def check_a_fans_author_rises(loop: Loop, w: World) -> None:
     the user's next recommendations, within seconds.
 
     Usually within a second, but not always: in 23 runs of one fan on a quiet machine (2026-11-30)
-    21 rose (19 within 1-5 s, one at 15 s), and in 2 the liked author's other items fell out of
+    21 rose (20 within about 5 s, one at 15 s), and in 2 the liked author's other items fell out of
     the fan's list after the likes and stayed out (a fan known from three skips alone, and a
     ranking head trained for 15 s, can take the likes' update anywhere). So a second fan gets a
     try when the first does not rise within 30 s; a loop where likes do not raise their author fails
