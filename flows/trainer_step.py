@@ -203,6 +203,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         self._pending: Optional[PendingStep] = None  # with its batch, scores on arrival and sample
         self._graph_pool: Optional[ThreadPoolExecutor] = None
         self._unreported: list[StepReport] = []  # of steps a snapshot took: the next call's output
+        self._ended = False  # on_eof ran (Bytewax still takes a snapshot after it, with recovery on)
         self.auc = float("nan")
         self._validated_at = -float("inf")
 
@@ -514,6 +515,7 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         if self._graph_pool is not None:
             self._graph_pool.shutdown()
             self._graph_pool = None
+        self._ended = True
         return out, False
 
     def notify_at(self) -> Optional[datetime]:
@@ -542,6 +544,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             # replays only what came after, and sets counts back by the history written with them.
             self.catalog.release_counts()  # type: ignore[union-attr]
             sync.sync()
+            if self._ended:
+                sync.writer.close()  # after on_eof: flushes what this sync sent to param-deltas
             self.seq += 1
             if trainer is not None:
                 params.set_dense(trainer.dense_state())
