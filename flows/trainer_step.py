@@ -409,9 +409,10 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
         child(TRAIN_LOSS, w).set(step.loss)
         return [StepReport(step.size, step.loss, self.auc)]
 
-    def _take_step(self, now: float) -> list[StepReport]:
-        """`_settle` when the step in flight has finished, its rows synced if due."""
-        if self._pending is None or not self._pending.done():
+    def _take_step(self, now: float, wait: bool = False) -> list[StepReport]:
+        """`_settle` when the step in flight has finished (`wait`: once it has), its rows synced
+        if due."""
+        if self._pending is None or not (wait or self._pending.done()):
             return []
         out = self._settle()
         # The step's rows go at once unless a sync went less than half an interval ago: steps come
@@ -460,11 +461,8 @@ class TrainerLogic(StatefulBatchLogic[Any, StepReport, dict]):
             if impressions:
                 self.unscored += impressions  # scored before the next step (`_train_buffer`)
                 if len(self.unscored) >= UNSCORED_MAX:
-                    settled = self._settle()
+                    out += self._take_step(now, wait=True)
                     self._score_on_arrival()
-                    if settled:
-                        out += settled
-                        self._sync(now, soon=True)  # the step's rows, as `_take_step` syncs them
             examples = [v for v in values if type(v) is Example]
             for v in joined:
                 examples += v.examples

@@ -500,7 +500,7 @@ _CALLS = st.lists(st.one_of(
 ), max_size=30)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)  # no deadline: the profile in conftest.py
 @given(calls=_CALLS, backlog=st.integers(1, 4))
 def test_every_example_is_trained_exactly_once_whatever_the_calls_and_graph_timings(calls, backlog):
     """Over any order of batches, notifications, graphs ending and snapshots: one step in flight at
