@@ -274,8 +274,9 @@ def big_writes(n: int, start: int = 0, size: int = 1000) -> dict[str, tuple[floa
     return {f"key-{i:08d}": (float(i % 97), bytes([i % 251]) * size) for i in range(start, start + n)}
 
 
-def test_map_grows_from_64_kib(tmp_path):
-    s = LmdbSpillStore(tmp_path / "b", map_size=64 << 10)
+@pytest.mark.parametrize("durable", [True, False])  # False: LMDB writes through its map (writemap)
+def test_map_grows_from_64_kib(tmp_path, durable):
+    s = LmdbSpillStore(tmp_path / "b", map_size=64 << 10, durable=durable)
     for tag in range(1, 4):
         s.flush(tag, big_writes(1500, start=(tag - 1) * 1500))  # ~1.5 MB each, ~4.5 MB in all
     assert s._env.info()["map_size"] >= 4 << 20 and s.disk_bytes() >= 4 << 20
@@ -300,6 +301,22 @@ def test_full_store_raises_and_keeps_its_state(tmp_path):
     # A first map larger than the cap starts at the cap (the default map is larger than small caps).
     with LmdbSpillStore(tmp_path / "c", map_size=1 << 20, max_map_size=64 << 10) as c:
         assert c._env.info()["map_size"] == 64 << 10
+
+
+def test_a_full_store_that_writes_through_its_map_keeps_its_state(tmp_path):
+    """A store no resume reads (durable=False) has LMDB write through its map: a transaction that
+    found the map full still leaves what was committed as it was."""
+    s = LmdbSpillStore(tmp_path / "b", map_size=64 << 10, max_map_size=256 << 10, durable=False)
+    s.flush(1, big_writes(20), durable=False)
+    before = (s.get_many(list(big_writes(40))), everything_due(s), len(s), s.last_tag())
+    with pytest.raises(SpillStoreFull, match="max_map_size=262144"):
+        s.flush(2, big_writes(3000, start=10), durable=False)
+    assert (s.get_many(list(big_writes(40))), everything_due(s), len(s), s.last_tag()) == before
+    s.flush(2, {"key-00000000": (0.5, b"small"), "key-00000001": None}, durable=False)  # still usable
+    assert s.get_many(["key-00000000", "key-00000001"]) == [(0.5, b"small"), None]
+    s.close()
+    with LmdbSpillStore(tmp_path / "b", durable=False) as again:  # and a reopen reads the commits
+        assert again.get_many(["key-00000000", "key-00000002"]) == [(0.5, b"small"), before[0][2]]
 
 
 def test_a_hundred_thousand_entries_flush_in_one_call(store):
