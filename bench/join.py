@@ -469,6 +469,41 @@ def _written_fraction(runs: Runs, items: list, settings: JoinSettings, impressio
     return written / impressions, runs.counts()
 
 
+def _largest_spilling_cache(runs: Runs, items: list, impressions: int,
+                            start: int) -> tuple[int, float, JoinCounts]:
+    """The largest cache size (within 1%) that writes at least half of the impressions to LMDB
+    before their label or expiry: (cache, its fraction, its counts). The fraction falls steeply as
+    the cache nears the count waiting (here, from 58% to 0% over a tenth of it), so stepping by
+    tenths alone measured a case with more writes than the target's. Down by tenths from `start`
+    to one that does it, up by tenths to one that does not, then halving between the two."""
+    tried: dict[int, tuple[float, JoinCounts]] = {}
+
+    def does(cache: int) -> bool:
+        tried[cache] = _written_fraction(runs, items, JoinSettings(window_s=SPILL_WINDOW, cache_size=cache),
+                                         impressions)
+        return tried[cache][0] >= 0.5
+
+    lo, hi = start, None  # lo: the largest known to do it; hi: the smallest known not to
+    while not does(lo):
+        if lo <= 10:
+            raise RuntimeError(f"join.spill: even a cache of {lo} writes only {tried[lo][0]:.0%} of the "
+                               f"impressions to LMDB, not the target's half")
+        hi, lo = lo, max(10, int(lo * 0.9))
+    while hi is None:
+        up = int(lo * 1.1) + 1
+        if does(up):
+            lo = up
+        else:
+            hi = up
+    while hi - lo > max(1, lo // 100):
+        mid = (lo + hi) // 2
+        if does(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, *tried[lo]
+
+
 @benchmark("join.spill", "join.spill_fraction", "join.spill_writes_per_impression", "join.spill_all",
            "join.spill_all_fraction")
 def join_spill(quick: bool) -> Iterator[Figure]:
@@ -481,18 +516,10 @@ def join_spill(quick: bool) -> Iterator[Figure]:
     runs = Runs()
     try:
         # The target's case: at least half of the impressions written to LMDB before their label or
-        # expiry. The largest cache (from the steady-state count waiting, down by tenths) that
-        # does it, found by untimed runs over the same input (so the same cache every run).
-        cache = int(waiting)
-        while True:
-            spilling = JoinSettings(window_s=SPILL_WINDOW, cache_size=cache)
-            fraction, c = _written_fraction(runs, items, spilling, impressions)
-            if fraction >= 0.5:
-                break
-            if cache <= 10:
-                raise RuntimeError(f"join.spill: even a cache of {cache} writes only {fraction:.0%} of the "
-                                   f"impressions to LMDB, not the target's half")
-            cache = max(10, int(cache * 0.9))
+        # expiry, with the largest cache that does it, found by untimed runs over the same input (so
+        # the same cache every run).
+        cache, fraction, c = _largest_spilling_cache(runs, items, impressions, int(waiting))
+        spilling = JoinSettings(window_s=SPILL_WINDOW, cache_size=cache)
         # And nearly all of them: a cache of a twentieth of the impressions waiting.
         everything = JoinSettings(window_s=SPILL_WINDOW, cache_size=max(10, int(waiting / 20)))
         fraction_all, c_all = _written_fraction(runs, items, everything, impressions)
