@@ -367,11 +367,20 @@ class JoinBucket:
 
     def _prefetch(self, keys: Iterable[Key]) -> None:
         """Bring the stored entries of `keys` into the cache with one read transaction."""
-        cache = self._cache
-        resolved = self._resolved
         if not self._stored:
             return
-        missing = [k for k in keys if k not in cache and k not in resolved]
+        cache = self._cache
+        resolved = self._resolved
+        if type(keys) is not list:
+            keys = list(keys)
+        # The store's index (in memory) first: most keys of a batch are not stored (all but a few
+        # of a batch of impressions), and it answers each without the two dict probes, which
+        # read a key cold when it is found (7% of a spilling run's time).
+        missing = []
+        for i in self.store.held(keys):
+            k = keys[i]
+            if k not in cache and k not in resolved:
+                missing.append(k)
         if not missing:
             return
         missing = list(dict.fromkeys(missing))

@@ -10,6 +10,7 @@ semantics, a quarter less time a flush); uncompiled it runs the same. `COMPILED`
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import struct
@@ -64,6 +65,11 @@ class SpillStore(Protocol):
 
     def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
         """`get` for each key, in order, in one read transaction."""
+        ...
+
+    def held(self, keys: list[str]) -> list[int]:
+        """The positions in `keys` of those the store may hold, answered from memory: all that it
+        holds, and perhaps a few that it does not (`get_many` tells)."""
         ...
 
     def due(
@@ -214,13 +220,18 @@ class LmdbSpillStore:
     def get(self, key: str) -> Entry | None:
         return self.get_many([key])[0]
 
-    def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
-        out: list[Entry | None] = [None] * len(keys)
-        # Only keys the index knows need LMDB: a batch of new keys opens no transaction.
-        found = self._index.hits(keys if type(keys) is list else list(keys))
+    def held(self, keys: list[str]) -> list[int]:
+        # Those whose hash the index holds, and those in `_shared`.
+        found = self._index.hits(keys)
         shared = self._shared
         if shared:
             found = sorted(set(found).union(i for i, key in enumerate(keys) if key in shared))
+        return found
+
+    def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        out: list[Entry | None] = [None] * len(keys)
+        # Only keys the index knows need LMDB: a batch of new keys opens no transaction.
+        found = self.held(keys if type(keys) is list else list(keys))
         if not found:
             return out
         due_of = self._due_of
@@ -290,31 +301,42 @@ class LmdbSpillStore:
             )
         # Entry keys, old (where the index says the key is) and new, are made once, outside the
         # transaction, which a full map makes run again.
-        items: list[tuple[str, bytes | None, bytes | None, bytes]] = []
-        due_of = self._due_of
+        # Each item leads with the entry key it sorts by (the old one, else the new), so a plain
+        # sort puts them in entry-key order (entry keys are unique: a join key each).
+        items: list[tuple[bytes, str, bytes | None, bytes | None, bytes]] = []
+        shared = self._shared
+        index_get = self._index.get
         for key, entry in writes.items():
-            due = due_of(key)
+            due = shared.get(key, math.nan) if shared else math.nan  # as `_due_of`, inlined
+            if due != due:
+                due = index_get(key)
             raw = key.encode()
-            old_key = None if due != due else due_prefix(due) + raw
-            if entry is None:
-                if old_key is not None:
-                    items.append((key, old_key, None, b""))
+            if due != due:
+                if entry is not None:
+                    new_key = due_prefix(entry[0]) + raw
+                    items.append((new_key, key, None, new_key, entry[1]))
             else:
-                items.append((key, old_key, due_prefix(entry[0]) + raw, entry[1]))
+                old_key = due_prefix(due) + raw
+                items.append((old_key, key, old_key, None if entry is None else due_prefix(entry[0]) + raw,
+                              b"" if entry is None else entry[1]))
+        items.sort()
         dropped, moved = self._write(lambda txn: self._flush_txn(txn, tag, items))
         self._last_tag = tag
         self._dropped = dropped
         # The index follows the committed transaction only (in entry-key order: a key that shares
         # its hash finds the index as the keys before it in this flush left it).
         ahead = self._ahead
+        index = self._index
         for key, old_key, new_key in moved:
             if old_key is not None:
-                if self._shared and key in self._shared:
-                    del self._shared[key]
+                if shared and key in shared:
+                    del shared[key]
                 else:
-                    self._index.pop(key)
+                    index.pop(key)
             if new_key is not None:
-                self._locate(key, due_of_prefix(new_key))
+                due = due_of_prefix(new_key)
+                if not index.add(key, due):  # as `_locate`, inlined
+                    shared[key] = due
                 if ahead is not None and new_key > ahead[0] and (ahead[1] is None or new_key < ahead[1]):
                     ahead = (ahead[0], new_key)  # a deleted one leaves it a lower bound: still right
         self._ahead = ahead
@@ -328,36 +350,44 @@ class LmdbSpillStore:
             self._shared[key] = due
 
     def _flush_txn(
-        self, txn: lmdb.Transaction, tag: int, items: list[tuple[str, bytes | None, bytes | None, bytes]]
+        self, txn: lmdb.Transaction, tag: int, items: list[tuple[bytes, str, bytes | None, bytes | None, bytes]]
     ) -> tuple[int, list[tuple[str, bytes | None, bytes | None]]]:
-        """Apply `items` (key, its entry key now or None, its entry key after or None, payload);
-        return the tags dropped and, for the index, each key whose entry key changed: (key, the
-        one it left or None, the one it has now or None)."""
+        """Apply `items` (in entry-key order: the entry key it sorts by, key, its entry key now or
+        None, its entry key after or None, payload); return the tags dropped and, for the index,
+        each key whose entry key changed: (key, the one it left or None, the one it has now or None)."""
         entries = self._entries
+        keep_undo = self.durable
         pop = txn.pop
+        delete = txn.delete
         replace = txn.replace
         undo: list[tuple[bytes, bytes | None]] = []  # (entry key, its value before or None)
         moved: list[tuple[str, bytes | None, bytes | None]] = []
         puts: list[tuple[bytes, bytes]] = []
         # In entry-key order, so the changes walk the B-tree from left to right.
-        for key, old_key, new_key, payload in sorted(items, key=lambda it: it[1] or it[2]):
+        for _, key, old_key, new_key, payload in items:
             if old_key is not None and old_key == new_key:
                 old = replace(old_key, payload, db=entries)
-                undo.append((old_key, old))
+                if keep_undo:
+                    undo.append((old_key, old))
                 if old is not None:
                     continue  # same entry key: the index stays
                 # Absent: the index's due was another key's, with the same hash.
                 moved.append((key, None, new_key))
                 continue
             if old_key is not None:
-                old = pop(old_key, db=entries)
-                if old is None:
+                if keep_undo:
+                    old = pop(old_key, db=entries)
+                    if old is not None:
+                        undo.append((old_key, old))
+                    existed = old is not None
+                else:  # no undo record: nothing needs the old value copied out
+                    existed = delete(old_key, db=entries)
+                if not existed:
                     old_key = None  # as above
-                else:
-                    undo.append((old_key, old))
             if new_key is not None:
                 puts.append((new_key, payload))
-                undo.append((new_key, None))
+                if keep_undo:
+                    undo.append((new_key, None))
             if old_key is not None or new_key is not None:
                 moved.append((key, old_key, new_key))
         if puts:
@@ -366,7 +396,7 @@ class LmdbSpillStore:
 
         # Undo records, from the values as they were. A later record for the same entry key and
         # tag (a second flush with the tag) changes nothing: a rollback applies the first.
-        if self.durable and undo:
+        if undo:
             seq = self._undo_next(txn)
             tag_prefix = _Q.pack(tag)
             txn.cursor(self._undo).putmulti(
