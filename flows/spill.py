@@ -173,11 +173,11 @@ class LmdbSpillStore:
             map_size=map_size,
             subdir=True,
             max_dbs=3,
-            # A durable store has LMDB copy its pages with write(), as a stray write through a
-            # writable map could corrupt the file a resume reads. A store no resume reads (durable
-            # False: recovery off, removed at start) writes through the map: the spill of
-            # `join.spill` then took 4-6% less time (in a bare LMDB loop, its deletes 40% less).
-            writemap=not durable,
+            # LMDB copies its pages with write(), not through a writable map: a stray write through
+            # the map could corrupt the file, and LMDB's writable map is a sparse file, so a full
+            # disk would kill the flow with SIGBUS where write() gives an error naming the store.
+            # (For a store no resume reads, the map took 4-6% off `join.spill`'s run: not worth it.)
+            writemap=False,
             # Every commit syncs its data pages, so a system crash can at worst undo the last
             # commits whole (ACI kept); a durable flush also syncs the meta page (`flush`). The
             # undo records are what makes a resume correct.

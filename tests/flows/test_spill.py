@@ -274,7 +274,7 @@ def big_writes(n: int, start: int = 0, size: int = 1000) -> dict[str, tuple[floa
     return {f"key-{i:08d}": (float(i % 97), bytes([i % 251]) * size) for i in range(start, start + n)}
 
 
-@pytest.mark.parametrize("durable", [True, False])  # False: LMDB writes through its map (writemap)
+@pytest.mark.parametrize("durable", [True, False])
 def test_map_grows_from_64_kib(tmp_path, durable):
     s = LmdbSpillStore(tmp_path / "b", map_size=64 << 10, durable=durable)
     for tag in range(1, 4):
@@ -303,9 +303,9 @@ def test_full_store_raises_and_keeps_its_state(tmp_path):
         assert c._env.info()["map_size"] == 64 << 10
 
 
-def test_a_full_store_that_writes_through_its_map_keeps_its_state(tmp_path):
-    """A store no resume reads (durable=False) has LMDB write through its map: a transaction that
-    found the map full still leaves what was committed as it was."""
+def test_a_full_store_without_undo_records_keeps_its_state(tmp_path):
+    """A store no resume reads (durable=False) deletes without copying old values out: a
+    transaction that found the map full still leaves what was committed as it was."""
     s = LmdbSpillStore(tmp_path / "b", map_size=64 << 10, max_map_size=256 << 10, durable=False)
     s.flush(1, big_writes(20), durable=False)
     before = (s.get_many(list(big_writes(40))), everything_due(s), len(s), s.last_tag())
@@ -348,11 +348,13 @@ class SpillModel(RuleBasedStateMachine):
     """A dict per tag is the model; the store must match it after every step, rollbacks included."""
 
     hash_bits = 64
+    durable = True
 
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="spill-")
-        self.store = LmdbSpillStore(self.dir, undo_keep=UNDO_KEEP, map_size=256 << 10, hash_bits=self.hash_bits)
+        self.store = LmdbSpillStore(self.dir, undo_keep=UNDO_KEEP, map_size=256 << 10, hash_bits=self.hash_bits,
+                                    durable=self.durable)
         self.reset_model()
 
     def reset_model(self) -> None:
@@ -366,7 +368,7 @@ class SpillModel(RuleBasedStateMachine):
     @rule(step=st.sampled_from([0, 0, 1, 1, 2, 5]), writes=st.dictionaries(st.sampled_from(KEYS), ENTRIES, max_size=6))
     def flush(self, step: int, writes: dict) -> None:
         tag = self.last + step
-        self.store.flush(tag, writes)
+        self.store.flush(tag, writes, durable=self.durable)
         # Deleting an absent key changes nothing, so it has nothing to undo.
         writes = {k: v for k, v in writes.items() if v is not None or k in self.state}
         for key, entry in writes.items():
@@ -377,6 +379,9 @@ class SpillModel(RuleBasedStateMachine):
         self.last = tag
         self.at_end_of[tag] = dict(self.state)
         self.written.setdefault(tag, set()).update(writes)
+        if not self.durable:  # no undo records: no rollback below this flush
+            self.dropped = tag
+            return
         if writes:
             self.kept.add(tag)
         for old in [t for t in self.kept if t <= tag - UNDO_KEEP]:
@@ -405,7 +410,8 @@ class SpillModel(RuleBasedStateMachine):
     @rule()
     def reopen(self) -> None:
         self.store.close()
-        self.store = LmdbSpillStore(self.dir, undo_keep=UNDO_KEEP, map_size=64 << 10, hash_bits=self.hash_bits)
+        self.store = LmdbSpillStore(self.dir, undo_keep=UNDO_KEEP, map_size=64 << 10, hash_bits=self.hash_bits,
+                                    durable=self.durable)
 
     @precondition(lambda self: self.last > 6)
     @rule()
@@ -443,6 +449,18 @@ class SharedHashSpillModel(SpillModel):
 
 SharedHashSpillModel.TestCase.settings = SpillModel.TestCase.settings
 test_keys_that_share_a_hash_match_the_model = SharedHashSpillModel.TestCase
+
+
+class NonDurableSpillModel(SpillModel):
+    """The same for a store no resume reads (durable=False: no undo records, and deletes that copy
+    nothing out), its keys sharing the index's slots; it refuses a rollback below its last flush."""
+
+    hash_bits = 1
+    durable = False
+
+
+NonDurableSpillModel.TestCase.settings = SpillModel.TestCase.settings
+test_a_store_without_undo_records_matches_the_model = NonDurableSpillModel.TestCase
 
 
 def test_keys_that_share_a_hash_are_told_apart_by_their_entries(tmp_path):
