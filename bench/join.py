@@ -491,7 +491,7 @@ def _largest_spilling_cache(runs: Runs, items: list, impressions: int,
         hi, lo = lo, max(10, int(lo * 0.9))
     while hi is None:
         up = int(lo * 1.1) + 1
-        if does(up):
+        if up < impressions and does(up):  # a cache that holds every impression writes none
             lo = up
         else:
             hi = up

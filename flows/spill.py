@@ -175,7 +175,8 @@ class LmdbSpillStore:
             max_dbs=3,
             # LMDB copies its pages with write(), not through a writable map: a stray write through
             # the map could corrupt the file, and LMDB's writable map is a sparse file, so a full
-            # disk would kill the flow with SIGBUS where write() gives an error naming the store.
+            # disk would kill the flow with SIGBUS where write() fails the commit (`_write` names
+            # the store).
             # (For a store no resume reads, the map took 4-6% off `join.spill`'s run: not worth it.)
             writemap=False,
             # Every commit syncs its data pages, so a system crash can at worst undo the last
@@ -229,9 +230,11 @@ class LmdbSpillStore:
         return found
 
     def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        if type(keys) is not list:
+            keys = list(keys)
         out: list[Entry | None] = [None] * len(keys)
         # Only keys the index knows need LMDB: a batch of new keys opens no transaction.
-        found = self.held(keys if type(keys) is list else list(keys))
+        found = self.held(keys)
         if not found:
             return out
         due_of = self._due_of
@@ -528,6 +531,11 @@ class LmdbSpillStore:
                     return work(txn)  # the context manager aborts on any exception
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.DiskError as e:  # ENOSPC from a write() of the commit: nothing of it is kept
+                raise SpillStoreError(
+                    f"the disk of the join spill store {self.path} is full ({e}): nothing of this write was "
+                    f"kept; free space there, or move FRESHREC_STATE_DIR to a larger disk"
+                ) from e
 
     def _grow(self) -> None:
         try:

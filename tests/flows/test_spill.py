@@ -1,4 +1,5 @@
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -309,14 +310,28 @@ def test_a_full_store_without_undo_records_keeps_its_state(tmp_path):
     s = LmdbSpillStore(tmp_path / "b", map_size=64 << 10, max_map_size=256 << 10, durable=False)
     s.flush(1, big_writes(20), durable=False)
     before = (s.get_many(list(big_writes(40))), everything_due(s), len(s), s.last_tag())
+    deletes = {key: None for key in big_writes(5)}  # done in the transaction, before the puts fill the map
     with pytest.raises(SpillStoreFull, match="max_map_size=262144"):
-        s.flush(2, big_writes(3000, start=10), durable=False)
+        s.flush(2, {**deletes, **big_writes(3000, start=10)}, durable=False)
     assert (s.get_many(list(big_writes(40))), everything_due(s), len(s), s.last_tag()) == before
     s.flush(2, {"key-00000000": (0.5, b"small"), "key-00000001": None}, durable=False)  # still usable
     assert s.get_many(["key-00000000", "key-00000001"]) == [(0.5, b"small"), None]
     s.close()
     with LmdbSpillStore(tmp_path / "b", durable=False) as again:  # and a reopen reads the commits
         assert again.get_many(["key-00000000", "key-00000002"]) == [(0.5, b"small"), before[0][2]]
+
+
+def test_a_full_disk_is_an_error_naming_the_store(tmp_path):
+    with LmdbSpillStore(tmp_path / "b") as s:
+        s.flush(1, {"a": (1.0, b"x")})
+
+        def full(txn):
+            txn.put(b"k", b"v")
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+
+        with pytest.raises(SpillStoreError, match=re.escape(f"disk of the join spill store {tmp_path / 'b'} is full")):
+            s._write(full)
+        assert s.get_many(["a"]) == [(1.0, b"x")] and s.last_tag() == 1
 
 
 def test_a_hundred_thousand_entries_flush_in_one_call(store):
