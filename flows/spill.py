@@ -23,7 +23,7 @@ import lmdb
 
 from flows.compiled import check_built_from
 from flows.dueindex import DueIndex, due_of_prefix, due_prefix
-from paramserver.lmdb_limits import LmdbStoreFull, grown_size, initial_size
+from paramserver.lmdb_limits import LmdbStoreFull, disk_full, grown_size, initial_size
 
 Entry = tuple[float, bytes]  # (due, payload)
 
@@ -532,10 +532,7 @@ class LmdbSpillStore:
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.DiskError as e:  # ENOSPC from a write() of the commit: nothing of it is kept
-                raise SpillStoreError(
-                    f"the disk of the join spill store {self.path} is full ({e}): nothing of this write was "
-                    f"kept; free space there, or move FRESHREC_STATE_DIR to a larger disk"
-                ) from e
+                raise SpillStoreFull(str(disk_full("join spill store", self.path, e))) from e
 
     def _grow(self) -> None:
         try:

@@ -25,7 +25,7 @@ import lmdb
 import msgspec
 import numpy as np
 
-from paramserver.lmdb_limits import grown_size, initial_size
+from paramserver.lmdb_limits import disk_full, grown_size, initial_size
 from paramserver.table import SlotConfig
 
 CHUNK = 64 << 20
@@ -166,6 +166,8 @@ class CheckpointStore:
             except lmdb.MapFullError:
                 self._grow(grown_size(self._env.info()["map_size"], self.max_map_size, "checkpoint store",
                                       self.path, self.cap_name))
+            except lmdb.DiskError as e:
+                raise disk_full("checkpoint store", self.path, e) from e
         raise lmdb.MapFullError("checkpoint does not fit even after growing the map 64 times")
 
     def _write(self, txn: lmdb.Transaction, meta: CheckpointMeta, blobs: list[tuple[int, str, np.ndarray]],

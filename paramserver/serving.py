@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from paramserver.idmap import IdIndex, encode, key_hash, zeros
-from paramserver.lmdb_limits import grown_size, initial_size
+from paramserver.lmdb_limits import disk_full, grown_size, initial_size
 from paramserver.records import (
     DENSE_CHUNK_BYTES,
     MAX_KEY_BYTES,
@@ -552,6 +552,8 @@ class LmdbServingStore:
                     break
                 except lmdb.MapFullError:
                     self._grow()
+                except lmdb.DiskError as e:
+                    raise disk_full("serving store", self.path, e) from e
         if len(arrivals):
             FRESHNESS.observe_many(self.name, np.maximum(committed - arrivals, 0.0))
         COUNTS.commits[self.name] = COUNTS.commits.get(self.name, 0) + 1

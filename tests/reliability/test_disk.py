@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
 
@@ -54,6 +55,10 @@ class Spill:
     def close(self) -> None:
         self.s.close()
 
+    def inner(self) -> tuple[object, str]:
+        """An object and its method that run inside a write's transaction (a full disk shows there)."""
+        return self.s, "_flush_txn"
+
 
 class Checkpoints:
     kind = "checkpoint store"
@@ -87,6 +92,9 @@ class Checkpoints:
     def close(self) -> None:
         self.p.close()
 
+    def inner(self) -> tuple[object, str]:
+        return self.p._ckpt, "_write"
+
 
 class Serving:
     kind = "serving store"
@@ -105,6 +113,9 @@ class Serving:
 
     def close(self) -> None:
         self.s.close()
+
+    def inner(self) -> tuple[object, str]:
+        return self.s, "_prune"  # run inside `_commit`'s transaction, before its commit
 
 
 STORES = [Spill, Checkpoints, Serving]
@@ -161,6 +172,32 @@ def test_a_full_store_names_itself_and_the_setting_keeps_its_data_and_recovers_w
     assert final.read() == after
     final.close()
     print(f"\nDISK full {kind.kind}: {written} writes fit under {cap} bytes; {time.monotonic() - t0:.2f} s")
+
+
+@pytest.mark.parametrize("kind", STORES, ids=lambda k: k.kind.split()[0])
+def test_a_full_disk_names_the_store_keeps_its_data_and_the_store_carries_on(tmp_path, monkeypatch, kind):
+    """LMDB's DiskError (ENOSPC, which a test cannot make without filling a real disk) raised where
+    the store's write transaction runs: the write fails whole, with an error naming the store."""
+    store = kind(tmp_path / "s", 64 << 10, None)
+    store.write(0)
+    before = store.read()
+    target, method = store.inner()
+    real = getattr(target, method)
+
+    def no_space(*args, **kwargs):
+        real(*args, **kwargs)  # the transaction's work done, as far as a commit that then fails
+        raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+
+    monkeypatch.setattr(target, method, no_space)
+    with pytest.raises(LmdbStoreFull) as err:
+        store.write(1)
+    message = str(err.value)
+    assert f"the disk under the {kind.kind} {tmp_path / 's'} is full" in message and "No space" in message
+    assert store.read() == before
+    monkeypatch.setattr(target, method, real)
+    store.write(1)  # room again: the store carries on
+    assert store.read() != before
+    store.close()
 
 
 def recovery_dir(path: Path) -> Path:
