@@ -10,7 +10,6 @@ semantics, a quarter less time a flush); uncompiled it runs the same. `COMPILED`
 
 from __future__ import annotations
 
-import math
 import operator
 import os
 import struct
@@ -307,12 +306,9 @@ class LmdbSpillStore:
         # Each item leads with the entry key it sorts by (the old one, else the new), so a plain
         # sort puts them in entry-key order (entry keys are unique: a join key each).
         items: list[tuple[bytes, str, bytes | None, bytes | None, bytes]] = []
-        shared = self._shared
-        index_get = self._index.get
+        due_of = self._due_of
         for key, entry in writes.items():
-            due = shared.get(key, math.nan) if shared else math.nan  # as `_due_of`, inlined
-            if due != due:
-                due = index_get(key)
+            due = due_of(key)
             raw = key.encode()
             if due != due:
                 if entry is not None:
@@ -329,17 +325,14 @@ class LmdbSpillStore:
         # The index follows the committed transaction only (in entry-key order: a key that shares
         # its hash finds the index as the keys before it in this flush left it).
         ahead = self._ahead
-        index = self._index
         for key, old_key, new_key in moved:
             if old_key is not None:
-                if shared and key in shared:
-                    del shared[key]
+                if self._shared and key in self._shared:
+                    del self._shared[key]
                 else:
-                    index.pop(key)
+                    self._index.pop(key)
             if new_key is not None:
-                due = due_of_prefix(new_key)
-                if not index.add(key, due):  # as `_locate`, inlined
-                    shared[key] = due
+                self._locate(key, due_of_prefix(new_key))
                 if ahead is not None and new_key > ahead[0] and (ahead[1] is None or new_key < ahead[1]):
                     ahead = (ahead[0], new_key)  # a deleted one leaves it a lower bound: still right
         self._ahead = ahead
