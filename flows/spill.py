@@ -162,12 +162,37 @@ class LmdbSpillStore:
         # (entry key a `due` scan started after, the first entry key past it or None): see `due`.
         self._ahead: tuple[bytes, bytes | None] | None = None
         self.path.mkdir(parents=True, exist_ok=True)
+        self._map_size = map_size
+        self._lmdb: lmdb.Environment | None = None
+        self._closed = False
+        self._last_tag = 0
+        self._dropped = 0
+        # A store with no data file holds nothing: it opens its environment at its first write (a
+        # bucket whose join state never leaves memory, recovery off, never creates one: opening
+        # eight took a tenth of `join.in_memory`'s run). One with data opens now, to read it.
+        if (self.path / _DATA_FILE).exists():
+            self._open_env()
+
+    @property
+    def _env(self) -> lmdb.Environment:
+        """The LMDB environment, opened at its first use."""
+        env = self._lmdb
+        return env if env is not None else self._open_env()
+
+    @_env.setter
+    def _env(self, env: lmdb.Environment) -> None:
+        self._lmdb = env
+
+    def _open_env(self) -> lmdb.Environment:
+        if self._closed:
+            raise SpillStoreError(f"spill store {self.path} is closed")
+        map_size = self._map_size
         data_file = self.path / _DATA_FILE
         if data_file.exists():
             # Start at the size the data already has, so the first flush after a reopen does not
             # pay for a failed transaction and a growth step.
             map_size = max(map_size, os.path.getsize(data_file))
-        self._env = lmdb.open(
+        env = lmdb.open(
             str(self.path),
             map_size=map_size,
             subdir=True,
@@ -181,16 +206,16 @@ class LmdbSpillStore:
             # Every commit syncs its data pages, so a system crash can at worst undo the last
             # commits whole (ACI kept); a durable flush also syncs the meta page (`flush`). The
             # undo records are what makes a resume correct.
-            sync=durable,
+            sync=self.durable,
             metasync=False,
             lock=True,
             readahead=False,  # reads are random lookups by join key
         )
         try:
-            with self._env.begin(write=True) as txn:
-                self._entries = self._env.open_db(b"entries", txn=txn)
-                self._undo = self._env.open_db(b"undo", txn=txn)
-                self._meta = self._env.open_db(b"meta", txn=txn)
+            with env.begin(write=True) as txn:
+                self._entries = env.open_db(b"entries", txn=txn)
+                self._undo = env.open_db(b"undo", txn=txn)
+                self._meta = env.open_db(b"meta", txn=txn)
                 version = txn.get(_FORMAT, db=self._meta)
                 if version is None:
                     txn.put(_FORMAT, _FORMAT_VERSION, db=self._meta)
@@ -201,10 +226,13 @@ class LmdbSpillStore:
                     )
                 self._last_tag = self._meta_int(txn, _LAST_TAG)
                 self._dropped = self._meta_int(txn, _DROPPED)
+            self._lmdb = env
             self._rebuild_index()
         except BaseException:
-            self._env.close()
+            self._lmdb = None
+            env.close()
             raise
+        return env
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -250,7 +278,7 @@ class LmdbSpillStore:
     def due(
         self, upto: float, start: tuple[float, str] | None = None, *, limit: int = 100_000
     ) -> list[tuple[float, str]]:
-        if upto != upto or limit <= 0:
+        if upto != upto or limit <= 0 or self._lmdb is None:  # no environment yet: nothing stored
             return []
         bound = due_prefix(upto)
         after = b"" if start is None else due_prefix(start[0]) + start[1].encode()
@@ -289,6 +317,8 @@ class LmdbSpillStore:
 
     def disk_bytes(self) -> int:
         # Pages up to the high-water mark, free ones included: what the data file holds.
+        if self._lmdb is None:
+            return 0
         return (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
 
     # -- writes --------------------------------------------------------------------------------
@@ -498,11 +528,15 @@ class LmdbSpillStore:
         self._ahead = None
 
     def _empty(self) -> bool:
+        if self._lmdb is None:
+            return True
         with self._env.begin() as txn:
             return all(txn.stat(db)["entries"] == 0 for db in (self._entries, self._undo))
 
     def close(self) -> None:
-        self._env.close()
+        self._closed = True
+        if self._lmdb is not None:
+            self._lmdb.close()
 
     def __enter__(self) -> LmdbSpillStore:
         return self

@@ -495,3 +495,21 @@ def test_a_store_no_resume_reads_keeps_no_undo_records_and_refuses_a_rollback_wi
             s.rollback(1)
         s.clear()
         assert s.last_tag() == 0 and len(s) == 0
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_fresh_store_creates_no_lmdb_files_until_its_first_write(tmp_path, durable):
+    s = LmdbSpillStore(tmp_path / "b", durable=durable)
+    s.clear()
+    assert s.rollback(0) == 0 and s.get_many(["a"]) == [None] and everything_due(s) == []
+    assert (len(s), s.last_tag(), s.disk_bytes()) == (0, 0, 0)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == []
+    s.flush(1, {"a": (1.0, b"x")})
+    assert (tmp_path / "b" / "data.mdb").exists() and s.get("a") == (1.0, b"x") and s.disk_bytes() > 0
+    s.close()
+    with LmdbSpillStore(tmp_path / "b", durable=durable) as again:  # a store with data opens at once
+        assert again.last_tag() == 1 and everything_due(again) == [(1.0, "a")]
+    closed = LmdbSpillStore(tmp_path / "c", durable=durable)
+    closed.close()
+    with pytest.raises(SpillStoreError, match="is closed"):
+        closed.flush(1, {"a": (1.0, b"x")})
