@@ -1,5 +1,5 @@
-"""Builds the join's hot loop, flows/joiner.py, the spill store, flows/spill.py, and its index,
-flows/dueindex.py, with Cython; everything else is in pyproject.toml.
+"""Builds the join's hot loop, flows/joiner.py, the spill store, flows/spill.py, its index,
+flows/dueindex.py, and the parser's flows/untrack.py with Cython; everything else is in pyproject.toml.
 
 Cython compiles a copy of the source that records the source's digest (`_BUILT_FROM`), so that
 a compiled module refuses to load once its source has changed without a rebuild, instead
@@ -42,7 +42,7 @@ setup(
         # optional: where no C compiler is at hand the install goes on and the same source runs as
         # plain Python (slower; each module's `COMPILED` says which, and CI checks they compiled).
         [Extension(module, [source_with_digest(module)], optional=True)
-         for module in ("flows.joiner", "flows.dueindex", "flows.spill")],
+         for module in ("flows.joiner", "flows.dueindex", "flows.spill", "flows.untrack")],
         compiler_directives={"language_level": 3},
         quiet=True,
     ),

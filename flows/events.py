@@ -12,6 +12,8 @@ from typing import Annotated, Literal, Optional, Union
 
 import msgspec
 
+from flows.untrack import untrack_impressions
+
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_TS = 4102444800.0  # 2100-01-01: anything later is a unit mistake (milliseconds)
 # JSON integers have no bound; the spill store's msgpack, Kafka's consumers (a Java long) and numpy
@@ -244,6 +246,8 @@ def parse(
     bad_utf8 = _utf8_error(raw)
     if bad_utf8:
         return dead_letter(stream, raw, bad_utf8, arrival)
+    if stream == "features":
+        untrack_impressions([event])
     return _check(stream, raw, event, arrival, max_future_s)
 
 
@@ -259,7 +263,8 @@ def parse_many(
 ) -> tuple[list[Event], list[DeadLetter]]:
     """Parse a batch (one arrival time for all, or one per line) into events and dead letters.
 
-    Same results as `parse` line by line. A clean batch (the common case) is checked with a few
+    Same results as `parse` line by line. Impressions come out of the cyclic collector's sight
+    (`flows.untrack`). A clean batch (the common case) is checked with a few
     calls over the whole batch, leaving one decode per line as the only per-event work; any batch
     with something unusual in it is parsed line by line.
     """
@@ -271,6 +276,8 @@ def parse_many(
                     if not raw.isascii():
                         raw.decode("utf-8")
             events = list(map(_DECODERS[stream].decode, lines))
+            if stream == "features":
+                untrack_impressions(events)  # while they are in the CPU's cache (flows.untrack)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             events = None
         if events is not None:
@@ -333,6 +340,8 @@ def _parse_each(
             continue
         checked = _check(stream, raw, event, arrival, max_future_s)
         (dead if type(checked) is DeadLetter else events).append(checked)
+    if stream == "features":
+        untrack_impressions(events)
     return events, dead
 
 

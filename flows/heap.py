@@ -37,8 +37,8 @@ SLOW_MS = 10.0  # a full collection this long means many long-lived objects: fre
 # 9 ms, middle ones of 56 ms every 1.6 s), and 14.9k events/s consumed against 11.8k (two runs
 # of `serve.freshness` on files, the machine shared alike). A
 # larger first threshold collects less still (7% at 50,000) but pauses longer (60 ms, 600 ms).
-# Since then the compiled joiner untracks those two objects when the impression comes (its
-# `_untrack`): over a 600,000-event replay of the loop's events, middle collections took 0.18-0.24 s
+# Since then they are untracked (flows/untrack.py, now as the parser makes them; at first by the
+# joiner, when the impression came): over a 600,000-event replay of the loop's events, middle collections took 0.18-0.24 s
 # against 0.65 s.
 FLOW_THRESHOLDS = (10_000, 10, 100)
 

@@ -34,6 +34,7 @@ from flows.events import (
     encode,
 )
 from flows.spill import SpillStore
+from flows.untrack import untrack_sparse
 
 Key = str  # request_id + "\x00" + item_id (flows.clock.join_key)
 COMPILED: bool = cython.compiled
@@ -47,8 +48,6 @@ def _check_built_from_source() -> None:
 
 if COMPILED:
     _check_built_from_source()
-if cython.compiled:
-    from cython.cimports.flows._capi import PyObject_GC_UnTrack
 
 
 @dataclass(frozen=True)
@@ -133,41 +132,14 @@ def _entry(key: object, example: object, actions: object, due: cython.double) ->
 
 @cython.cfunc
 @cython.inline
-def _untrack(sparse: object) -> cython.void:
-    """Takes an impression's `sparse` (a dict of strings and lists of strings) out of the cyclic
-    collector's lists, as CPython itself does for a dict of strings. Strings hold nothing, so no
-    cycle can run through them; a dict that later gets a container is tracked again by CPython
-    (a list is not: nothing changes an impression's lists once parsed).
-    Waiting impressions were the flow's most numerous tracked objects (two each, the dict and
-    its tag list, for the whole join window), and every collection walked them. Only when
-    compiled: plain Python has no way to do it, and gives the same results without it."""
-    if not cython.compiled or type(sparse) is not dict:
-        return
-    for k, v in cython.cast(dict, sparse).items():
-        if type(k) is not str:
-            return
-        if type(v) is list:
-            for s in cython.cast(list, v):
-                if type(s) is not str:
-                    return
-        elif type(v) is not str:
-            return
-    for v in cython.cast(dict, sparse).values():
-        if type(v) is list:
-            PyObject_GC_UnTrack(v)
-    PyObject_GC_UnTrack(sparse)
-
-
-@cython.cfunc
-@cython.inline
 def _prepare(t: tuple) -> object:
     """The training example of an impression (`t`, its fields as `_astuple` gives them), all but
     its label: label 0, weight 1, no actions yet (`_label` fills them when the label is decided).
     Made when the impression comes, in arrival order and while its fields are still in the CPU's
     cache from parsing; a label seconds later then touches this one object, not the impression's
     nine scattered fields (the joiner's largest cost when it copied them at label time: a cache
-    miss per field)."""
-    _untrack(t[5])
+    miss per field). Its `sparse` is left as it is: the parser took it out of the cyclic
+    collector's sight (flows.untrack) while it was at hand; here it would be a cache miss."""
     # Positional, in Example's field order.
     return Example(t[0], t[1], t[2], t[3], 0.0, 0, None, 1.0, t[4], t[8], t[7], t[5], t[6], None)
 
@@ -212,8 +184,8 @@ def _load(key: Key, b: bytes) -> _Entry:
     r = _DECODE(b)
     if r.request_id is None:
         return _entry(key, None, r.actions, r.due)
-    # As `_prepare` makes it.
-    _untrack(r.sparse)
+    # As `_prepare` makes it, and `sparse` as the parser leaves it.
+    untrack_sparse(r.sparse)
     return _entry(key, Example(r.request_id, r.user_id, r.item_id, r.ts, 0.0, 0, None, 1.0, r.position, r.score,
                                r.model_version, r.sparse, r.dense, None), r.actions, r.due)
 

@@ -7,7 +7,7 @@ import pytest
 
 from flows.compiled import check_built_from
 
-MODULES = ["flows.joiner", "flows.dueindex", "flows.spill"]
+MODULES = ["flows.joiner", "flows.dueindex", "flows.spill", "flows.untrack"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -479,6 +479,37 @@ def test_parse_many_with_arrival_per_line_matches_parse(stream):
                                                if isinstance(parse(stream, raw, a, 5000.0), DeadLetter)]
 
 
+@pytest.mark.parametrize("one_by_one", [False, True])
+def test_parsed_impressions_leave_the_cyclic_collector_to_reference_counting(one_by_one):
+    # Compiled (flows.untrack), an impression's `sparse` of strings and its tag lists are untracked
+    # as they are parsed, by either path of parse_many and by parse; plain Python cannot untrack.
+    import gc
+
+    from flows import untrack
+
+    good = raw_of(VALID["features"])
+    lines = [good, b"not json", good] if one_by_one else [good, good]  # a bad line: line by line
+    events = parse_many("features", lines, ARRIVAL)[0] + [parse("features", good, ARRIVAL)]
+    assert len(events) == 3
+    for e in events:
+        assert gc.is_tracked(e.sparse) is not untrack.COMPILED
+        assert gc.is_tracked(e.sparse["tags"]) is not untrack.COMPILED
+    items = parse_many("items", [raw_of(VALID["items"])], ARRIVAL)[0]
+    assert gc.is_tracked(items[0].sparse)  # items are the catalog's, not the join's: left as they are
+
+
+@pytest.mark.parametrize("sparse", [{"nested": [["x"]]}, {"n": 1, "tags": ["x"]}, {1: ["x"]}, {"tags": ["x", 2]},
+                                    [["x"]]])
+def test_anything_but_a_dict_of_strings_and_string_lists_stays_tracked(sparse):
+    import gc
+
+    from flows.untrack import untrack_sparse
+
+    inner = [v for v in (sparse.values() if isinstance(sparse, dict) else sparse) if isinstance(v, list)]
+    assert untrack_sparse(sparse) is False
+    assert gc.is_tracked(sparse) and all(gc.is_tracked(v) for v in inner)
+
+
 def test_parse_many_of_nothing_is_nothing():
     assert parse_many("actions", [], ARRIVAL) == ([], [])
     assert parse_many("actions", [], []) == ([], [])

@@ -340,13 +340,13 @@ def test_an_example_once_made_is_not_changed_by_what_comes_after(tmp_path):
     assert (b.counts.after_example, b.counts.duplicates, b.counts.duplicate_features) == (2, 1, 2)
 
 
-def test_waiting_impressions_leave_the_cyclic_collector_to_reference_counting(tmp_path):
-    # Compiled, the joiner untracks an impression's `sparse` of strings (and its tag lists), in
-    # memory and read back from LMDB; anything else in it keeps the dict tracked. Plain Python
-    # cannot untrack: the source leaves them all tracked, with the same examples.
+def test_impressions_read_back_from_lmdb_leave_the_cyclic_collector_as_parsed_ones_do(tmp_path):
+    # Compiled, an impression's `sparse` of strings (and its tag lists) read back from LMDB is
+    # untracked, as the parser leaves it (flows.untrack); one the joiner was handed is left as it
+    # came, whatever is in it. Plain Python cannot untrack: all stay tracked, with the same examples.
     import gc
 
-    import flows.joiner as joiner
+    from flows import untrack
 
     odd = FeatureEvent(request_id="r9", user_id="u9", item_id="v0", ts=T0, sparse={"nested": [["x"]]})
     b = JoinBucket(JoinSettings(window_s=WINDOW, cache_size=2), LmdbSpillStore(tmp_path))
@@ -357,10 +357,10 @@ def test_waiting_impressions_leave_the_cyclic_collector_to_reference_counting(tm
     examples += b.on_actions([act(k, T0 + 1, "like", f"e{k}") for k in (4, 5, 9)])
     assert sorted(e.request_id for e in examples) == ["r0", "r1", "r4", "r5", "r9"]
     for e in examples:
-        plain = e.request_id != "r9"
-        assert gc.is_tracked(e.sparse) is not (joiner.COMPILED and plain)
-        if plain:
-            assert gc.is_tracked(e.sparse["tags"]) is not joiner.COMPILED
+        read_back = e.request_id in ("r0", "r1")
+        assert gc.is_tracked(e.sparse) is not (untrack.COMPILED and read_back)
+        if e.request_id != "r9":
+            assert gc.is_tracked(e.sparse["tags"]) is not (untrack.COMPILED and read_back)
     assert [e.sparse for e in examples if e.request_id == "r9"] == [{"nested": [["x"]]}]
 
 
