@@ -96,26 +96,57 @@ class _Entry:
     so far, or actions whose impression has not come yet (`example` None; orphans when the
     watermark passes `due`). `actions` is None until there is one: most impressions get their
     label from their first action, so most never need a list. An entry that has left the cache
-    (its key resolved, or its held actions now an impression's) has both None: the FIFO, which
-    keeps entries until their due, tells by that alone that it is no longer the cache's."""
+    (its key resolved, its held actions now an impression's, or spilled) has both None, and
+    leaves its FIFO slot None (`JoinBucket._unlink`: an entry knows its `lane` and `slot`).
+    Before, the FIFO kept every entry until its due: about 120 bytes an impression (the entry
+    and its key) held for the whole join window once it was resolved."""
 
     key = cython.declare(object)
     example = cython.declare(object)
     actions = cython.declare(object)
     due = cython.declare(cython.double)
+    lane = cython.declare(cython.Py_ssize_t)  # the number of its FIFO's `_Lane`, or -1: in none
+    slot = cython.declare(cython.Py_ssize_t)  # its place in that FIFO, counted from the lane's first entry ever
 
 
 @cython.final
 @cython.cclass
 class _Lane:
     """Entries not flushed yet that came in due order from one source partition: a FIFO, read
-    from `head` (O(1), no allocation)."""
+    from `head` (O(1), no allocation). An entry that leaves the cache before its due leaves its
+    slot None. `base` counts the entries ever removed from the front of `fifo`."""
 
     fifo = cython.declare(list)
     head = cython.declare(cython.Py_ssize_t)
+    base = cython.declare(cython.Py_ssize_t)
+    last_due = cython.declare(cython.double)  # the due of the last entry appended
+    no = cython.declare(cython.Py_ssize_t)  # its number in `JoinBucket._lane_list`
 
-    def __init__(self) -> None:
+    def __init__(self, no: cython.Py_ssize_t) -> None:
         self.fifo = []
+        self.head = 0
+        self.base = 0
+        self.last_due = -math.inf
+        self.no = no
+
+    @cython.cfunc
+    @cython.inline
+    def append(self, e: _Entry) -> cython.void:
+        e.lane = self.no
+        e.slot = self.base + len(self.fifo)
+        self.fifo.append(e)
+        self.last_due = e.due
+
+    @cython.cfunc
+    @cython.inline
+    def takes(self, due: cython.double) -> cython.bint:
+        """Whether an entry due at `due` keeps the FIFO in due order."""
+        return due >= self.last_due or len(self.fifo) == self.head
+
+    @cython.cfunc
+    def clear(self) -> cython.void:
+        self.base += len(self.fifo)
+        self.fifo.clear()
         self.head = 0
 
 
@@ -127,6 +158,7 @@ def _entry(key: object, example: object, actions: object, due: cython.double) ->
     e.example = example
     e.actions = actions
     e.due = due
+    e.lane = -1
     return e
 
 
@@ -291,6 +323,7 @@ class JoinBucket:
     _dirty = cython.declare(set)
     _heap = cython.declare(list)
     _lanes = cython.declare(dict)
+    _lane_list = cython.declare(list)
     _lane = cython.declare(_Lane)
     _scan_from = cython.declare(object)
     _resolved = cython.declare(dict)
@@ -321,6 +354,7 @@ class JoinBucket:
         # two partitions read in turn sent about half of the entries to the heap: 5% of a flow.)
         self._heap = []
         self._lanes = {}
+        self._lane_list = []
         self._lane = self._lane_of(None)
         self._scan_from = None  # store's due index read up to here
         # key -> ids of its actions (one action's event_id alone, else a tuple of ids), and the
@@ -370,11 +404,24 @@ class JoinBucket:
         self._cache[key] = e
         if self._on_disk and key in self._on_disk:
             self._dirty.add(key)
-        fifo = self._lane.fifo
-        if len(fifo) == self._lane.head or e.due >= cython.cast(_Entry, fifo[len(fifo) - 1]).due:
-            fifo.append(e)
+        if self._lane.takes(e.due):
+            self._lane.append(e)
         else:
             heapq.heappush(self._heap, (e.due, key))
+
+    @cython.cfunc
+    @cython.inline
+    def _unlink(self, e: _Entry) -> cython.void:
+        """`e` leaves the cache before its due: its FIFO slot lets go of it, so it is freed now,
+        while it is in the CPU's cache (its memory then made the next entry), and expiry passes a
+        None by instead of reading it cold when it is due."""
+        if e.lane < 0:
+            return
+        ln: _Lane = self._lane_list[e.lane]
+        i: cython.Py_ssize_t = e.slot - ln.base
+        e.lane = -1
+        if ln.head <= i < len(ln.fifo) and ln.fifo[i] is e:
+            ln.fifo[i] = None
 
     @cython.cfunc
     def _drop(self, key: object) -> cython.void:
@@ -407,15 +454,15 @@ class JoinBucket:
     @cython.cfunc
     def _clear_lanes(self) -> cython.void:
         lane: _Lane
-        for lane in self._lanes.values():
-            lane.fifo.clear()
-            lane.head = 0
+        for lane in self._lane_list:
+            lane.clear()
 
     @cython.cfunc
     def _lane_of(self, partition: object) -> _Lane:
         ln = self._lanes.get(partition)
         if ln is None:
-            ln = self._lanes[partition] = _Lane()
+            ln = self._lanes[partition] = _Lane(len(self._lane_list))
+            self._lane_list.append(ln)
         return ln
 
     def on_features(self, events: list, keys: Optional[list] = None, partition: Optional[str] = None) -> list:
@@ -427,11 +474,9 @@ class JoinBucket:
         resolved: dict = self._resolved
         lane: _Lane = self._lane_of(partition)
         self._lane = lane
-        fifo: list = lane.fifo
         window: cython.double = self.s.window_s
         watermark: cython.double = self.watermark
         due: cython.double
-        last_due: cython.double = -math.inf
         i: cython.Py_ssize_t
         n: cython.Py_ssize_t = len(events)
         hits: cython.Py_ssize_t = 0
@@ -439,8 +484,6 @@ class JoinBucket:
         duplicates: cython.Py_ssize_t = 0
         behind: cython.Py_ssize_t = 0
         e: _Entry
-        if len(fifo) > lane.head:
-            last_due = cython.cast(_Entry, fifo[len(fifo) - 1]).due
         for i in range(n):
             key = keys[i]
             f: tuple = _astuple(events[i])
@@ -456,9 +499,8 @@ class JoinBucket:
                 due = ts + window
                 e = _entry(key, _prepare(f), None, due)
                 cache[key] = e  # not cached, so not on disk: unflushed, no dirty mark
-                if due >= last_due:
-                    fifo.append(e)
-                    last_due = due
+                if lane.takes(due):
+                    lane.append(e)
                 else:
                     heapq.heappush(self._heap, (due, key))
                 if due <= watermark:
@@ -475,9 +517,8 @@ class JoinBucket:
             e.actions = None  # no longer the cache's (see `_Entry`)
             self.counts.actions_pending -= len(pending)
             w = _entry(key, _prepare(f), None, ts + window)
+            self._unlink(e)
             self._put(w)
-            if len(fifo) > lane.head:
-                last_due = cython.cast(_Entry, fifo[len(fifo) - 1]).due
             decided = False
             for j, a in enumerate(pending):
                 ex = self._apply(w, a)
@@ -599,6 +640,7 @@ class JoinBucket:
             ex = e.example
             e.example = None  # no longer the cache's, see `_label`
             e.actions = None
+            self._unlink(e)
             if positive_label:
                 ex.label = 1  # prepared as 0
             ex.label_ts = a_ts
@@ -655,6 +697,7 @@ class JoinBucket:
         """The key of `w` has its outcome: its state goes, and the key is remembered as resolved."""
         key = w.key
         self._drop(key)
+        self._unlink(w)
         resolved = self._resolved
         resolved[key] = tuple(map(_action_id, w.actions)) if w.actions is not None else ()
         self._order.append(key)
@@ -680,24 +723,30 @@ class JoinBucket:
         n: cython.Py_ssize_t
         e: _Entry
         lane: _Lane
-        for lane in self._lanes.values():
+        for lane in self._lane_list:
             fifo: list = lane.fifo
             head = lane.head
             n = len(fifo)
-            # Every impression passes its FIFO once (most already resolved, so skipped). A look in
-            # the cache would read its key, not touched since it came (a cache miss per impression).
+            # Every impression passes its FIFO once: most left it when they were resolved (None),
+            # the rest are read when due. A look in the cache would read its key, not touched since
+            # it came (a cache miss per impression).
             while head < n:
-                e = fifo[head]
+                x = fifo[head]
+                if x is None:
+                    head += 1
+                    continue
+                e = x
                 if e.due > wm:
                     break
                 head += 1
                 if e.example is not None or e.actions is not None:
                     self._expire(e, examples, dead)
             if head == n:
-                fifo.clear()
+                lane.clear()
                 head = 0
             elif head >= 4096 and head * 2 >= n:
                 del fifo[:head]
+                lane.base += head
                 head = 0
             lane.head = head
         while heap and heap[0][0] <= wm:
@@ -815,11 +864,12 @@ class JoinBucket:
             on_disk.discard(key)
             dirty.discard(key)
             if entry is not None:
-                # No longer the cache's (see `_Entry`): the FIFO passes it by, the store's due
-                # index brings it back when it is due.
+                # No longer the cache's (see `_Entry`): the store's due index brings it back
+                # when it is due.
                 e = entry
                 e.example = None
                 e.actions = None
+                self._unlink(e)
         self.counts.spill_writes += len(writes)
         self.counts.flushes += 1
         self._stored = len(self.store)
@@ -857,6 +907,16 @@ class JoinBucket:
         self._scan_from = None
         self._stored = len(self.store)
         self._tag = tag
+
+    def queued(self) -> int:
+        """Entries the FIFOs hold (those that left the cache before their due do not stay)."""
+        lane: _Lane
+        n: cython.Py_ssize_t = 0
+        for lane in self._lane_list:
+            for x in lane.fifo[lane.head:]:
+                if x is not None:
+                    n += 1
+        return n
 
     def waiting(self) -> tuple:
         """Join keys waiting (impressions and held actions): in memory, and in the store."""

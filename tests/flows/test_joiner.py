@@ -364,6 +364,26 @@ def test_impressions_read_back_from_lmdb_leave_the_cyclic_collector_as_parsed_on
     assert [e.sparse for e in examples if e.request_id == "r9"] == [{"nested": [["x"]]}]
 
 
+def test_an_entry_that_leaves_the_cache_before_its_due_leaves_its_fifo_too(tmp_path):
+    # A resolved impression, held actions that became an impression's, a spilled entry: none is
+    # kept until its due (that held about 120 bytes an impression for the whole join window).
+    b = JoinBucket(JoinSettings(window_s=WINDOW, orphan_hold_s=HOLD), LmdbSpillStore(tmp_path, durable=False))
+    b.on_features([feat(k, T0) for k in range(6)], partition="f0")
+    b.on_actions([act(6, T0, "watch", "h6")], partition="a0")  # held: its impression comes next
+    assert b.queued() == 7
+    assert len(b.on_actions([act(k, T0 + 1, "like", f"e{k}") for k in (0, 1)], partition="a0")) == 2
+    assert len(b.on_actions([act(2, T0 + 1, "dislike", "e2"), act(3, T0 + 1, "watch", "c3")], partition="a0")) == 1
+    assert b.queued() == 4  # 3 (waiting with a neutral action), 4, 5, and 6's held action
+    b.on_features([feat(6, T0 + 2)], partition="f0")
+    assert b.queued() == 4 and b.waiting() == (4, 0)  # 6's held actions left, its impression came
+    assert b.spill(1, 2) == 2 and b.queued() == 2 and b.waiting() == (2, 2)
+    examples, _ = b.advance(T0 + WINDOW + 5)
+    assert sorted(x.request_id for x in examples) == ["r3", "r4", "r5", "r6"] and b.queued() == 0
+    assert b.counts.expired_kept == 4 and b.waiting() == (0, 2)  # the store deletes at its next write
+    b.flush(2, durable=False)
+    assert b.waiting() == (0, 0)
+
+
 def test_the_cache_bound_counts_waiting_keys_only(tmp_path):
     b = JoinBucket(JoinSettings(window_s=WINDOW, cache_size=3), LmdbSpillStore(tmp_path))
     b.on_features([feat(k, T0) for k in range(3)])
