@@ -201,6 +201,7 @@ _ENCODE = msgspec.msgpack.Encoder().encode
 _DECODE = msgspec.msgpack.Decoder(_Record).decode
 
 
+@cython.cfunc
 def _record(e: _Entry) -> tuple:
     """What the store holds for `e`: (due, payload), as `SpillStore.flush` takes it."""
     x = e.example
@@ -212,7 +213,8 @@ def _record(e: _Entry) -> tuple:
     return e.due, _ENCODE((e.due, e.actions, t[0], t[1], t[2], t[3], t[8], t[9], t[10], t[11], t[12]))
 
 
-def _load(key: Key, b: bytes) -> _Entry:
+@cython.cfunc
+def _load(key: object, b: bytes) -> _Entry:
     r = _DECODE(b)
     if r.request_id is None:
         return _entry(key, None, r.actions, r.due)
@@ -843,17 +845,17 @@ class JoinBucket:
             return 0
         writes: dict = {}
         leaving: list = []
-        for key in cache:  # oldest first
+        held: cython.bint = len(on_disk) > 0  # else no key below is on disk, or dirty
+        for key, entry in cache.items():  # oldest first
             if over <= 0:
                 break
             if key is _HASHED:
                 continue
             over -= 1
             leaving.append(key)
-            entry = cache[key]
             if entry is None:  # resolved, its record still stored
                 writes[key] = None
-            elif key in dirty or key not in on_disk:
+            elif not held or key not in on_disk or key in dirty:
                 writes[key] = _record(entry)
         if writes or tag > self._tag:
             self.store.flush(tag, writes, durable=False)
@@ -861,8 +863,9 @@ class JoinBucket:
         e: _Entry
         for key in leaving:
             entry = cache.pop(key)
-            on_disk.discard(key)
-            dirty.discard(key)
+            if held:
+                on_disk.discard(key)
+                dirty.discard(key)
             if entry is not None:
                 # No longer the cache's (see `_Entry`): the store's due index brings it back
                 # when it is due.
