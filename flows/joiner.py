@@ -48,6 +48,10 @@ def _check_built_from_source() -> None:
 
 if COMPILED:
     _check_built_from_source()
+if cython.compiled:
+    from cython.cimports.cpython.ref import Py_DECREF, Py_INCREF
+    from cython.cimports.flows._capi import freshrec_prefetch
+    from cython.cimports.libc.stdlib import calloc, free
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,173 @@ def _hashed_dict() -> dict:
     return {_HASHED: None}
 
 
+_Slot = cython.struct(h=cython.ulonglong, key=cython.p_void, ids=cython.p_void)
+_RESOLVED_MIN = 1024
+AHEAD = cython.declare(cython.Py_ssize_t, 8)  # events ahead whose resolved-key slot the loops fetch
+
+
+@cython.cfunc
+@cython.inline
+def _hash64(key: object) -> cython.ulonglong:
+    """`key`'s hash (a str keeps it) as 64 unsigned bits, never 0 (an empty slot)."""
+    h: cython.ulonglong = cython.cast(cython.ulonglong, cython.cast(cython.longlong, hash(key)))
+    return h if h != 0 else 1
+
+
+@cython.final
+@cython.cclass
+class _ResolvedKeys:
+    """Resolved join keys -> the ids of the actions that decided them (`_action_id`s: one, or a
+    tuple). An open-addressing table of 24-byte slots (the key's hash, the key, its ids; linear
+    probing, deletes by backward shift), so that the loops can fetch the slot of a key `AHEAD`
+    events before they need it (`prefetch`): in a dict at a few hundred thousand keys a bucket,
+    each label's insert and each impression's probe waited for main memory. A slot holds its key,
+    compared when the hashes match: the table is exact. Uncompiled, a dict (and no prefetch)."""
+
+    _slots = cython.declare(cython.pointer(_Slot))
+    _mask = cython.declare(cython.Py_ssize_t)
+    _n = cython.declare(cython.Py_ssize_t)
+    _dict = cython.declare(dict)
+
+    def __cinit__(self) -> None:
+        self._n = 0
+        if cython.compiled:
+            self._slots = cython.cast(cython.pointer(_Slot), calloc(_RESOLVED_MIN, cython.sizeof(_Slot)))
+            if not self._slots:
+                raise MemoryError()
+            self._mask = _RESOLVED_MIN - 1
+
+    def __init__(self) -> None:
+        if not cython.compiled:  # plain Python calls no `__cinit__`
+            self._n = 0
+            self._dict = {}
+
+    def __dealloc__(self) -> None:
+        i: cython.Py_ssize_t
+        if cython.compiled and self._slots:
+            for i in range(self._mask + 1):
+                if self._slots[i].h != 0:
+                    Py_DECREF(cython.cast(object, self._slots[i].key))
+                    Py_DECREF(cython.cast(object, self._slots[i].ids))
+            free(self._slots)
+            self._slots = cython.NULL
+
+    def __len__(self) -> int:
+        return self._n if cython.compiled else len(self._dict)
+
+    @cython.cfunc
+    @cython.inline
+    def _find(self, key: object, h: cython.ulonglong) -> cython.Py_ssize_t:
+        """The slot that holds `key` (hash `h`), or the empty slot where it would go."""
+        i: cython.Py_ssize_t = cython.cast(cython.Py_ssize_t, h & self._mask)
+        s: cython.pointer(_Slot)
+        while True:
+            s = cython.address(self._slots[i])
+            if s.h == 0:
+                return i
+            if s.h == h and (s.key == cython.cast(cython.p_void, key) or cython.cast(object, s.key) == key):
+                return i
+            i = (i + 1) & self._mask
+
+    @cython.cfunc
+    @cython.inline
+    def prefetch(self, keys: list, i: cython.Py_ssize_t) -> cython.void:
+        """Fetch the slot of `keys[i]` (if there is one) into the CPU's cache, ahead of its use."""
+        if cython.compiled:
+            if i < len(keys):
+                freshrec_prefetch(cython.address(self._slots[_hash64(keys[i]) & self._mask]))
+
+    @cython.ccall
+    def has(self, key: object) -> cython.bint:
+        if not cython.compiled:
+            return key in self._dict
+        if self._n == 0:
+            return False
+        return self._slots[self._find(key, _hash64(key))].h != 0
+
+    @cython.ccall
+    def get(self, key: object) -> object:
+        """The ids of `key`, or None if it is not resolved (or was forgotten)."""
+        if not cython.compiled:
+            return self._dict.get(key)
+        if self._n == 0:
+            return None
+        s: cython.pointer(_Slot) = cython.address(self._slots[self._find(key, _hash64(key))])
+        if s.h == 0:
+            return None
+        return cython.cast(object, s.ids)
+
+    @cython.ccall
+    def put(self, key: object, ids: object) -> cython.void:
+        if not cython.compiled:
+            self._dict[key] = ids
+            return
+        h: cython.ulonglong = _hash64(key)
+        s: cython.pointer(_Slot) = cython.address(self._slots[self._find(key, h)])
+        Py_INCREF(ids)
+        if s.h != 0:
+            Py_DECREF(cython.cast(object, s.ids))
+            s.ids = cython.cast(cython.p_void, ids)
+            return
+        Py_INCREF(key)
+        s.h = h
+        s.key = cython.cast(cython.p_void, key)
+        s.ids = cython.cast(cython.p_void, ids)
+        self._n += 1
+        if self._n * 10 > (self._mask + 1) * 7:
+            self._resize((self._mask + 1) * 2)
+
+    @cython.ccall
+    def pop(self, key: object) -> cython.void:
+        if not cython.compiled:
+            self._dict.pop(key, None)
+            return
+        if self._n == 0:
+            return
+        slots: cython.pointer(_Slot) = self._slots
+        mask: cython.Py_ssize_t = self._mask
+        i: cython.Py_ssize_t = self._find(key, _hash64(key))
+        j: cython.Py_ssize_t = i
+        home: cython.Py_ssize_t
+        if slots[i].h == 0:
+            return
+        Py_DECREF(cython.cast(object, slots[i].key))
+        Py_DECREF(cython.cast(object, slots[i].ids))
+        # Backward shift: move up each later slot of the run whose home is not in (i, j].
+        while True:
+            j = (j + 1) & mask
+            if slots[j].h == 0:
+                break
+            home = cython.cast(cython.Py_ssize_t, slots[j].h & mask)
+            if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+                slots[i] = slots[j]
+                i = j
+        slots[i].h = 0
+        slots[i].key = cython.NULL
+        slots[i].ids = cython.NULL
+        self._n -= 1
+
+    @cython.cfunc
+    def _resize(self, capacity: cython.Py_ssize_t) -> cython.void:
+        old: cython.pointer(_Slot) = self._slots
+        old_capacity: cython.Py_ssize_t = self._mask + 1
+        new: cython.pointer(_Slot) = cython.cast(cython.pointer(_Slot), calloc(capacity, cython.sizeof(_Slot)))
+        if not new:
+            raise MemoryError()
+        mask: cython.Py_ssize_t = capacity - 1
+        s: cython.Py_ssize_t
+        i: cython.Py_ssize_t
+        for s in range(old_capacity):
+            if old[s].h != 0:
+                i = cython.cast(cython.Py_ssize_t, old[s].h & mask)
+                while new[i].h != 0:
+                    i = (i + 1) & mask
+                new[i] = old[s]  # the references move with their slot
+        self._slots = new
+        self._mask = mask
+        free(old)
+
+
 _ORDER_COMPACT = 1 << 16  # forgotten slots at the front of the resolved-order list before it is compacted
 
 
@@ -328,7 +499,7 @@ class JoinBucket:
     _lane_list = cython.declare(list)
     _lane = cython.declare(_Lane)
     _scan_from = cython.declare(object)
-    _resolved = cython.declare(dict)
+    _resolved = cython.declare(_ResolvedKeys)
     _order = cython.declare(list)
     _order_head = cython.declare(cython.Py_ssize_t)
     _stored = cython.declare(cython.Py_ssize_t)
@@ -362,7 +533,7 @@ class JoinBucket:
         # key -> ids of its actions (one action's event_id alone, else a tuple of ids), and the
         # keys in the order they were resolved (read from `_order_head`) so that the oldest is
         # forgotten first. A key is resolved again only after it was forgotten, so it is listed once.
-        self._resolved = _hashed_dict()
+        self._resolved = _ResolvedKeys()
         self._order = []
         self._order_head = 0
         self._stored = len(store)
@@ -378,7 +549,7 @@ class JoinBucket:
         if not self._stored:
             return
         cache = self._cache
-        resolved = self._resolved
+        resolved: _ResolvedKeys = self._resolved
         if type(keys) is not list:
             keys = list(keys)
         # The store's index (in memory) first: most keys of a batch are not stored (all but a few
@@ -387,7 +558,7 @@ class JoinBucket:
         missing = []
         for i in self.store.held(keys):
             k = keys[i]
-            if k not in cache and k not in resolved:
+            if k not in cache and not resolved.has(k):
                 missing.append(k)
         if not missing:
             return
@@ -473,7 +644,7 @@ class JoinBucket:
         keys = self._batch_keys(events, keys)
         out: list = []
         cache: dict = self._cache
-        resolved: dict = self._resolved
+        resolved: _ResolvedKeys = self._resolved
         lane: _Lane = self._lane_of(partition)
         self._lane = lane
         window: cython.double = self.s.window_s
@@ -487,6 +658,7 @@ class JoinBucket:
         behind: cython.Py_ssize_t = 0
         e: _Entry
         for i in range(n):
+            resolved.prefetch(keys, i + AHEAD)
             key = keys[i]
             f: tuple = _astuple(events[i])
             ts: cython.double = f[3]
@@ -494,7 +666,7 @@ class JoinBucket:
                 behind += 1
             entry = cache.get(key)
             if entry is None:
-                if key in resolved:
+                if resolved.has(key):
                     duplicates += 1
                     continue
                 misses += 1
@@ -546,7 +718,7 @@ class JoinBucket:
         self._lane = self._lane_of(partition)
         out: list = []
         cache: dict = self._cache
-        resolved: dict = self._resolved
+        resolved: _ResolvedKeys = self._resolved
         on_disk: set = self._on_disk
         positive: frozenset = self._positive
         negative: frozenset = self._negative
@@ -570,6 +742,7 @@ class JoinBucket:
         positive_label: cython.bint
         e: _Entry
         for i in range(n):
+            resolved.prefetch(keys, i + AHEAD)
             key = keys[i]
             a = events[i]
             t: tuple = _astuple(a)  # (request_id, user_id, item_id, ts, action, value, event_id, received_at)
@@ -630,14 +803,14 @@ class JoinBucket:
             if actions is None:
                 eid = t[6]
                 value = t[5]
-                resolved[key] = eid if eid is not None else ((action, a_ts, value),)
+                resolved.put(key, eid if eid is not None else ((action, a_ts, value),))
                 ex_actions = [ExampleAction(action, a_ts, value)]
             else:
                 actions.append(a)
-                resolved[key] = tuple(map(_action_id, actions))
+                resolved.put(key, tuple(map(_action_id, actions)))
                 ex_actions = [ExampleAction(b.action, b.ts, b.value) for b in actions]
             order.append(key)
-            if len(resolved) > resolved_size + 1:  # one more: `_HASHED`
+            if len(resolved) > resolved_size:
                 self._forget(resolved_size)
             ex = e.example
             e.example = None  # no longer the cache's, see `_label`
@@ -665,10 +838,10 @@ class JoinBucket:
     @cython.cfunc
     def _forget(self, keep: cython.Py_ssize_t) -> cython.void:
         """Forget the oldest resolved keys until `keep` remain; their late actions count as late."""
-        resolved = self._resolved
+        resolved: _ResolvedKeys = self._resolved
         order = self._order
-        while len(resolved) > keep + 1 and self._order_head < len(order):  # one more: `_HASHED`
-            resolved.pop(order[self._order_head], None)
+        while len(resolved) > keep and self._order_head < len(order):
+            resolved.pop(order[self._order_head])
             order[self._order_head] = None
             self._order_head += 1
         if self._order_head >= _ORDER_COMPACT and self._order_head * 2 >= len(order):
@@ -700,10 +873,10 @@ class JoinBucket:
         key = w.key
         self._drop(key)
         self._unlink(w)
-        resolved = self._resolved
-        resolved[key] = tuple(map(_action_id, w.actions)) if w.actions is not None else ()
+        resolved: _ResolvedKeys = self._resolved
+        resolved.put(key, tuple(map(_action_id, w.actions)) if w.actions is not None else ())
         self._order.append(key)
-        if len(resolved) > self.s.resolved_size + 1:  # one more: `_HASHED`
+        if len(resolved) > self.s.resolved_size:
             self._forget(self.s.resolved_size)
 
     # -- the clock ---------------------------------------------------------------------------
@@ -904,7 +1077,7 @@ class JoinBucket:
         self._on_disk.clear()
         self._heap.clear()
         self._clear_lanes()
-        self._resolved = _hashed_dict()
+        self._resolved = _ResolvedKeys()
         self._order.clear()
         self._order_head = 0
         self._scan_from = None
