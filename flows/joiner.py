@@ -384,11 +384,7 @@ class _ResolvedKeys:
 
     @cython.ccall
     def has(self, key: object) -> cython.bint:
-        if not cython.compiled:
-            return key in self._dict
-        if self._n == 0:
-            return False
-        return self._slots[self._find(key, _hash64(key))].h != 0
+        return self.get(key) is not None  # ids are never None
 
     @cython.ccall
     def get(self, key: object) -> object:
@@ -1018,7 +1014,7 @@ class JoinBucket:
             return 0
         writes: dict = {}
         leaving: list = []
-        held: cython.bint = len(on_disk) > 0  # else no key below is on disk, or dirty
+        any_on_disk: cython.bint = len(on_disk) > 0  # else no key below is on disk, or dirty
         for key, entry in cache.items():  # oldest first
             if over <= 0:
                 break
@@ -1028,7 +1024,7 @@ class JoinBucket:
             leaving.append(key)
             if entry is None:  # resolved, its record still stored
                 writes[key] = None
-            elif not held or key not in on_disk or key in dirty:
+            elif not any_on_disk or key not in on_disk or key in dirty:
                 writes[key] = _record(entry)
         if writes or tag > self._tag:
             self.store.flush(tag, writes, durable=False)
@@ -1036,7 +1032,7 @@ class JoinBucket:
         e: _Entry
         for key in leaving:
             entry = cache.pop(key)
-            if held:
+            if any_on_disk:
                 on_disk.discard(key)
                 dirty.discard(key)
             if entry is not None:

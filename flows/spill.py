@@ -179,10 +179,6 @@ class LmdbSpillStore:
         env = self._lmdb
         return env if env is not None else self._open_env()
 
-    @_env.setter
-    def _env(self, env: lmdb.Environment) -> None:
-        self._lmdb = env
-
     def _open_env(self) -> lmdb.Environment:
         if self._closed:
             raise SpillStoreError(f"spill store {self.path} is closed")

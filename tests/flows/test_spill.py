@@ -197,13 +197,13 @@ def test_reopen_keeps_data_and_last_tag(tmp_path):
 def test_a_store_no_resume_reads_syncs_nothing_and_keeps_what_it_committed(tmp_path, monkeypatch):
     synced = []
     with LmdbSpillStore(tmp_path / "durable") as s:
-        monkeypatch.setattr(s, "_env", _Spy(s._env, synced))
+        monkeypatch.setattr(s, "_lmdb", _Spy(s._env, synced))  # `_env` opens it
         assert s._env.flags()["sync"]  # every commit syncs its data pages
         s.flush(1, {"a": (1.0, b"x")})
         assert synced == [True]  # and a durable flush the meta page too
     synced.clear()
     with LmdbSpillStore(tmp_path / "b", durable=False) as s:
-        monkeypatch.setattr(s, "_env", _Spy(s._env, synced))
+        monkeypatch.setattr(s, "_lmdb", _Spy(s._env, synced))  # `_env` opens it
         assert not s._env.flags()["sync"]
         s.flush(1, {"a": (1.0, b"x"), "b": (2.0, b"y")})
         s.flush(2, {"b": None}, durable=False)
@@ -235,7 +235,7 @@ def test_a_sync_that_fails_after_the_commit_leaves_the_index_in_step(tmp_path, m
     """The flush committed before its sync failed: what the store says must be what LMDB holds, or
     a later flush would miss the committed entry and store the key at a second due."""
     with LmdbSpillStore(tmp_path / "b") as s:
-        monkeypatch.setattr(s, "_env", _FailingSync(s._env, []))
+        monkeypatch.setattr(s, "_lmdb", _FailingSync(s._env, []))
         with pytest.raises(OSError):
             s.flush(1, {"a": (1.0, b"x")})
         assert s.get("a") == (1.0, b"x") and len(s) == 1 and s.last_tag() == 1
