@@ -10,6 +10,7 @@ semantics, a quarter less time a flush); uncompiled it runs the same. `COMPILED`
 
 from __future__ import annotations
 
+import bisect
 import operator
 import os
 import struct
@@ -21,7 +22,7 @@ import cython
 import lmdb
 
 from flows.compiled import check_built_from
-from flows.dueindex import DueIndex, due_of_prefix, due_prefix
+from flows.dueindex import DueIndex, due_of_prefix, due_prefix, flush_plan, flush_settle
 from paramserver.lmdb_limits import LmdbStoreFull, disk_full, grown_size, initial_size
 
 Entry = tuple[float, bytes]  # (due, payload)
@@ -108,6 +109,10 @@ class SpillStore(Protocol):
     def close(self) -> None:
         """Release the environment; the data stays on disk."""
         ...
+
+
+def _first(item: tuple) -> bytes:
+    return item[0]
 
 
 def _undo_record(entry_key: bytes, old: bytes | None) -> bytes:
@@ -327,6 +332,9 @@ class LmdbSpillStore:
             raise ValueError(
                 f"flush tag {tag} is below the last flushed tag {self._last_tag} of {self.path}: tags only grow"
             )
+        if not self.durable:
+            self._flush_undoless(tag, writes)
+            return
         # Entry keys, old (where the index says the key is) and new, are made once, outside the
         # transaction, which a full map makes run again.
         # Each item leads with the entry key it sorts by (the old one, else the new), so a plain
@@ -365,6 +373,38 @@ class LmdbSpillStore:
         # Last: the memory above follows what is committed even if the sync fails.
         if durable and self.durable:
             self._env.sync(True)  # the meta page too: this flush survives a system crash
+
+    def _flush_undoless(self, tag: int, writes: Mapping[str, Entry | None]) -> None:
+        """`flush` for a store that keeps no undo records: every delete, then every put, each in
+        entry-key order (a key whose entry key stays is deleted and put again)."""
+        if type(writes) is not dict:
+            writes = dict(writes)
+        deletes, puts, placed = flush_plan(self._index, self._shared, writes)
+
+        def work(txn: lmdb.Transaction) -> list[str]:
+            delete = txn.delete
+            db = self._entries
+            gone = [key for entry_key, key in deletes if delete(entry_key, db=db)]
+            if puts:
+                txn.cursor(db).putmulti(puts)
+            txn.put(_LAST_TAG, _Q.pack(tag), db=self._meta)
+            txn.put(_DROPPED, _Q.pack(tag), db=self._meta)
+            return gone
+
+        gone = self._write(work)
+        self._last_tag = tag
+        self._dropped = tag  # no undo records: no rollback below this flush
+        # The index follows the committed transaction: the keys deleted leave it (a delete that
+        # found no entry was of a key that shares its hash with a stored one, which keeps it), then
+        # the keys put come in.
+        flush_settle(self._index, self._shared, gone, placed)
+        ahead = self._ahead
+        if ahead is not None and puts:
+            # The first entry key put past the one the last scan started after: the scan's
+            # look-ahead if it is below the one kept (a deleted one leaves it a lower bound).
+            i = bisect.bisect_right(puts, ahead[0], key=_first)
+            if i < len(puts) and (ahead[1] is None or puts[i][0] < ahead[1]):
+                self._ahead = (ahead[0], puts[i][0])
 
     def _locate(self, key: str, due: float) -> None:
         """Index a key newly stored under `due` (its hash free, else in `_shared`)."""
