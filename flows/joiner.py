@@ -489,6 +489,7 @@ class JoinBucket:
     behind = cython.declare(cython.Py_ssize_t, visibility="public")
     _cache = cython.declare(dict)
     _on_disk = cython.declare(set)
+    _taken = cython.declare(set)
     _dirty = cython.declare(set)
     _heap = cython.declare(list)
     _lanes = cython.declare(dict)
@@ -512,6 +513,13 @@ class JoinBucket:
         self.behind = 0
         self._cache = _hashed_dict()  # key -> _Entry; None: deleted, not yet flushed (and `_HASHED`)
         self._on_disk = set()  # keys of cached entries that the store holds too
+        # Keys whose entries were read back from the store (`_prefetch`): the store still holds their
+        # records, which the next write (`flush` or `spill`) deletes. A taken entry is the cache's
+        # as a new one is (not on disk: a label drops it with one dict delete, and the write puts it
+        # again if it is still waiting). Before, it was kept on disk, and its key left the cache
+        # as a None placeholder held until the next write: in a spilling run 40% of the cache's
+        # bound went to such placeholders, and each cost three more set and dict operations.
+        self._taken = set()
         # Keys in `_on_disk` whose entry changed since the last flush. A cached entry not on disk is
         # unflushed by definition, so it needs no mark: that spares a set insert and a removal per
         # impression that lives and dies between two flushes.
@@ -551,10 +559,13 @@ class JoinBucket:
         # The store's index (in memory) first: most keys of a batch are not stored (all but a few
         # of a batch of impressions), and it answers each without the two dict probes, which
         # read a key cold when it is found (7% of a spilling run's time).
+        taken: set = self._taken
         missing = []
         for i in self.store.held(keys):
             k = keys[i]
-            if k not in cache and not resolved.has(k):
+            # Not read again once taken: its entry is in the cache, or resolved, or (its resolved
+            # key forgotten since) its record is stale, and goes at the next write.
+            if k not in cache and k not in taken and not resolved.has(k):
                 missing.append(k)
         if not missing:
             return
@@ -564,7 +575,7 @@ class JoinBucket:
         for k, v in zip(missing, got, strict=True):
             if v is not None:
                 cache[k] = _load(k, v[1])
-                self._on_disk.add(k)
+                taken.add(k)
 
     @cython.cfunc
     def _put(self, e: _Entry) -> cython.void:
@@ -966,12 +977,15 @@ class JoinBucket:
     # -- persistence -------------------------------------------------------------------------
 
     def over_capacity(self) -> bool:
-        return len(self._cache) - 1 > self.s.cache_size  # less `_HASHED`
+        # Taken keys count: the memory of a key held until its record is deleted.
+        return len(self._cache) - 1 + len(self._taken) > self.s.cache_size  # less `_HASHED`
 
     def flush(self, tag: int, durable: bool = True) -> int:
         """Write what changed since the last flush in one transaction tagged `tag`; returns writes.
         `durable=False` for a flush under memory pressure (see `SpillStore.flush`)."""
-        writes: dict = {}
+        # The records of taken entries go; an entry still waiting is written again below.
+        writes: dict = dict.fromkeys(self._taken)
+        self._taken.clear()
         cache = self._cache
         on_disk = self._on_disk
         for key in self._dirty:  # all on disk
@@ -1005,14 +1019,18 @@ class JoinBucket:
         durable, as `flush(durable=False)`). Newer entries stay as they are, unwritten if they
         were: a label that comes while its impression is in memory then costs no write (`flush`
         wrote every entry; under pressure at every batch, nearly every impression went to disk
-        and back). Returns the writes."""
+        and back). The records of entries taken back since the last write are deleted in the same
+        transaction. Returns the writes."""
         cache = self._cache
         on_disk = self._on_disk
         dirty = self._dirty
+        taken: set = self._taken
         over: cython.Py_ssize_t = len(cache) - 1 - keep  # less `_HASHED`
-        if over <= 0:
+        if over <= 0 and not taken:
             return 0
-        writes: dict = {}
+        # The records of taken entries go (the keys count against the bound until then); one of
+        # those leaving below is written again.
+        writes: dict = dict.fromkeys(taken) if taken else {}
         leaving: list = []
         any_on_disk: cython.bint = len(on_disk) > 0  # else no key below is on disk, or dirty
         for key, entry in cache.items():  # oldest first
@@ -1026,10 +1044,20 @@ class JoinBucket:
                 writes[key] = None
             elif not any_on_disk or key not in on_disk or key in dirty:
                 writes[key] = _record(entry)
+        e: _Entry
+        if taken:
+            # A taken entry that stays in memory loses its record, which the store's due index
+            # found it by: it waits on the heap.
+            for key in taken:
+                if writes[key] is None:
+                    entry = cache.get(key)
+                    if entry is not None:
+                        e = entry
+                        heapq.heappush(self._heap, (e.due, key))
+            taken.clear()
         if writes or tag > self._tag:
             self.store.flush(tag, writes, durable=False)
             self._tag = tag
-        e: _Entry
         for key in leaving:
             entry = cache.pop(key)
             if any_on_disk:
@@ -1071,6 +1099,7 @@ class JoinBucket:
         self._cache = _hashed_dict()
         self._dirty.clear()
         self._on_disk.clear()
+        self._taken.clear()
         self._heap.clear()
         self._clear_lanes()
         self._resolved = _ResolvedKeys()
