@@ -276,6 +276,33 @@ def flush_plan(index: DueIndex, shared: dict, writes: dict) -> tuple:
 
 
 @cython.ccall
+def entry_keys(index: DueIndex, shared: dict, keys: list) -> list:
+    """(entry key, position, due) of each of `keys` whose hash the index holds (or that `shared`
+    holds), sorted by entry key: where the store would find its entry, if it is the key's (see
+    `DueIndex`), for reads that walk the B-tree from left to right."""
+    out: list = []
+    if index._n == 0 and not shared:
+        return out
+    bits: cython.ulonglong = index._bits
+    j: cython.Py_ssize_t
+    h: cython.ulonglong
+    i: cython.Py_ssize_t
+    for j in range(len(keys)):
+        key = keys[j]
+        if shared:
+            old = shared.get(key)
+            if old is not None:
+                out.append((due_prefix(old) + key.encode(), j, old))
+                continue
+        h = _hash_of(key, bits)
+        i = index._find(h)
+        if index._hashes[i] == h:
+            out.append((due_prefix(index._dues[i]) + key.encode(), j, index._dues[i]))
+    out.sort()
+    return out
+
+
+@cython.ccall
 def flush_settle(index: DueIndex, shared: dict, gone: list, placed: list) -> cython.void:
     """The index after a committed `flush_plan`: the keys whose entries were deleted (`gone`)
     leave it, then the keys put (`placed`: (key, due)) come in; a key whose hash another holds

@@ -22,7 +22,7 @@ import cython
 import lmdb
 
 from flows.compiled import check_built_from
-from flows.dueindex import DueIndex, due_of_prefix, due_prefix, flush_plan, flush_settle
+from flows.dueindex import DueIndex, due_of_prefix, due_prefix, entry_keys, flush_plan, flush_settle
 from paramserver.lmdb_limits import LmdbStoreFull, disk_full, grown_size, initial_size
 
 Entry = tuple[float, bytes]  # (due, payload)
@@ -262,16 +262,13 @@ class LmdbSpillStore:
             keys = list(keys)
         out: list[Entry | None] = [None] * len(keys)
         # Only keys the index knows need LMDB: a batch of new keys opens no transaction.
-        found = self.held(keys)
+        found = entry_keys(self._index, self._shared, keys)
         if not found:
             return out
-        due_of = self._due_of
         with self._env.begin(db=self._entries) as txn:
             get = txn.get
-            for i in found:
-                key = keys[i]
-                due = due_of(key)
-                value = get(due_prefix(due) + key.encode())
+            for entry_key, i, due in found:
+                value = get(entry_key)
                 if value is not None:  # None: another key with the same hash
                     out[i] = (due, value)
         return out
