@@ -407,3 +407,40 @@ def test_a_spill_writes_only_the_oldest_entries_so_labels_of_the_newer_cost_no_w
     assert sorted(key(e) for e in expired) == sorted(key(feat(k, T0 + k)) for k in (1, 2, 3))
     b.flush(3)
     assert len(b.store) == 0 and b.waiting() == (0, 0)
+
+
+def test_entries_read_back_for_their_labels_leave_no_placeholders_in_the_cache(tmp_path):
+    # A label that reads its impression back from the store takes it: the entry goes from memory
+    # with the label, its key counts against the bound until the next write deletes its record.
+    # (Before, its key stayed in the cache as a placeholder until then: in join.spill's run 45% of
+    # the bound, so a bucket spilled long before it held `cache_size` waiting impressions.)
+    b = JoinBucket(JoinSettings(window_s=WINDOW, cache_size=6), LmdbSpillStore(tmp_path, durable=False))
+    b.on_features([feat(k, T0 + k) for k in range(6)])
+    assert b.spill(1, 2) == 4 and b.waiting() == (2, 4)
+    assert len(b.on_actions([act(k, T0 + 10, "like") for k in range(4)])) == 4
+    assert b.waiting() == (2, 4)  # 4 and 5 wait in memory; the 4 records go at the next write
+    assert b.counts.spill_reads == 4
+    b.on_features([feat(k, T0 + 11) for k in range(6, 8)])  # 4 waiting + 4 taken keys
+    assert b.over_capacity()
+    assert b.spill(2, 4) == 4 and b.waiting() == (4, 0)  # the 4 deletes; no waiting entry had to leave
+    assert not b.over_capacity()
+    # Read again, they are duplicates' keys, not entries: nothing comes back from the store.
+    assert b.on_actions([act(0, T0 + 12, "like")]) == [] and b.counts.after_example == 1
+    assert b.counts.spill_reads == 4
+
+
+def test_an_entry_read_back_that_stays_in_memory_still_expires_at_its_due(tmp_path):
+    # A neutral action reads a spilled impression back and it stays: the next write deletes its
+    # record, which the store's due index found it by, so it waits on the heap for its expiry.
+    b = JoinBucket(JoinSettings(window_s=WINDOW, cache_size=10), LmdbSpillStore(tmp_path, durable=False))
+    b.on_features([feat(k, T0) for k in range(3)])
+    assert b.spill(1, 0) == 3 and b.waiting() == (0, 3)
+    assert b.on_actions([act(1, T0 + 1, "watch", "w1")]) == []
+    assert b.waiting() == (1, 3)
+    b.on_features([feat(3, T0 + 2)])
+    assert b.spill(2, 10) == 1 and b.waiting() == (2, 2)  # 1's record went; 1 and 3 stay in memory
+    examples, _ = b.advance(T0 + WINDOW + 2)
+    assert sorted((e.request_id, [a.action for a in e.actions]) for e in examples) == [
+        ("r0", []), ("r1", ["watch"]), ("r2", []), ("r3", [])]
+    b.flush(3)
+    assert b.waiting() == (0, 0) and len(b.store) == 0
