@@ -517,7 +517,7 @@ class JoinBucket:
         # records, which the next write (`flush` or `spill`) deletes. A taken entry is the cache's
         # as a new one is (not on disk: a label drops it with one dict delete, and the write puts it
         # again if it is still waiting). Before, it was kept on disk, and its key left the cache
-        # as a None placeholder held until the next write: in a spilling run 40% of the cache's
+        # as a None placeholder held until the next write: in a spilling run 45% of the cache's
         # bound went to such placeholders, and each cost three more set and dict operations.
         self._taken = set()
         # Keys in `_on_disk` whose entry changed since the last flush. A cached entry not on disk is

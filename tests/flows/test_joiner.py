@@ -444,3 +444,22 @@ def test_an_entry_read_back_that_stays_in_memory_still_expires_at_its_due(tmp_pa
         ("r0", []), ("r1", ["watch"]), ("r2", []), ("r3", [])]
     b.flush(3)
     assert b.waiting() == (0, 0) and len(b.store) == 0
+
+
+def test_a_taken_record_is_never_read_again_even_once_its_key_is_forgotten(tmp_path):
+    # Its key resolved and then forgotten (resolved_size 1) before the next write deletes its
+    # record: a late action finds neither, and the stale record does not come back as a waiting
+    # impression (a second example).
+    b = JoinBucket(JoinSettings(window_s=WINDOW, orphan_hold_s=HOLD, cache_size=10, resolved_size=1),
+                   LmdbSpillStore(tmp_path, durable=False))
+    b.on_features([feat(0, T0), feat(1, T0)])
+    assert b.spill(1, 0) == 2
+    assert len(b.on_actions([act(0, T0 + 1, "like", "a0")])) == 1  # read back, taken, resolved
+    assert len(b.on_actions([act(1, T0 + 1, "like", "a1")])) == 1  # 0's key is forgotten
+    assert b.on_actions([act(0, T0 + 2, "like", "a0-again")]) == []  # held: its hold is not over
+    assert b.counts.actions_pending == 1 and b.counts.spill_reads == 2
+    examples, dead = b.advance(T0 + 2 + HOLD)
+    assert examples == [] and len(dead) == 1 and b.counts.orphans == 1
+    b.flush(2)
+    assert b.waiting() == (0, 0) and len(b.store) == 0
+    assert b.counts.positives == 2 and b.counts.impressions == 2
