@@ -513,3 +513,19 @@ def test_a_fresh_store_creates_no_lmdb_files_until_its_first_write(tmp_path, dur
     closed.close()
     with pytest.raises(SpillStoreError, match="is closed"):
         closed.flush(1, {"a": (1.0, b"x")})
+
+
+def test_a_flush_without_undo_puts_moves_and_deletes_around_everything_stored(tmp_path):
+    with LmdbSpillStore(tmp_path / "s", durable=False) as s:
+        s.flush(1, {f"k{i}": (10.0 + i, b"x") for i in range(0, 40, 2)})
+        # Due before, between, after the entries stored; one moved from the middle to the end;
+        # one deleted; one rewritten in place.
+        s.flush(2, {"early": (1.0, b"e"), "k5": (15.0, b"m"), "late1": (100.0, b"l1"), "late0": (99.0, b"l0"),
+                    "k4": (200.0, b"moved"), "k6": None, "k8": (18.0, b"again")})
+        got = everything_due(s)
+        assert got == sorted(got) and len(s) == len(got) == 23  # 20, 4 new, 1 deleted
+        assert s.get_many(["early", "k5", "late0", "late1", "k4", "k6", "k8", "k10"]) == [
+            (1.0, b"e"), (15.0, b"m"), (99.0, b"l0"), (100.0, b"l1"), (200.0, b"moved"), None, (18.0, b"again"),
+            (20.0, b"x")]
+    with LmdbSpillStore(tmp_path / "s", durable=False) as s:  # and LMDB holds them so, in order
+        assert everything_due(s) == got
