@@ -228,6 +228,20 @@ def _labelled(x: Example, a: ActionEvent) -> Example:
     return x
 
 
+def _prepared(b: BucketBatch, features: dict[str, Any], actions: dict[str, Any], out: list[Any]) -> None:
+    """A batch of feature events made into their examples on arrival (as `flows.joiner` prepares
+    them), each labelled at once by an action that came first, else waiting in `features`."""
+    for e in b.events:
+        k = f"{e.request_id}\x00{e.item_id}"
+        t = _astuple(e)
+        x = Example(t[0], t[1], t[2], t[3], 0.0, 0, None, 1.0, t[4], t[8], t[7], t[5], t[6], None)
+        a = actions.pop(k, None)
+        if a is None:
+            features[k] = x
+        else:
+            out.append(_labelled(x, a))
+
+
 class MinimalPrepared(MinimalJoin):
     """The bare bucket join making the contract's examples as cheaply as the joiner knows how: each
     impression's `Example` made when it comes (its fields read while it is at hand, as
@@ -241,15 +255,7 @@ class MinimalPrepared(MinimalJoin):
         features, actions = self.features, self.actions
         for b in values:
             if b.partition.startswith("features"):
-                for e in b.events:
-                    k = f"{e.request_id}\x00{e.item_id}"
-                    t = _astuple(e)
-                    x = Example(t[0], t[1], t[2], t[3], 0.0, 0, None, 1.0, t[4], t[8], t[7], t[5], t[6], None)
-                    a = actions.pop(k, None)
-                    if a is None:
-                        features[k] = x
-                    else:
-                        out.append(_labelled(x, a))
+                _prepared(b, features, actions, out)
             else:
                 for a in b.events:
                     k = f"{a.request_id}\x00{a.item_id}"
@@ -307,15 +313,7 @@ class MinimalSpill(MinimalJoin):
         features, actions, spilled = self.features, self.actions, self.spilled
         for b in values:
             if b.partition.startswith("features"):
-                for e in b.events:
-                    k = f"{e.request_id}\x00{e.item_id}"
-                    t = _astuple(e)
-                    x = Example(t[0], t[1], t[2], t[3], 0.0, 0, None, 1.0, t[4], t[8], t[7], t[5], t[6], None)
-                    a = actions.pop(k, None)
-                    if a is None:
-                        features[k] = x
-                    else:
-                        out.append(_labelled(x, a))
+                _prepared(b, features, actions, out)
             else:
                 reads: list[tuple[str, Any]] = []
                 for a in b.events:
