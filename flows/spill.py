@@ -111,10 +111,6 @@ class SpillStore(Protocol):
         ...
 
 
-def _first(item: tuple) -> bytes:
-    return item[0]
-
-
 def _undo_record(entry_key: bytes, old: bytes | None) -> bytes:
     """What the undo db holds for one entry key changed by a flush: whether it was absent, or its
     value then."""
@@ -353,20 +349,9 @@ class LmdbSpillStore:
         dropped, moved = self._write(lambda txn: self._flush_txn(txn, tag, items))
         self._last_tag = tag
         self._dropped = dropped
-        # The index follows the committed transaction only (in entry-key order: a key that shares
-        # its hash finds the index as the keys before it in this flush left it).
-        ahead = self._ahead
-        for key, old_key, new_key in moved:
-            if old_key is not None:
-                if self._shared and key in self._shared:
-                    del self._shared[key]
-                else:
-                    self._index.pop(key)
-            if new_key is not None:
-                self._locate(key, due_of_prefix(new_key))
-                if ahead is not None and new_key > ahead[0] and (ahead[1] is None or new_key < ahead[1]):
-                    ahead = (ahead[0], new_key)  # a deleted one leaves it a lower bound: still right
-        self._ahead = ahead
+        self._settle([key for key, old_key, _ in moved if old_key is not None],
+                     [(key, due_of_prefix(new_key)) for key, _, new_key in moved if new_key is not None],
+                     sorted(new_key for _, _, new_key in moved if new_key is not None))
         # Last: the memory above follows what is committed even if the sync fails.
         if durable and self.durable:
             self._env.sync(True)  # the meta page too: this flush survives a system crash
@@ -391,17 +376,20 @@ class LmdbSpillStore:
         gone = self._write(work)
         self._last_tag = tag
         self._dropped = tag  # no undo records: no rollback below this flush
-        # The index follows the committed transaction: the keys deleted leave it (a delete that
-        # found no entry was of a key that shares its hash with a stored one, which keeps it), then
-        # the keys put come in.
+        self._settle(gone, placed, [entry_key for entry_key, _ in puts])
+
+    def _settle(self, gone: list[str], placed: list[tuple[str, float]], new_keys: list[bytes]) -> None:
+        """The memory after a committed flush: the index loses the keys whose entries were deleted
+        (`gone`; a delete that found no entry was of a key that shares its hash with a stored one,
+        which keeps it), then gains the keys put (`placed`, their entry keys `new_keys`, sorted);
+        the due scan's look-ahead takes the first entry key put past where it started, if that is
+        below the one it kept (a deleted one leaves it a lower bound: still right)."""
         flush_settle(self._index, self._shared, gone, placed)
         ahead = self._ahead
-        if ahead is not None and puts:
-            # The first entry key put past the one the last scan started after: the scan's
-            # look-ahead if it is below the one kept (a deleted one leaves it a lower bound).
-            i = bisect.bisect_right(puts, ahead[0], key=_first)
-            if i < len(puts) and (ahead[1] is None or puts[i][0] < ahead[1]):
-                self._ahead = (ahead[0], puts[i][0])
+        if ahead is not None and new_keys:
+            i = bisect.bisect_right(new_keys, ahead[0])
+            if i < len(new_keys) and (ahead[1] is None or new_keys[i] < ahead[1]):
+                self._ahead = (ahead[0], new_keys[i])
 
     def _locate(self, key: str, due: float) -> None:
         """Index a key newly stored under `due` (its hash free, else in `_shared`)."""
